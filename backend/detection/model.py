@@ -1,0 +1,94 @@
+"""GeneralizedRCNN assembled from a DetectorConfig: backbone -> RPN -> ROI heads.
+
+Images go in as float tensors (C, H, W) in the config's channel order and 0-255 range,
+already resized; detections come out in the same pixel frame. Resizing to the test size
+and back is the predictor's job.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import DetectorConfig
+from .fpn import FPN
+from .resnet import ResNet
+from .roi_heads import Res5ROIHeads, StandardROIHeads
+from .rpn import RPN
+from .structures import Detections, ImageBatch, Targets
+from .trident import active_branches, merge_branches
+
+
+class GeneralizedRCNN(nn.Module):
+    def __init__(self, cfg: DetectorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        resnet = ResNet(cfg.resnet, cfg.trident)
+        self.backbone: ResNet | FPN = FPN(resnet, cfg.fpn) if cfg.fpn else resnet
+        channels = {self.backbone.out_channels[f] for f in cfg.rpn.in_features}
+        if len(channels) != 1:
+            raise ValueError("MODEL.RPN.IN_FEATURES must have the same number of channels")
+        self.proposal_generator = RPN(
+            cfg.rpn,
+            cfg.anchors,
+            channels.pop(),
+            [self.backbone.strides[f] for f in cfg.rpn.in_features],
+        )
+        heads = cfg.roi_heads
+        if cfg.fpn:
+            self.roi_heads: Res5ROIHeads | StandardROIHeads = StandardROIHeads(
+                heads,
+                self.backbone.out_channels[heads.in_features[0]],
+                [self.backbone.strides[f] for f in heads.in_features],
+            )
+        else:
+            self.roi_heads = Res5ROIHeads(
+                heads, cfg.resnet, self.backbone.strides[heads.in_features[0]]
+            )
+        self.register_buffer(
+            "pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess(self, images: list[torch.Tensor]) -> ImageBatch:
+        """Normalise each image, then pad them into one batch (padding is 0 after
+        normalisation, as in detectron2)."""
+        normalized = [(im.to(self.device) - self.pixel_mean) / self.pixel_std for im in images]
+        return ImageBatch.from_images(normalized, self.backbone.size_divisibility)
+
+    def forward(
+        self, images: list[torch.Tensor], targets: list[Targets] | None = None
+    ) -> list[Detections] | dict[str, torch.Tensor]:
+        """Detections per image in inference; the loss dict when given targets to train on."""
+        if targets is not None:
+            return self.losses(images, targets)
+        return self.inference(images)
+
+    def inference(self, images: list[torch.Tensor]) -> list[Detections]:
+        batch = self.preprocess(images)
+        features = self.backbone(batch.tensor)
+        branches = active_branches(self.cfg.trident, self.training)
+        sizes = batch.sizes * branches
+        proposals, _ = self.proposal_generator(features, sizes)
+        detections, _ = self.roi_heads(features, proposals, sizes)
+        heads = self.cfg.roi_heads
+        return merge_branches(
+            detections, branches, heads.nms_thresh_test, heads.detections_per_image
+        )
+
+    def losses(self, images: list[torch.Tensor], targets: list[Targets]) -> dict[str, torch.Tensor]:
+        """detectron2's training losses; every trident branch trains on every box."""
+        batch = self.preprocess(images)
+        targets = [t.to(self.device) for t in targets]
+        features = self.backbone(batch.tensor)
+        branches = active_branches(self.cfg.trident, training=True)
+        sizes, all_targets = batch.sizes * branches, targets * branches
+        proposals, rpn_losses = self.proposal_generator(features, sizes, all_targets)
+        _, head_losses = self.roi_heads(features, proposals, sizes, all_targets)
+        return {**rpn_losses, **head_losses}

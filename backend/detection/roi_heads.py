@@ -1,0 +1,288 @@
+"""Second stage: pool features for each proposal, classify it and refine its box.
+
+Res5ROIHeads (C4 and TridentNet models) run ResNet's res5 stage on 14x14 pooled features;
+StandardROIHeads (FPN models) pool 7x7 from the pyramid level that fits each box and apply
+two fully connected layers. Both end in the same FastRCNN box predictor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from .boxes import (
+    BoxCoder,
+    Matcher,
+    batched_nms,
+    box_area,
+    clip_boxes,
+    pairwise_iou,
+    smooth_l1_sum,
+    subsample_labels,
+)
+from .config import ResNetConfig, ROIHeadsConfig
+from .layers import c2_xavier_init
+from .resnet import make_stage, stage_widths
+from .structures import Detections, Targets
+
+
+class ROIPooler(nn.Module):
+    """ROIAlign over one feature map, or over a pyramid with each box sent to the level
+    floor(4 + log2(sqrt(area) / 224)), clamped to the levels present."""
+
+    def __init__(
+        self, output_size: int, scales: list[float], sampling_ratio: int, aligned: bool
+    ) -> None:
+        super().__init__()
+        self.output_size = (output_size, output_size)
+        self.scales = scales
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.min_level = int(-math.log2(scales[0]))
+        self.max_level = int(-math.log2(scales[-1]))
+
+    def forward(self, features: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
+        rois = _pooler_format(boxes, features[0].dtype)
+        if len(features) == 1:
+            return self._align(features[0], rois, self.scales[0])
+        levels = self._assign_levels(torch.cat(boxes))
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
+            index = torch.nonzero(levels == level, as_tuple=True)[0]
+            out.index_put_((index,), self._align(feature, rois[index], scale))
+        return out
+
+    def _align(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
+        return roi_align(
+            feature,
+            rois.to(feature.dtype),
+            self.output_size,
+            scale,
+            self.sampling_ratio,
+            self.aligned,
+        )
+
+    def _assign_levels(self, boxes: torch.Tensor) -> torch.Tensor:
+        sizes = torch.sqrt(box_area(boxes))
+        levels = torch.floor(4 + torch.log2(sizes / 224 + 1e-8))
+        levels = torch.clamp(levels, min=self.min_level, max=self.max_level)
+        return levels.to(torch.int64) - self.min_level
+
+
+def _pooler_format(boxes: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """(K, 5) rows of [image index, x0, y0, x1, y1], as roi_align takes them."""
+    cat = torch.cat(boxes).to(dtype)
+    counts = torch.tensor([len(b) for b in boxes], device=cat.device)
+    index = torch.repeat_interleave(
+        torch.arange(len(boxes), dtype=dtype, device=cat.device), counts
+    )
+    return torch.cat([index[:, None], cat], dim=1)
+
+
+class BoxPredictor(nn.Module):
+    """Class scores (K + 1, background last) and per-class box deltas for each ROI."""
+
+    def __init__(self, in_features: int, cfg: ROIHeadsConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        reg_classes = 1 if cfg.cls_agnostic_bbox_reg else cfg.num_classes
+        self.cls_score = nn.Linear(in_features, cfg.num_classes + 1)
+        self.bbox_pred = nn.Linear(in_features, reg_classes * 4)
+        self.box_coder = BoxCoder(cfg.bbox_reg_weights)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.constant_(self.cls_score.bias, 0)
+        nn.init.constant_(self.bbox_pred.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.flatten(x, start_dim=1)
+        return self.cls_score(x), self.bbox_pred(x)
+
+    def inference(
+        self,
+        scores: torch.Tensor,
+        deltas: torch.Tensor,
+        proposals: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[Detections]:
+        counts = [len(p) for p in proposals]
+        boxes = self.box_coder.decode(deltas, torch.cat(proposals)).split(counts)
+        probs = F.softmax(scores, dim=-1).split(counts)
+        return [
+            self._inference_one(b, p, size)
+            for b, p, size in zip(boxes, probs, image_sizes, strict=True)
+        ]
+
+    def _inference_one(
+        self, boxes: torch.Tensor, probs: torch.Tensor, image_size: tuple[int, int]
+    ) -> Detections:
+        """Score threshold per (box, class), class-aware NMS, top-k: detectron2's order."""
+        finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)
+        if not finite.all():
+            boxes, probs = boxes[finite], probs[finite]
+        probs = probs[:, :-1]
+        reg_classes = boxes.shape[1] // 4
+        boxes = clip_boxes(boxes.reshape(-1, 4), *image_size).view(-1, reg_classes, 4)
+        keep_mask = probs > self.cfg.score_thresh_test
+        indices = keep_mask.nonzero()
+        boxes = boxes[indices[:, 0], 0] if reg_classes == 1 else boxes[keep_mask]
+        scores = probs[keep_mask]
+        keep = batched_nms(boxes, scores, indices[:, 1], self.cfg.nms_thresh_test)
+        if self.cfg.detections_per_image >= 0:
+            keep = keep[: self.cfg.detections_per_image]
+        return Detections(boxes[keep], scores[keep], indices[keep, 1], image_size)
+
+    def losses(
+        self,
+        scores: torch.Tensor,
+        deltas: torch.Tensor,
+        proposal_boxes: torch.Tensor,
+        gt_classes: torch.Tensor,
+        gt_boxes: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        if gt_classes.numel() == 0:
+            zero = scores.sum() * 0.0 + deltas.sum() * 0.0
+            return {"loss_cls": zero, "loss_box_reg": zero}
+        loss_cls = F.cross_entropy(scores, gt_classes, reduction="mean")
+        fg = torch.nonzero((gt_classes >= 0) & (gt_classes < self.num_classes), as_tuple=True)[0]
+        if deltas.shape[1] == 4:
+            fg_deltas = deltas[fg]
+        else:
+            fg_deltas = deltas.view(-1, self.num_classes, 4)[fg, gt_classes[fg]]
+        gt_deltas = self.box_coder.encode(proposal_boxes[fg], gt_boxes[fg])
+        loss_box = smooth_l1_sum(fg_deltas, gt_deltas, self.cfg.smooth_l1_beta)
+        loss_box = loss_box / max(gt_classes.numel(), 1.0) * self.cfg.bbox_reg_loss_weight
+        return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
+
+
+class ROIHeads(nn.Module):
+    """Shared flow: (training) sample proposals against ground truth; pool; predict."""
+
+    box_predictor: BoxPredictor
+
+    def __init__(self, cfg: ROIHeadsConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.matcher = Matcher(cfg.iou_thresholds, cfg.iou_labels, allow_low_quality_matches=False)
+
+    def box_features(
+        self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor]
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        features: dict[str, torch.Tensor],
+        proposals: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[Targets] | None = None,
+    ) -> tuple[list[Detections], dict[str, torch.Tensor]]:
+        if targets is None:
+            scores, deltas = self.box_predictor(self.box_features(features, proposals))
+            return self.box_predictor.inference(scores, deltas, proposals, image_sizes), {}
+        samples = [self._sample(p, t) for p, t in zip(proposals, targets, strict=True)]
+        boxes = [s[0] for s in samples]
+        scores, deltas = self.box_predictor(self.box_features(features, boxes))
+        return [], self.box_predictor.losses(
+            scores,
+            deltas,
+            torch.cat(boxes),
+            torch.cat([s[1] for s in samples]),
+            torch.cat([s[2] for s in samples]),
+        )
+
+    @torch.no_grad()
+    def _sample(
+        self, proposals: torch.Tensor, target: Targets
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sampled proposal boxes with their class (num_classes = background) and matched
+        ground-truth box."""
+        if self.cfg.proposal_append_gt:
+            proposals = torch.cat([proposals, target.boxes.to(proposals.dtype)])
+        matched_idx, matched_labels = self.matcher(pairwise_iou(target.boxes, proposals))
+        num_classes = self.cfg.num_classes
+        if len(target.classes) > 0:
+            classes = target.classes[matched_idx]
+            classes[matched_labels == 0] = num_classes
+            classes[matched_labels == -1] = -1
+        else:
+            classes = torch.full_like(matched_idx, num_classes)
+        fg, bg = subsample_labels(
+            classes, self.cfg.batch_size_per_image, self.cfg.positive_fraction, num_classes
+        )
+        index = torch.cat([fg, bg])
+        if len(target.boxes) > 0:
+            gt_boxes = target.boxes[matched_idx[index]]
+        else:
+            gt_boxes = proposals.new_zeros((len(index), 4))
+        return proposals[index], classes[index], gt_boxes
+
+
+class Res5ROIHeads(ROIHeads):
+    """C4 head: 14x14 ROIAlign on res4, res5 stage, global average pool."""
+
+    def __init__(self, cfg: ROIHeadsConfig, resnet: ResNetConfig, stride: int) -> None:
+        super().__init__(cfg)
+        self.in_feature = cfg.in_features[0]
+        self.pooler = ROIPooler(
+            cfg.pooler_resolution, [1.0 / stride], cfg.pooler_sampling_ratio, cfg.pooler_aligned
+        )
+        in_ch, bottleneck_ch, out_ch = stage_widths(resnet, 5)
+        self.res5 = make_stage(
+            3, 2, in_ch, bottleneck_ch, out_ch, resnet.num_groups, resnet.stride_in_1x1, dilation=1
+        )
+        self.box_predictor = BoxPredictor(out_ch, cfg)
+
+    def box_features(
+        self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor]
+    ) -> torch.Tensor:
+        pooled = self.pooler([features[self.in_feature]], boxes)
+        return self.res5(pooled).mean(dim=[2, 3])
+
+
+class FCBoxHead(nn.Module):
+    """Flatten, then NUM_FC fully connected layers with ReLU (`fc1`, `fc2`, ...)."""
+
+    def __init__(self, in_features: int, num_fc: int, fc_dim: int) -> None:
+        super().__init__()
+        self.num_fc = num_fc
+        for i in range(num_fc):
+            fc = nn.Linear(in_features if i == 0 else fc_dim, fc_dim)
+            c2_xavier_init(fc)
+            self.add_module(f"fc{i + 1}", fc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, start_dim=1)
+        for i in range(self.num_fc):
+            x = F.relu(getattr(self, f"fc{i + 1}")(x))
+        return x
+
+
+class StandardROIHeads(ROIHeads):
+    """FPN head: multi-level 7x7 ROIAlign, FC box head."""
+
+    def __init__(self, cfg: ROIHeadsConfig, channels: int, strides: list[int]) -> None:
+        super().__init__(cfg)
+        if cfg.num_fc < 1:
+            raise ValueError("StandardROIHeads needs MODEL.ROI_BOX_HEAD.NUM_FC >= 1")
+        self.pooler = ROIPooler(
+            cfg.pooler_resolution,
+            [1.0 / s for s in strides],
+            cfg.pooler_sampling_ratio,
+            cfg.pooler_aligned,
+        )
+        self.box_head = FCBoxHead(channels * cfg.pooler_resolution**2, cfg.num_fc, cfg.fc_dim)
+        self.box_predictor = BoxPredictor(cfg.fc_dim, cfg)
+
+    def box_features(
+        self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor]
+    ) -> torch.Tensor:
+        return self.box_head(self.pooler([features[f] for f in self.cfg.in_features], boxes))

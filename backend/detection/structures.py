@@ -1,0 +1,79 @@
+"""Plain containers passed between the engine's stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ImageBatch:
+    """Normalised images padded into one tensor; `sizes` are each image's real (h, w)."""
+
+    tensor: torch.Tensor
+    sizes: list[tuple[int, int]]
+
+    @staticmethod
+    def from_images(images: list[torch.Tensor], size_divisibility: int) -> ImageBatch:
+        """Pad to a common size (a multiple of `size_divisibility`, zeros to the right and
+        bottom), as detectron2's ImageList does."""
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        max_h = max(h for h, _ in sizes)
+        max_w = max(w for _, w in sizes)
+        if size_divisibility > 1:
+            max_h = (max_h + size_divisibility - 1) // size_divisibility * size_divisibility
+            max_w = (max_w + size_divisibility - 1) // size_divisibility * size_divisibility
+        batch = images[0].new_zeros((len(images), images[0].shape[0], max_h, max_w))
+        for pad, im in zip(batch, images, strict=True):
+            pad[:, : im.shape[-2], : im.shape[-1]].copy_(im)
+        return ImageBatch(batch, sizes)
+
+
+@dataclass
+class Detections:
+    """One image's detections: boxes (N, 4) x0 y0 x1 y1, scores (N,), classes (N,) int64."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    classes: torch.Tensor
+    image_size: tuple[int, int] = field(default=(0, 0))
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def select(self, index: torch.Tensor) -> Detections:
+        return Detections(
+            self.boxes[index], self.scores[index], self.classes[index], self.image_size
+        )
+
+    def to(self, device: torch.device | str) -> Detections:
+        return Detections(
+            self.boxes.to(device), self.scores.to(device), self.classes.to(device), self.image_size
+        )
+
+    @staticmethod
+    def cat(parts: list[Detections]) -> Detections:
+        return Detections(
+            torch.cat([p.boxes for p in parts]),
+            torch.cat([p.scores for p in parts]),
+            torch.cat([p.classes for p in parts]),
+            parts[0].image_size,
+        )
+
+    @staticmethod
+    def empty(image_size: tuple[int, int] = (0, 0)) -> Detections:
+        return Detections(
+            torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), image_size
+        )
+
+
+@dataclass
+class Targets:
+    """Ground truth of one image for training: boxes (K, 4) in input pixels, classes (K,)."""
+
+    boxes: torch.Tensor
+    classes: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Targets:
+        return Targets(self.boxes.to(device), self.classes.to(device))

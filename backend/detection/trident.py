@@ -1,0 +1,66 @@
+"""TridentNet: one res4 stage run as parallel branches that share every weight and differ
+only in the dilation of their 3x3 convs, so each branch sees objects of another scale.
+
+Training runs all branches; at test time `TEST_BRANCH_IDX` >= 0 runs just that branch
+("TridentNet-Fast"), -1 runs all of them and merges their detections.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .boxes import batched_nms
+from .config import TridentConfig
+from .structures import Detections
+
+
+def active_branches(trident: TridentConfig | None, training: bool) -> int:
+    """How many copies of each image flow through the network after the trident stage."""
+    if trident is None:
+        return 1
+    return trident.num_branch if training or trident.test_branch_idx == -1 else 1
+
+
+class TridentStage(nn.Sequential):
+    """A stage of bottleneck blocks run once per branch. Its children keep the plain
+    stage's key names (`res4.0.conv2.weight`), which is why a TridentNet checkpoint equals
+    a C4 one."""
+
+    def __init__(self, blocks: nn.Sequential, cfg: TridentConfig) -> None:
+        super().__init__(*blocks)
+        if len(cfg.branch_dilations) != cfg.num_branch:
+            raise ValueError(
+                f"TRIDENT.BRANCH_DILATIONS {cfg.branch_dilations} must have NUM_BRANCH="
+                f"{cfg.num_branch} entries"
+            )
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.cfg.test_branch_idx == -1:
+            dilations = self.cfg.branch_dilations
+        else:
+            dilations = (self.cfg.branch_dilations[self.cfg.test_branch_idx],)
+        branches = [x] * len(dilations)
+        for block in self:
+            branches = [
+                block.forward_dilated(b, d) for b, d in zip(branches, dilations, strict=True)
+            ]
+        # Branch-major: [branch0 img0..imgN-1, branch1 img0.., ...].
+        return torch.cat(branches) if len(branches) > 1 else branches[0]
+
+
+def merge_branches(
+    per_branch: list[Detections], num_branch: int, nms_thresh: float, topk: int
+) -> list[Detections]:
+    """Join each image's detections from all branches, then class-aware NMS and top-k."""
+    if num_branch == 1:
+        return per_branch
+    batch = len(per_branch) // num_branch
+    merged = []
+    for i in range(batch):
+        parts = [per_branch[i + batch * j] for j in range(num_branch)]
+        joined = Detections.cat(parts)
+        keep = batched_nms(joined.boxes, joined.scores, joined.classes, nms_thresh)[:topk]
+        merged.append(joined.select(keep))
+    return merged
