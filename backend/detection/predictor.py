@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,9 +78,15 @@ class Predictor:
         self.cfg: DetectorConfig = model.cfg
 
     @classmethod
-    def from_files(cls, config: str | Path, weights: str | Path, **kwargs) -> Predictor:
-        cfg = load_config(config)
-        model = GeneralizedRCNN(cfg)
+    def from_files(
+        cls,
+        config: str | Path,
+        weights: str | Path,
+        overrides: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Predictor:
+        """Build from a detectron2 config and checkpoint; `overrides` as detectron2's opts."""
+        model = GeneralizedRCNN(load_config(config, overrides))
         load_weights(model, weights, for_inference=True)
         return cls(model, **kwargs)
 

@@ -1,0 +1,217 @@
+"""`tridentloop` command line: argument parsing and dispatch only; each job lives in its
+own module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .detection.images import DEFAULT_MAX_PIXELS
+from .detection.tiling import TilingOptions
+
+
+def _add_device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda[:N]")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "fp16", "bf16"],
+        help="autocast precision on CUDA (CPU always runs fp32)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def _add_tiling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tiling (large images)")
+    group.add_argument(
+        "--no-tiling",
+        action="store_true",
+        help="run each image whole, exactly as detectron2's DefaultPredictor",
+    )
+    group.add_argument("--tile-size", type=int, default=800)
+    group.add_argument("--tile-overlap", type=float, default=0.2, help="fraction of a tile")
+    group.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    group.add_argument(
+        "--merge",
+        default="nms",
+        choices=["nms", "greedy"],
+        help="nms keeps the best box; greedy grows it over pieces split by a tile edge",
+    )
+    group.add_argument(
+        "--merge-metric",
+        default="iou",
+        choices=["iou", "ios"],
+        help="overlap measure for merging: IoU or intersection over smaller",
+    )
+    group.add_argument("--merge-threshold", type=float, default=0.5)
+    group.add_argument(
+        "--full-image-pass",
+        action="store_true",
+        help="also run the whole image (resized) to catch very large objects",
+    )
+
+
+def tiling_from_args(args: argparse.Namespace) -> TilingOptions | None:
+    if args.no_tiling:
+        return None
+    return TilingOptions(
+        tile_size=args.tile_size,
+        overlap=args.tile_overlap,
+        batch_size=args.batch_size,
+        merge=args.merge,
+        metric=args.merge_metric,
+        threshold=args.merge_threshold,
+        full_image_pass=args.full_image_pass,
+    )
+
+
+def _parse_opts(pairs: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--opt {pair!r}: expected KEY=VALUE")
+        overrides[key] = value
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tridentloop",
+        description="Detectron2/TridentNet pre-annotations for Label Studio, kept improving "
+        "by a DVC active-learning loop.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    predict = sub.add_parser("predict", help="detect objects in image files -> JSON Lines")
+    source = predict.add_argument_group("model (a model directory, or config + weights)")
+    source.add_argument(
+        "--model", type=Path, help="directory with config.yaml, model_final.pth and labels.txt"
+    )
+    source.add_argument("--config", type=Path, help="detectron2 config.yaml")
+    source.add_argument("--weights", type=Path, help="checkpoint (.pth or model-zoo .pkl)")
+    source.add_argument("--labels", type=Path, help="class names, one per line")
+    predict.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.5",
+    )
+    predict.add_argument("--output", "-o", type=Path, help="JSON Lines file (default: stdout)")
+    predict.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse larger images (decompression-bomb guard)",
+    )
+    predict.add_argument("images", nargs="+", help="image files")
+    _add_device_args(predict)
+    _add_tiling_args(predict)
+
+    bench = sub.add_parser("bench", help="ms per 800x800 tile vs torchvision's Faster R-CNN")
+    bench.add_argument(
+        "--models", nargs="+", default=None, help="cases to run (default: all); see --list"
+    )
+    bench.add_argument("--list", action="store_true", help="list the cases and exit")
+    bench.add_argument(
+        "--width",
+        choices=["full", "narrow"],
+        default="full",
+        help="full-size ResNet-50 or the fixtures' narrow widths",
+    )
+    bench.add_argument("--tiles", type=int, default=4, help="tiles per timed batch")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time torchvision's fasterrcnn_resnet50_fpn",
+    )
+    _add_device_args(bench)
+
+    demo = sub.add_parser("demo", help="the main job on generated survey images")
+    demo.add_argument("--output", type=Path, default=Path("demo-output"))
+    demo.add_argument("--iterations", type=int, default=300, help="training iterations")
+    demo.add_argument("--seed", type=int, default=0)
+    _add_device_args(demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as exc:
+        if args.verbose:
+            raise
+        print(f"tridentloop {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .model_dir import ModelDir, read_labels
+    from .predict import run_predict
+
+    overrides = _parse_opts(args.opt)
+    device = {"device": args.device, "precision": args.precision}
+    if args.model is not None:
+        model_dir = ModelDir.open(args.model)
+        predictor = model_dir.predictor(overrides, **device)
+        labels = model_dir.labels
+    elif args.config is not None and args.weights is not None:
+        from .detection.predictor import Predictor
+
+        predictor = Predictor.from_files(args.config, args.weights, overrides, **device)
+        labels = None
+    else:
+        raise SystemExit("tridentloop predict: give --model DIR, or --config and --weights")
+    if args.labels is not None:
+        labels = read_labels(args.labels)
+    out = args.output.open("w") if args.output else sys.stdout
+    try:
+        summary = run_predict(
+            args.images, predictor, out, tiling_from_args(args), labels, max_pixels=args.max_pixels
+        )
+    finally:
+        if args.output:
+            out.close()
+    print(
+        f"{summary.images} image(s), {summary.detections} detection(s), {summary.failed} failed",
+        file=sys.stderr,
+    )
+    return 1 if summary.failed else 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .benchmark import run_benchmark
+
+    return run_benchmark(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+COMMANDS = {"predict": _predict, "bench": _bench, "demo": _demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Fine-tuning steps: tile-sized random crops with flips, scale and colour jitter, fed to the
+model's detectron2 losses with SGD, warmup and (on CUDA) mixed precision.
+
+The crops match inference tiling, so the model learns objects at the scale it will see
+them in survey tiles. The DVC `train` stage adds checkpoints, metrics and multi-GPU on top.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .model import GeneralizedRCNN
+from .structures import Targets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    """One training image: (H, W, 3) uint8 RGB with boxes (K, 4) and class ids (K,)."""
+
+    image: np.ndarray
+    boxes: np.ndarray
+    classes: np.ndarray
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    iterations: int = 300
+    batch_size: int = 2
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 50
+    crop_size: int = 320
+    scale_jitter: tuple[float, float] = (0.8, 1.25)
+    colour_jitter: float = 0.2
+    min_visible: float = 0.6  # a box cut by the crop is kept if this much of it remains
+    clip_grad_norm: float = 10.0
+    amp: bool = True  # mixed precision on CUDA
+
+
+def random_crop(sample: Sample, rng: np.random.Generator, options: TrainOptions) -> Sample:
+    """A crop_size window (whole image if smaller) after scale jitter, maybe flipped,
+    with brightness/contrast jitter; boxes clipped, mostly-cut ones dropped."""
+    image, boxes = sample.image, sample.boxes.astype(np.float32)
+    scale = float(rng.uniform(*options.scale_jitter))
+    if abs(scale - 1.0) > 1e-3:
+        height, width = image.shape[:2]
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        boxes = boxes * np.array([size[0] / width, size[1] / height] * 2, dtype=np.float32)
+    height, width = image.shape[:2]
+    ch, cw = min(options.crop_size, height), min(options.crop_size, width)
+    y0, x0 = int(rng.integers(0, height - ch + 1)), int(rng.integers(0, width - cw + 1))
+    image = image[y0 : y0 + ch, x0 : x0 + cw]
+    shifted = boxes - np.array([x0, y0, x0, y0], dtype=np.float32)
+    clipped = np.clip(shifted, 0, [cw, ch, cw, ch]).astype(np.float32)
+    area = lambda b: np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)  # noqa: E731
+    visible = area(clipped) >= options.min_visible * np.maximum(area(shifted), 1e-6)
+    clipped, classes = clipped[visible], sample.classes[visible]
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+        clipped = np.stack(
+            [cw - clipped[:, 2], clipped[:, 1], cw - clipped[:, 0], clipped[:, 3]], axis=1
+        ).reshape(-1, 4)
+    if options.colour_jitter > 0:
+        gain = 1 + rng.uniform(-options.colour_jitter, options.colour_jitter)
+        bias = rng.uniform(-options.colour_jitter, options.colour_jitter) * 64
+        image = np.clip(image.astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
+    return Sample(np.ascontiguousarray(image), clipped, classes)
+
+
+def to_model_input(sample: Sample, input_format: str) -> tuple[torch.Tensor, Targets]:
+    image = sample.image[:, :, ::-1] if input_format == "BGR" else sample.image
+    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32))
+    return tensor, Targets(
+        torch.from_numpy(sample.boxes).float(), torch.from_numpy(sample.classes).long()
+    )
+
+
+def init_from_scratch(model: GeneralizedRCNN) -> None:
+    """Without pretrained weights, FrozenBN cannot normalise: start every residual branch at
+    zero (conv3) so that a deep ResNet trains stably from random weights."""
+    for name, module in model.named_modules():
+        if name.endswith("conv3") and isinstance(module, nn.Conv2d):
+            nn.init.zeros_(module.weight)
+
+
+def make_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.SGD:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(
+        params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay
+    )
+
+
+def lr_at(iteration: int, options: TrainOptions) -> float:
+    """Linear warmup, then cosine decay to 1% of the base rate."""
+    if iteration < options.warmup_iters:
+        return options.lr * (0.001 + 0.999 * iteration / options.warmup_iters)
+    progress = (iteration - options.warmup_iters) / max(
+        1, options.iterations - options.warmup_iters
+    )
+    return options.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def train(
+    model: GeneralizedRCNN,
+    samples: Sequence[Sample],
+    options: TrainOptions,
+    rng: np.random.Generator,
+    start_iteration: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_step: StepCallback | None = None,
+) -> torch.optim.Optimizer:
+    """Run iterations [start_iteration, options.iterations); returns the optimizer so a
+    caller can checkpoint it."""
+    if not samples:
+        raise ValueError("no training samples")
+    model.train()
+    optimizer = optimizer or make_optimizer(model, options)
+    device = model.device
+    use_amp = options.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    for iteration in range(start_iteration, options.iterations):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(iteration, options)
+        picks = rng.integers(len(samples), size=options.batch_size)
+        batch = [
+            to_model_input(random_crop(samples[i], rng, options), model.cfg.input_format)
+            for i in picks
+        ]
+        with torch.autocast(device.type, enabled=use_amp):
+            losses = model.losses([b[0] for b in batch], [b[1] for b in batch])
+            total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"loss became {total.item()} at iteration {iteration}: "
+                f"{ {k: v.item() for k, v in losses.items()} }"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        if on_step is not None:
+            values = {k: v.item() for k, v in losses.items()}
+            on_step(iteration, {"total_loss": total.item(), **values})
+    model.eval()
+    return optimizer

@@ -1,0 +1,65 @@
+"""A deployable model on disk: `config.yaml` + `model_final.pth` + `labels.txt` (+ optional
+`model.json` with version, metrics and lineage). Serving, batch jobs and the registry all
+open models through this one shape."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .detection.predictor import Predictor
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model_final.pth"
+LABELS_FILE = "labels.txt"
+METADATA_FILE = "model.json"
+
+
+class ModelDirError(ValueError):
+    """A model directory that lacks a file or holds an inconsistent one."""
+
+
+def read_labels(path: str | Path) -> list[str]:
+    """Class names in class-id order, one per line; blank lines and `#` comments skipped."""
+    lines = Path(path).read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+@dataclass
+class ModelDir:
+    path: Path
+    labels: list[str] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path) -> ModelDir:
+        path = Path(path)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (path / name).is_file():
+                raise ModelDirError(f"model directory {path} has no {name}")
+        labels = read_labels(path / LABELS_FILE) if (path / LABELS_FILE).is_file() else None
+        metadata: dict[str, Any] = {}
+        if (path / METADATA_FILE).is_file():
+            try:
+                metadata = json.loads((path / METADATA_FILE).read_text())
+            except json.JSONDecodeError as exc:
+                raise ModelDirError(f"{path / METADATA_FILE}: not valid JSON ({exc})") from exc
+        return cls(path, labels, metadata)
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("version") or self.path.resolve().name)
+
+    def predictor(self, overrides: dict[str, Any] | None = None, **kwargs: Any) -> Predictor:
+        predictor = Predictor.from_files(
+            self.path / CONFIG_FILE, self.path / WEIGHTS_FILE, overrides, **kwargs
+        )
+        num_classes = predictor.cfg.roi_heads.num_classes
+        if self.labels is not None and len(self.labels) != num_classes:
+            raise ModelDirError(
+                f"{self.path / LABELS_FILE} names {len(self.labels)} classes but the config "
+                f"has MODEL.ROI_HEADS.NUM_CLASSES={num_classes}"
+            )
+        return predictor

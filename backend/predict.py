@@ -1,0 +1,82 @@
+"""`tridentloop predict`: image files -> JSON Lines of detections, one line per image.
+
+A file that cannot be read gets a line with an `error` and the run goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from .detection.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from .detection.predictor import Predictor
+from .detection.structures import Detections
+from .detection.tiling import TilingOptions, predict_tiled
+
+log = logging.getLogger(__name__)
+
+
+def detect(predictor: Predictor, image, tiling: TilingOptions | None) -> Detections:
+    """One decoded image -> detections in its pixels, tiled unless `tiling` is None."""
+    if tiling is None:
+        return predictor(image)
+    return predict_tiled(predictor.predict, image, tiling)
+
+
+def detection_records(det: Detections, labels: list[str] | None) -> list[dict[str, Any]]:
+    return [
+        {
+            "box": [float(v) for v in box],
+            "score": float(score),
+            "class_id": int(cls),
+            "label": labels[int(cls)] if labels and int(cls) < len(labels) else None,
+        }
+        for box, score, cls in zip(
+            det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(), strict=True
+        )
+    ]
+
+
+@dataclass
+class PredictSummary:
+    images: int = 0
+    failed: int = 0
+    detections: int = 0
+
+
+def run_predict(
+    images: Iterable[str],
+    predictor: Predictor,
+    output: TextIO,
+    tiling: TilingOptions | None,
+    labels: list[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> PredictSummary:
+    summary = PredictSummary()
+    paths = list(images)
+    for path in tqdm(paths, desc="predict", unit="img", disable=not progress or len(paths) < 2):
+        summary.images += 1
+        try:
+            image = load_image(path, max_pixels=max_pixels)
+        except ImageError as exc:
+            summary.failed += 1
+            log.error("%s", exc)
+            output.write(json.dumps({"image": path, "error": exc.reason}) + "\n")
+            continue
+        det = detect(predictor, image, tiling)
+        summary.detections += len(det)
+        record = {
+            "image": path,
+            "width": image.shape[1],
+            "height": image.shape[0],
+            "detections": detection_records(det, labels),
+        }
+        output.write(json.dumps(record) + "\n")
+        output.flush()
+    return summary
