@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="also time torchvision's fasterrcnn_resnet50_fpn",
     )
+    bench.add_argument("--survey", action="store_true",
+                       help="also report hours and cost for a whole survey")
+    bench.add_argument("--survey-images", type=int, default=100_000)
+    bench.add_argument("--tiles-per-image", type=int, default=54)
+    bench.add_argument("--price-per-hour", type=float, default=3.0, help="GPU price, $/h")
     _add_device_args(bench)
 
     demo = sub.add_parser("demo", help="the main job on generated survey images")

@@ -9,6 +9,7 @@ change the detections in ways we do not implement are refused with a clear error
 
 from __future__ import annotations
 
+import ast
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,7 +241,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> De
 
 def config_from_yaml_text(text: str, source: str = "<text>") -> DetectorConfig:
     """Parse a config held in memory (a single file, no `_BASE_`)."""
-    data = yaml.safe_load(text) or {}
+    data = _decode_literals(yaml.safe_load(text) or {})
     if "_BASE_" in data:
         raise ConfigError(f"{source}: _BASE_ needs a file path; use load_config")
     return from_dict(_merge(copy.deepcopy(DEFAULTS), data), source=source)
@@ -260,6 +261,7 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
+    data = _decode_literals(data)
     base = data.pop("_BASE_", None)
     if base is None:
         return data
@@ -267,6 +269,20 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if not base_path.is_absolute():
         base_path = path.parent / base_path
     return _merge(_load_with_bases(base_path, (*seen, path)), data)
+
+
+def _decode_literals(node: Any) -> Any:
+    """yacs reads strings such as "(640, 672)" as Python literals; so do we."""
+    if isinstance(node, dict):
+        return {key: _decode_literals(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_decode_literals(value) for value in node]
+    if isinstance(node, str):
+        try:
+            return ast.literal_eval(node)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return node
+    return node
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -434,3 +450,15 @@ def _get_dotted(raw: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
+
+
+BUNDLED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def bundled_config(name: str) -> Path:
+    """Path of a config shipped with tridentloop (model-zoo bases and the tiny demo model)."""
+    path = BUNDLED_CONFIGS / (name if name.endswith(".yaml") else name + ".yaml")
+    if not path.is_file():
+        names = sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.yaml"))
+        raise ConfigError(f"no bundled config {name!r}; available: {', '.join(names)}")
+    return path

@@ -38,7 +38,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def test_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
-    """ResizeShortestEdge's output (h, w): short side to `short`, long side capped."""
+    """ResizeShortestEdge's output (h, w): short side to `short`, long side capped;
+    MIN_SIZE_TEST 0 means no resizing."""
+    if short == 0:
+        return height, width
     scale = short * 1.0 / min(height, width)
     if height < width:
         new_h, new_w = short, scale * width
