@@ -28,8 +28,12 @@ CASES = {
     "faster_rcnn_R_50_C4": "faster_rcnn_R_50_C4",
     "tridentnet_3branch_R_50_C4": "tridentnet_fast_R_50_C4",
 }
-_NARROW = {"MODEL.RESNETS.WIDTH_PER_GROUP": 16, "MODEL.RESNETS.RES2_OUT_CHANNELS": 64,
-           "MODEL.FPN.OUT_CHANNELS": 64, "MODEL.ROI_BOX_HEAD.FC_DIM": 256}
+_NARROW = {
+    "MODEL.RESNETS.WIDTH_PER_GROUP": 16,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS": 64,
+    "MODEL.FPN.OUT_CHANNELS": 64,
+    "MODEL.ROI_BOX_HEAD.FC_DIM": 256,
+}
 
 
 def build_case(name: str, width: str) -> GeneralizedRCNN:
@@ -68,8 +72,9 @@ def _baseline(device: torch.device, precision: str) -> Callable[[list[np.ndarray
     @torch.inference_mode()
     def run(tiles: list[np.ndarray]) -> object:
         batch = [torch.from_numpy(t).to(device).permute(2, 0, 1).float() / 255 for t in tiles]
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None
-                            and device.type == "cuda"):
+        with torch.autocast(
+            device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda"
+        ):
             return model(batch)
 
     return run
@@ -79,8 +84,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(CASES))
         return 0
-    names = args.models or [n for n in CASES
-                            if n != "tridentnet_3branch_R_50_C4" or torch.cuda.is_available()]
+    names = args.models or [
+        n for n in CASES if n != "tridentnet_3branch_R_50_C4" or torch.cuda.is_available()
+    ]
     unknown = sorted(set(names) - set(CASES))
     if unknown:
         raise ValueError(f"unknown benchmark case(s) {unknown}; choose from {list(CASES)}")
@@ -89,13 +95,16 @@ def run_benchmark(args: argparse.Namespace) -> int:
     device = None
     baseline_ms = None
     for name in names:
-        predictor = Predictor(build_case(name, args.width), device=args.device,
-                              precision=args.precision)
+        predictor = Predictor(
+            build_case(name, args.width), device=args.device, precision=args.precision
+        )
         device = predictor.device
         ours = _time(lambda p=predictor: p.predict(tiles), args.repeats, device)
         if args.baseline and baseline_ms is None:
-            run = _baseline(device, args.precision)
-            baseline_ms = _time(lambda: run(tiles), args.repeats, device) * 1000 / len(tiles)
+            baseline = _baseline(device, args.precision)
+            baseline_ms = (
+                _time(lambda b=baseline: b(tiles), args.repeats, device) * 1000 / len(tiles)
+            )
         ms = ours * 1000 / len(tiles)
         record = {
             "case": name,
@@ -111,20 +120,26 @@ def run_benchmark(args: argparse.Namespace) -> int:
             record["torchvision_frcnn_r50_fpn_ms_per_tile"] = round(baseline_ms, 2)
             record["ratio_vs_torchvision"] = round(ms / baseline_ms, 3)
         if getattr(args, "survey", False):
-            record["survey"] = survey_cost(1000 / ms, args.survey_images, args.tiles_per_image,
-                                           args.price_per_hour)
+            record["survey"] = survey_cost(
+                1000 / ms, args.survey_images, args.tiles_per_image, args.price_per_hour
+            )
         print(json.dumps(record), flush=True)
         del predictor
     return 0
 
 
-def survey_cost(tiles_per_s: float, images: int, tiles_per_image: int,
-                price_per_hour: float) -> dict[str, float]:
+def survey_cost(
+    tiles_per_s: float, images: int, tiles_per_image: int, price_per_hour: float
+) -> dict[str, float]:
     """Hours and money to pre-label `images` x `tiles_per_image` tiles at a measured rate."""
     hours = images * tiles_per_image / tiles_per_s / 3600
-    return {"images": images, "tiles_per_image": tiles_per_image,
-            "hours": round(hours, 2), "cost": round(hours * price_per_hour, 2),
-            "price_per_hour": price_per_hour}
+    return {
+        "images": images,
+        "tiles_per_image": tiles_per_image,
+        "hours": round(hours, 2),
+        "cost": round(hours * price_per_hour, 2),
+        "price_per_hour": price_per_hour,
+    }
 
 
 def _device_name(device: torch.device) -> str:

@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="also time torchvision's fasterrcnn_resnet50_fpn",
     )
-    bench.add_argument("--survey", action="store_true",
-                       help="also report hours and cost for a whole survey")
+    bench.add_argument(
+        "--survey", action="store_true", help="also report hours and cost for a whole survey"
+    )
     bench.add_argument("--survey-images", type=int, default=100_000)
     bench.add_argument("--tiles-per-image", type=int, default=54)
     bench.add_argument("--price-per-hour", type=float, default=3.0, help="GPU price, $/h")

@@ -37,7 +37,7 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def test_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
+def resized_shape(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
     """ResizeShortestEdge's output (h, w): short side to `short`, long side capped;
     MIN_SIZE_TEST 0 means no resizing."""
     if short == 0:
@@ -98,7 +98,7 @@ class Predictor:
         height, width = image.shape[:2]
         if self.cfg.input_format == "BGR":
             image = image[:, :, ::-1]
-        new_h, new_w = test_size(height, width, self.cfg.min_size_test, self.cfg.max_size_test)
+        new_h, new_w = resized_shape(height, width, self.cfg.min_size_test, self.cfg.max_size_test)
         if (new_h, new_w) != (height, width):
             resized = Image.fromarray(np.ascontiguousarray(image)).resize(
                 (new_w, new_h), Image.Resampling.BILINEAR

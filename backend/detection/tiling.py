@@ -11,6 +11,7 @@ graph gives exactly class-aware NMS, in memory linear in the number of boxes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -62,11 +63,13 @@ class Tile:
 
 
 def _starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Evenly spread starts, the last one flush with the far edge: every overlap is at least
+    the requested one and no tile is a near-duplicate of its neighbour."""
     if length <= tile:
         return [0]
     stride = max(1, tile - round(tile * overlap))
-    starts = list(range(0, length - tile, stride))
-    return [*starts, length - tile]  # the last tile is shifted back inside the image
+    count = math.ceil((length - tile) / stride) + 1
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
 
 
 def tile_grid(height: int, width: int, tile_size: int, overlap: float) -> list[Tile]:

@@ -1,0 +1,62 @@
+"""Shared test fixtures: detectron2 reference outputs and tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+D2_FIXTURES = REPO.parent / "shared" / "fixtures" / "detectron2"
+FIXTURE_MODELS = (
+    "tridentnet_fast_R_50_C4_1x",
+    "tridentnet_3branch_R_50_C4_1x",
+    "faster_rcnn_R_50_C4_1x",
+    "faster_rcnn_R_50_FPN_1x",
+)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def fixture_dir(name: str) -> Path:
+    path = D2_FIXTURES / name
+    if not path.is_dir():
+        pytest.fail(f"detectron2 reference fixtures missing at {path} (shared/ beside the repo)")
+    return path
+
+
+def expected_detections(name: str) -> dict:
+    return json.loads((fixture_dir(name) / "expected.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def fixture_image() -> np.ndarray:
+    from backend.detection.images import load_image
+
+    return load_image(D2_FIXTURES / "input.png")
+
+
+@pytest.fixture(scope="session")
+def fpn_predictor():
+    """The narrow R50-FPN fixture model on CPU: the quickest real detectron2 model."""
+    from backend.detection.predictor import Predictor
+
+    d = fixture_dir("faster_rcnn_R_50_FPN_1x")
+    return Predictor.from_files(d / "config.yaml", d / "model_final.pth", device="cpu")
+
+
+def assert_same_detections(
+    got: list[dict], expected: list[dict], box_tol: float = 0.01, score_tol: float = 1e-4
+) -> None:
+    """detectron2 fidelity: same count and order, same class, box and score within tol."""
+    assert len(got) == len(expected), f"{len(got)} detections, expected {len(expected)}"
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert g["class_id"] == e["class_id"], f"detection {i}: class {g} vs {e}"
+        assert max(abs(a - b) for a, b in zip(g["box"], e["box"], strict=True)) <= box_tol, (
+            f"detection {i}: box {g['box']} vs {e['box']}"
+        )
+        assert abs(g["score"] - e["score"]) <= score_tol, f"detection {i}: score {g} vs {e}"

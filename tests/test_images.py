@@ -1,0 +1,114 @@
+"""Images in: formats, bit depths, channels, orientation, and clear errors naming the file."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from backend.cli import main
+from backend.detection.images import ImageError, load_image
+
+from .conftest import D2_FIXTURES, fixture_dir
+
+RGB = np.random.default_rng(0).integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
+
+
+def _save(image: Image.Image, path, **kwargs):
+    image.save(path, **kwargs)
+    return path
+
+
+def test_png_and_jpeg_decode_to_rgb_uint8(tmp_path):
+    png = load_image(_save(Image.fromarray(RGB), tmp_path / "a.png"))
+    assert png.dtype == np.uint8 and png.shape == (40, 60, 3)
+    assert np.array_equal(png, RGB)
+    jpeg = load_image(_save(Image.fromarray(RGB), tmp_path / "a.jpg", quality=95))
+    assert jpeg.shape == (40, 60, 3)
+
+
+def test_greyscale_and_rgba_become_three_channels(tmp_path):
+    grey = load_image(_save(Image.fromarray(RGB[:, :, 0]), tmp_path / "g.png"))
+    assert grey.shape == (40, 60, 3) and np.array_equal(grey[:, :, 1], RGB[:, :, 0])
+    rgba = np.dstack([RGB, np.full((40, 60), 7, np.uint8)])
+    assert np.array_equal(load_image(_save(Image.fromarray(rgba), tmp_path / "a.png")), RGB)
+
+
+def test_16_bit_images_scale_to_8_bit(tmp_path):
+    grey16 = RGB[:, :, 0].astype(np.uint16) * 257
+    out = load_image(_save(Image.fromarray(grey16), tmp_path / "g16.png"))
+    assert np.array_equal(out[:, :, 0], RGB[:, :, 0])
+    rgb16 = RGB.astype(np.uint16) * 257
+    tifffile.imwrite(tmp_path / "rgb16.tif", rgb16, photometric="rgb")
+    assert np.array_equal(load_image(tmp_path / "rgb16.tif"), RGB)
+
+
+def test_8_bit_tiff_decodes(tmp_path):
+    tifffile.imwrite(tmp_path / "rgb8.tif", RGB, photometric="rgb")
+    assert np.array_equal(load_image(tmp_path / "rgb8.tif"), RGB)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = _save(Image.fromarray(RGB), tmp_path / "camera.jpg", exif=exif, quality=95)
+    assert load_image(path).shape == (60, 40, 3)
+
+
+def test_bytes_decode_like_files():
+    buffer = io.BytesIO()
+    Image.fromarray(RGB).save(buffer, format="PNG")
+    assert np.array_equal(load_image(buffer.getvalue()), RGB)
+
+
+def test_missing_file_error_names_it(tmp_path):
+    with pytest.raises(ImageError, match=r"absent\.png: file not found"):
+        load_image(tmp_path / "absent.png")
+
+
+def test_non_image_error_names_it(tmp_path):
+    (tmp_path / "notes.png").write_text("hello")
+    with pytest.raises(ImageError, match=r"notes\.png: not an image"):
+        load_image(tmp_path / "notes.png")
+
+
+def test_truncated_file_error_names_it(tmp_path):
+    data = (D2_FIXTURES / "input.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match=r"cut\.png: .*truncated"):
+        load_image(tmp_path / "cut.png")
+
+
+def test_pixel_limit_refuses_large_images_before_decoding(tmp_path):
+    path = _save(Image.new("RGB", (300, 200)), tmp_path / "big.png")
+    with pytest.raises(ImageError, match=r"big\.png: 300x200 exceeds the pixel limit of 50,000"):
+        load_image(path, max_pixels=50_000)
+
+
+def test_a_bad_file_does_not_stop_the_others(tmp_path):
+    d = fixture_dir("faster_rcnn_R_50_FPN_1x")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage")
+    out = tmp_path / "out.jsonl"
+    rc = main(
+        [
+            "predict",
+            "--config",
+            str(d / "config.yaml"),
+            "--weights",
+            str(d / "model_final.pth"),
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+            str(tmp_path / "broken.jpg"),
+            str(D2_FIXTURES / "input.png"),
+        ]
+    )
+    assert rc == 1  # something failed, and it says so
+    broken, good = (json.loads(line) for line in out.read_text().splitlines())
+    assert broken["image"].endswith("broken.jpg") and "error" in broken
+    assert len(good["detections"]) == 100

@@ -1,0 +1,103 @@
+"""Training mode returns detectron2's losses and fine-tuning lowers them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from backend.detection.config import bundled_config, load_config
+from backend.detection.model import GeneralizedRCNN
+from backend.detection.structures import Targets
+from backend.detection.training import (
+    Sample,
+    TrainOptions,
+    init_from_scratch,
+    random_crop,
+    to_model_input,
+    train,
+)
+from backend.synthetic import survey_scene
+
+from .conftest import fixture_dir
+
+LOSSES = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"}
+
+
+def _tiny() -> GeneralizedRCNN:
+    torch.manual_seed(0)
+    model = GeneralizedRCNN(load_config(bundled_config("tiny_tridentnet")))
+    init_from_scratch(model)
+    return model
+
+
+def test_losses_of_every_architecture_are_finite_and_reach_trainable_weights():
+    scene = survey_scene(np.random.default_rng(0), 256, 256, 6)
+    image, target = to_model_input(Sample(scene.image, scene.boxes, scene.classes), "BGR")
+    for name in ("tridentnet_fast_R_50_C4_1x", "faster_rcnn_R_50_FPN_1x"):
+        model = GeneralizedRCNN(load_config(fixture_dir(name) / "config.yaml"))
+        model.train()
+        losses = model.losses([image], [target])
+        assert set(losses) == LOSSES
+        assert all(torch.isfinite(v) for v in losses.values())
+        sum(losses.values()).backward()
+        head = model.roi_heads.box_predictor.cls_score.weight
+        assert head.grad is not None and head.grad.abs().sum() > 0
+        assert model.backbone.state_dict()  # frozen stem gets no gradient:
+        stem = next(p for n, p in model.named_parameters() if "stem" in n)
+        assert stem.grad is None
+
+
+def test_images_without_boxes_train_as_background():
+    model = _tiny().train()
+    image = torch.zeros(3, 128, 128)
+    losses = model.losses([image], [Targets(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))])
+    assert losses["loss_box_reg"] == 0 and losses["loss_rpn_loc"] == 0
+    assert losses["loss_cls"] > 0
+
+
+def test_fine_tuning_lowers_the_loss():
+    rng = np.random.default_rng(0)
+    scenes = [survey_scene(rng, 320, 320, 8) for _ in range(2)]
+    samples = [Sample(s.image, s.boxes, s.classes) for s in scenes]
+    history: list[float] = []
+    train(
+        _tiny(),
+        samples,
+        TrainOptions(
+            iterations=16,
+            batch_size=2,
+            lr=0.02,
+            warmup_iters=4,
+            scale_jitter=(1, 1),
+            colour_jitter=0.0,
+            crop_size=320,
+        ),
+        np.random.default_rng(0),
+        on_step=lambda i, losses: history.append(losses["total_loss"]),
+    )
+    assert np.mean(history[-4:]) < 0.7 * np.mean(history[:4])
+
+
+def test_random_crops_keep_boxes_inside_and_flip_with_the_image():
+    scene = survey_scene(np.random.default_rng(3), 600, 700, 20)
+    sample = Sample(scene.image, scene.boxes, scene.classes)
+    rng = np.random.default_rng(0)
+    options = TrainOptions(crop_size=256)
+    for _ in range(20):
+        crop = random_crop(sample, rng, options)
+        assert crop.image.shape[:2] == (256, 256)
+        assert len(crop.boxes) == len(crop.classes)
+        assert (crop.boxes >= 0).all() and (crop.boxes <= 256).all()
+        assert (crop.boxes[:, 2] > crop.boxes[:, 0]).all()
+
+
+def test_crop_of_an_unscaled_unflipped_image_moves_boxes_with_it():
+    image = np.zeros((100, 100, 3), np.uint8)
+    image[20:40, 30:60] = 255
+    sample = Sample(image, np.array([[30, 20, 60, 40]], np.float32), np.array([1]))
+    options = TrainOptions(crop_size=100, scale_jitter=(1, 1), colour_jitter=0)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        crop = random_crop(sample, rng, options)
+        x0, y0, x1, y1 = crop.boxes[0].astype(int)
+        assert crop.image[y0:y1, x0:x1].min() == 255
