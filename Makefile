@@ -4,9 +4,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# Label Studio itself (for the end-to-end tests) lives in its own venv: its Django stack
+# pins versions that must not constrain the engine's environment.
+LS_VENV := .venv-ls
+LS_STAMP := $(LS_VENV)/.installed
+LABEL_STUDIO_VERSION := 1.23.2
+
 .PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
+
+$(LS_STAMP):
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LS_VENV)/bin/python -m pip install --quiet label-studio==$(LABEL_STUDIO_VERSION)
+	touch $(LS_STAMP)
 
 # Re-install only when the dependency list changes; a second `make setup` is a no-op.
 $(STAMP): pyproject.toml
@@ -30,4 +42,4 @@ bench: $(STAMP)
 	$(BIN)/tridentloop bench
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) demo-output .pytest_cache

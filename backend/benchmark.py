@@ -46,18 +46,22 @@ def build_case(name: str, width: str) -> GeneralizedRCNN:
     return GeneralizedRCNN(load_config(bundled_config(CASES[name]), overrides))
 
 
-def _time(run: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Best wall time of `repeats` runs after one warm-up, in seconds."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
+def _time_interleaved(
+    runs: list[Callable[[], object]], repeats: int, device: torch.device
+) -> list[float]:
+    """Best wall time (s) of each run over `repeats` rounds after one warm-up round; the runs
+    alternate within each round so that load on the machine hits them alike."""
+    best = [float("inf")] * len(runs)
+    for round_ in range(repeats + 1):
+        for i, run in enumerate(runs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_ > 0:
+                best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -92,19 +96,16 @@ def run_benchmark(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown benchmark case(s) {unknown}; choose from {list(CASES)}")
     rng = np.random.default_rng(0)
     tiles = [survey_scene(rng, 800, 800, 30).image for _ in range(args.tiles)]
-    device = None
-    baseline_ms = None
     for name in names:
         predictor = Predictor(
             build_case(name, args.width), device=args.device, precision=args.precision
         )
         device = predictor.device
-        ours = _time(lambda p=predictor: p.predict(tiles), args.repeats, device)
-        if args.baseline and baseline_ms is None:
+        runs: list[Callable[[], object]] = [lambda p=predictor: p.predict(tiles)]
+        if args.baseline:
             baseline = _baseline(device, args.precision)
-            baseline_ms = (
-                _time(lambda b=baseline: b(tiles), args.repeats, device) * 1000 / len(tiles)
-            )
+            runs.append(lambda b=baseline: b(tiles))
+        ours, *base = _time_interleaved(runs, args.repeats, device)
         ms = ours * 1000 / len(tiles)
         record = {
             "case": name,
@@ -116,7 +117,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
             "ms_per_tile": round(ms, 2),
             "tiles_per_s": round(1000 / ms, 2),
         }
-        if baseline_ms is not None:
+        if base:
+            baseline_ms = base[0] * 1000 / len(tiles)
             record["torchvision_frcnn_r50_fpn_ms_per_tile"] = round(baseline_ms, 2)
             record["ratio_vs_torchvision"] = round(ms / baseline_ms, 3)
         if getattr(args, "survey", False):
@@ -124,7 +126,6 @@ def run_benchmark(args: argparse.Namespace) -> int:
                 1000 / ms, args.survey_images, args.tiles_per_image, args.price_per_hour
             )
         print(json.dumps(record), flush=True)
-        del predictor
     return 0
 
 

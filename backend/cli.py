@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="config override, e.g. MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.5",
     )
     predict.add_argument("--output", "-o", type=Path, help="JSON Lines file (default: stdout)")
+    predict.add_argument("--overlays", type=Path, help="also draw each image's boxes to a PNG here")
     predict.add_argument(
         "--max-pixels",
         type=int,
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job on generated survey images")
     demo.add_argument("--output", type=Path, default=Path("demo-output"))
-    demo.add_argument("--iterations", type=int, default=300, help="training iterations")
+    demo.add_argument("--iterations", type=int, default=150, help="training iterations")
     demo.add_argument("--seed", type=int, default=0)
     _add_device_args(demo)
     return parser
@@ -193,7 +194,13 @@ def _predict(args: argparse.Namespace) -> int:
     out = args.output.open("w") if args.output else sys.stdout
     try:
         summary = run_predict(
-            args.images, predictor, out, tiling_from_args(args), labels, max_pixels=args.max_pixels
+            args.images,
+            predictor,
+            out,
+            tiling_from_args(args),
+            labels,
+            max_pixels=args.max_pixels,
+            overlays=args.overlays,
         )
     finally:
         if args.output:

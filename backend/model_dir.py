@@ -5,9 +5,14 @@ open models through this one shape."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .detection.predictor import Predictor
 
@@ -63,3 +68,29 @@ class ModelDir:
                 f"has MODEL.ROI_HEADS.NUM_CLASSES={num_classes}"
             )
         return predictor
+
+
+def write_model_dir(
+    dest: str | Path,
+    config_yaml: str,
+    state_dict: dict[str, torch.Tensor],
+    labels: list[str],
+    metadata: dict[str, Any],
+) -> ModelDir:
+    """Write a complete model directory atomically: built in a temp dir beside `dest`, then
+    renamed, so a reader never sees half a model. An existing `dest` is refused."""
+    dest = Path(dest)
+    if dest.exists():
+        raise ModelDirError(f"{dest} already exists; model directories are never overwritten")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+        torch.save({"model": state_dict}, tmp / WEIGHTS_FILE)
+        (tmp / LABELS_FILE).write_text("".join(f"{name}\n" for name in labels))
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ModelDir.open(dest)

@@ -9,6 +9,7 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -17,6 +18,7 @@ from .detection.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from .detection.predictor import Predictor
 from .detection.structures import Detections
 from .detection.tiling import TilingOptions, predict_tiled
+from .overlay import draw_detections
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,9 @@ def run_predict(
     labels: list[str] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    overlays: Path | None = None,
 ) -> PredictSummary:
+    """Write one JSON line per image; with `overlays`, also a PNG of each image's boxes."""
     summary = PredictSummary()
     paths = list(images)
     for path in tqdm(paths, desc="predict", unit="img", disable=not progress or len(paths) < 2):
@@ -71,6 +75,8 @@ def run_predict(
             continue
         det = detect(predictor, image, tiling)
         summary.detections += len(det)
+        if overlays is not None:
+            draw_detections(image, det, labels, overlays / (Path(path).stem + ".png"))
         record = {
             "image": path,
             "width": image.shape[1],

@@ -15,9 +15,9 @@ CLASSES = ("elephant", "zebra", "bird")
 
 # (body colour RGB, (min, max) body length in px, length / width ratio)
 _LOOKS = {
-    "elephant": ((128, 128, 136), (26, 38), 1.5),
-    "zebra": ((238, 238, 232), (16, 24), 2.2),
-    "bird": ((196, 40, 36), (9, 13), 1.0),
+    "elephant": ((128, 128, 136), (40, 60), 1.5),
+    "zebra": ((238, 238, 232), (26, 38), 2.2),
+    "bird": ((196, 40, 36), (16, 22), 1.0),
 }
 
 

@@ -233,10 +233,22 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> De
     `overrides` maps dotted keys (`MODEL.ROI_HEADS.SCORE_THRESH_TEST`) to values, like
     detectron2's `--opts`.
     """
+    return from_dict(resolve_config(path, overrides), source=str(path))
+
+
+def resolve_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The merged mapping (defaults <- _BASE_ chain <- file <- overrides)."""
     raw = _merge(copy.deepcopy(DEFAULTS), _load_with_bases(Path(path), seen=()))
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
-    return from_dict(raw, source=str(path))
+    return raw
+
+
+def dump_config(path: str | Path, overrides: dict[str, Any] | None = None) -> str:
+    """A standalone YAML (no _BASE_) to save next to trained weights, like cfg.dump()."""
+    raw = resolve_config(path, overrides)
+    from_dict(raw, source=str(path))  # refuse to write what we could not load back
+    return yaml.safe_dump(raw, sort_keys=True)
 
 
 def config_from_yaml_text(text: str, source: str = "<text>") -> DetectorConfig:

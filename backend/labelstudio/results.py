@@ -1,0 +1,84 @@
+"""Detections -> Label Studio prediction results (`rectanglelabels` in percent of the
+original image), checked against the label config before they leave the backend, because
+Label Studio stores whatever it is sent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..detection.structures import Detections
+from .label_config import RectangleControl
+
+_EPS = 1e-6
+
+
+class ResultError(ValueError):
+    """A result that does not fit the project's label config."""
+
+
+def rectangle_results(
+    det: Detections,
+    width: int,
+    height: int,
+    control: RectangleControl,
+    class_map: dict[int, str],
+    score_threshold: float,
+) -> list[dict[str, Any]]:
+    """One region per detection of a mapped class at or above the threshold, best first."""
+    results = []
+    for box, score, cls in zip(
+        det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(), strict=True
+    ):
+        label = class_map.get(int(cls))
+        if label is None or score < score_threshold:
+            continue
+        x0, y0, x1, y1 = box
+        results.append(
+            {
+                "from_name": control.from_name,
+                "to_name": control.to_name,
+                "type": "rectanglelabels",
+                "original_width": width,
+                "original_height": height,
+                "image_rotation": 0,
+                "value": {
+                    "x": 100.0 * x0 / width,
+                    "y": 100.0 * y0 / height,
+                    "width": 100.0 * (x1 - x0) / width,
+                    "height": 100.0 * (y1 - y0) / height,
+                    "rotation": 0,
+                    "rectanglelabels": [label],
+                },
+                "score": float(score),
+            }
+        )
+    return results
+
+
+def prediction(
+    results: list[dict[str, Any]], model_version: str, score: float | None = None
+) -> dict[str, Any]:
+    """A task's answer; the task score defaults to the mean region score (0 when empty)."""
+    if score is None:
+        score = sum(r["score"] for r in results) / len(results) if results else 0.0
+    return {"result": results, "score": float(score), "model_version": model_version}
+
+
+def validate(results: list[dict[str, Any]], controls: tuple[RectangleControl, ...]) -> None:
+    """Raise ResultError unless every region names a control, its image and its labels, and
+    lies inside the image."""
+    by_name = {c.from_name: c for c in controls}
+    for region in results:
+        control = by_name.get(region.get("from_name"))
+        if control is None or region.get("to_name") != control.to_name:
+            raise ResultError(
+                f"region for {region.get('from_name')!r}->{region.get('to_name')!r}"
+                " matches no RectangleLabels of the label config"
+            )
+        value = region["value"]
+        unknown = set(value["rectanglelabels"]) - set(control.labels)
+        if region["type"] != "rectanglelabels" or unknown:
+            raise ResultError(f"labels {sorted(unknown)} are not in {control.from_name!r}")
+        x, y, w, h = value["x"], value["y"], value["width"], value["height"]
+        if min(x, y) < -_EPS or w <= 0 or h <= 0 or x + w > 100 + _EPS or y + h > 100 + _EPS:
+            raise ResultError(f"box {x:.3f},{y:.3f} {w:.3f}x{h:.3f}% is outside the image")
