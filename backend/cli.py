@@ -142,6 +142,45 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--price-per-hour", type=float, default=3.0, help="GPU price, $/h")
     _add_device_args(bench)
 
+    serve = sub.add_parser("serve", help="Label Studio ML backend over HTTP")
+    which = serve.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="a model directory to serve")
+    which.add_argument(
+        "--registry", type=Path, help="a model registry: serve its current version, hot-reloaded"
+    )
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=9090)
+    serve.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.5,
+        help="default; a project's /setup extra_params.score_threshold wins",
+    )
+    serve.add_argument(
+        "--label-mapping", type=Path, help='JSON {"model class": "Label Studio label"}'
+    )
+    serve.add_argument(
+        "--local-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory task images may be read from as local paths",
+    )
+    serve.add_argument(
+        "--train-command", default="dvc repro", help="what START_TRAINING runs, in --project-dir"
+    )
+    serve.add_argument("--project-dir", default=".", help="checkout the training runs in")
+    serve.add_argument(
+        "--work-dir",
+        type=Path,
+        help="cache and job logs (default: $TRIDENTLOOP_HOME or .tridentloop)",
+    )
+    serve.add_argument("--cache-gb", type=float, default=2.0, help="image cache size")
+    serve.add_argument("--download-timeout", type=float, default=30.0, help="seconds")
+    serve.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    _add_device_args(serve)
+    _add_tiling_args(serve)
+
     demo = sub.add_parser("demo", help="the main job on generated survey images")
     demo.add_argument("--output", type=Path, default=Path("demo-output"))
     demo.add_argument("--iterations", type=int, default=150, help="training iterations")
@@ -218,13 +257,19 @@ def _bench(args: argparse.Namespace) -> int:
     return run_benchmark(args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .labelstudio.server import run_server
+
+    return run_server(args, tiling_from_args(args))
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args)
 
 
-COMMANDS = {"predict": _predict, "bench": _bench, "demo": _demo}
+COMMANDS = {"predict": _predict, "serve": _serve, "bench": _bench, "demo": _demo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,77 @@
+"""The model a server answers with: one fixed model directory, or the registry's `current`
+version, hot-reloaded when the pointer changes.
+
+A reload happens in the request that notices the change; requests already running keep
+the model they started with, so a switch never fails a request. A version that does not
+load is logged and the previous one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..detection.predictor import Predictor
+from ..model_dir import ModelDir
+from ..registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    version: str
+    predictor: Predictor
+    labels: list[str]
+
+
+class ModelSource:
+    def __init__(
+        self,
+        model_dir: Path | None = None,
+        registry: Registry | None = None,
+        **predictor_kwargs: Any,
+    ) -> None:
+        if (model_dir is None) == (registry is None):
+            raise ValueError("serve needs exactly one of --model DIR or --registry DIR")
+        self.registry = registry
+        self.predictor_kwargs = predictor_kwargs
+        self._lock = threading.Lock()
+        self._stamp = registry.pointer_stamp() if registry else None
+        if model_dir is not None:
+            self._current = self._load(ModelDir.open(model_dir), None)
+        else:
+            assert registry is not None
+            self._current = self._load(registry.current(), registry.current_name())
+
+    def _load(self, model_dir: ModelDir, name: str | None) -> LoadedModel:
+        if model_dir.labels is None:
+            raise ValueError(
+                f"{model_dir.path} has no labels.txt: Label Studio needs class "
+                "names to map to its labels"
+            )
+        predictor = model_dir.predictor(**self.predictor_kwargs)
+        version = name or model_dir.version
+        log.info("serving model %s from %s", version, model_dir.path)
+        return LoadedModel(version, predictor, model_dir.labels)
+
+    def get(self) -> LoadedModel:
+        """The model to answer this request with, reloading first if the registry moved."""
+        if self.registry is not None and self.registry.pointer_stamp() != self._stamp:
+            with self._lock:
+                stamp = self.registry.pointer_stamp()
+                if stamp != self._stamp:
+                    self._stamp = stamp
+                    try:
+                        name = self.registry.current_name()
+                        assert name is not None
+                        self._current = self._load(self.registry.open(name), name)
+                    except Exception:
+                        log.exception(
+                            "could not load the registry's new current version; still serving %s",
+                            self._current.version,
+                        )
+        return self._current

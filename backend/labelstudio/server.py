@@ -1,0 +1,66 @@
+"""`tridentloop serve`: build the backend from command-line settings and run it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import uvicorn
+
+from ..registry import Registry
+from .app import Backend, ServerSettings, basic_auth_from_env, create_app, default_work_dir
+from .jobs import TrainingJobs
+from .label_config import read_mapping
+from .media import MediaFetcher, MediaSettings
+from .model_source import ModelSource
+
+log = logging.getLogger(__name__)
+
+
+def build_backend(args: argparse.Namespace, tiling) -> Backend:
+    work = Path(args.work_dir or default_work_dir())
+    models = ModelSource(
+        model_dir=args.model,
+        registry=Registry(args.registry) if args.registry else None,
+        device=args.device,
+        precision=args.precision,
+    )
+    media = MediaFetcher(
+        MediaSettings(
+            label_studio_url=os.environ.get("LABEL_STUDIO_URL"),
+            api_key=os.environ.get("LABEL_STUDIO_API_KEY"),
+            cache_dir=work / "cache",
+            cache_max_bytes=int(args.cache_gb * 1024**3),
+            timeout=args.download_timeout,
+            local_roots=[Path(p) for p in args.local_root],
+        )
+    )
+    jobs = TrainingJobs(args.train_command, Path(args.project_dir), work / "jobs")
+    settings = ServerSettings(
+        score_threshold=args.score_threshold,
+        tiling=tiling,
+        label_mapping=read_mapping(args.label_mapping) if args.label_mapping else None,
+        max_pixels=args.max_pixels,
+        basic_auth=basic_auth_from_env(),
+    )
+    return Backend(models, media, jobs, settings)
+
+
+def run_server(args: argparse.Namespace, tiling) -> int:
+    backend = build_backend(args, tiling)
+    log.info(
+        "tridentloop backend on http://%s:%d serving %s",
+        args.host,
+        args.port,
+        backend.models.get().version,
+    )
+    uvicorn.run(
+        create_app(backend),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )
+    return 0

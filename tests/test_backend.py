@@ -1,0 +1,305 @@
+"""The ML backend over real HTTP: protocol answers, results equal to the engine's, registry
+hot reload, training jobs, basic auth and bad input."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.detection.images import load_image
+from backend.detection.tiling import TilingOptions
+from backend.labelstudio.app import Backend, ServerSettings
+from backend.labelstudio.jobs import TrainingJobs
+from backend.labelstudio.media import MediaFetcher, MediaSettings
+from backend.labelstudio.model_source import ModelSource
+from backend.model_dir import ModelDir
+from backend.predict import detect
+from backend.registry import Registry
+
+from .servers import make_model_dir, serve_backend
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="label" toName="image">
+    <Label value="Elephant"/><Label value="Zebra"/><Label value="Avian" predicted_values="bird"/>
+  </RectangleLabels>
+</View>"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, fixture_image):
+    root = tmp_path_factory.mktemp("backend")
+    registry = Registry(root / "registry")
+    for version in ("v1", "v2"):
+        registry.add(make_model_dir(root / f"src-{version}", version=version))
+    registry.switch("v1")
+    images = root / "images"
+    images.mkdir()
+    Image.fromarray(fixture_image[:480, :640]).save(images / "small.png")
+    Image.fromarray(
+        np.ascontiguousarray(np.concatenate([fixture_image, fixture_image[:200]]))
+    ).save(images / "large.png")  # 1000 x 800: two tiles
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    marker = root / "runs.txt"
+    command = (
+        f"{sys.executable} -c \"import time,sys; f=open('{marker}','a'); "
+        "f.write(f'start {time.time()}\\n'); f.flush(); time.sleep(1.0); "
+        "f.write(f'end {time.time()}\\n')\""
+    )
+    backend = Backend(
+        ModelSource(registry=registry, device="cpu"),
+        MediaFetcher(MediaSettings(local_roots=[images], cache_dir=root / "cache")),
+        TrainingJobs(command, root, root / "jobs"),
+        ServerSettings(score_threshold=0.5, basic_auth=("annotator", "s3cret")),
+    )
+    with serve_backend(backend) as url:
+        yield {
+            "url": url,
+            "registry": registry,
+            "images": images,
+            "marker": marker,
+            "backend": backend,
+        }
+
+
+def client(world, auth=("annotator", "s3cret")) -> httpx.Client:
+    return httpx.Client(base_url=world["url"], auth=auth, timeout=120)
+
+
+def task(task_id: int, image: str) -> dict:
+    return {"id": task_id, "data": {"image": image}, "annotations": [], "predictions": []}
+
+
+def predict(world, tasks, **extra) -> httpx.Response:
+    body = {
+        "tasks": tasks,
+        "project": "7.1795377860",
+        "label_config": CONFIG,
+        "params": {"login": None, "password": None, "context": None},
+        **extra,
+    }
+    with client(world) as c:
+        return c.post("/predict", json=body)
+
+
+def expected_regions(path: Path, threshold: float = 0.5) -> list[dict]:
+    """What the engine says for this image, as percent boxes."""
+    predictor = ModelDir.open(Registry(path.parents[1] / "registry").current().path).predictor(
+        device="cpu"
+    )
+    image = load_image(path)
+    det = detect(predictor, image, TilingOptions())
+    height, width = image.shape[:2]
+    names = {0: "Elephant", 1: "Zebra", 2: "Avian"}
+    return [
+        {
+            "label": names[c],
+            "score": s,
+            "box": [
+                100 * b[0] / width,
+                100 * b[1] / height,
+                100 * (b[2] - b[0]) / width,
+                100 * (b[3] - b[1]) / height,
+            ],
+        }
+        for b, s, c in zip(
+            det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(), strict=True
+        )
+        if s >= threshold
+    ]
+
+
+def test_health_is_up_with_the_model_version(world):
+    answer = httpx.get(world["url"] + "/health").json()
+    assert answer["status"] == "UP" and answer["model_version"] == "v1"
+
+
+def test_setup_answers_the_model_version(world):
+    with client(world) as c:
+        r = c.post(
+            "/setup",
+            json={
+                "project": "7.1795377860",
+                "schema": CONFIG,
+                "hostname": "http://localhost:8080",
+                "access_token": "x",
+                "extra_params": {},
+            },
+        )
+    assert r.status_code == 200 and r.json() == {"model_version": "v1"}
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        (
+            "<View><Image name='i' value='$image'/><Choices name='c' toName='i'/></View>",
+            "no <RectangleLabels> bound to an <Image>",
+        ),
+        (
+            "<View><Image name='i' value='$image'/><RectangleLabels name='r' toName='i'>"
+            "<Label value='Car'/></RectangleLabels></View>",
+            "none of the model's classes",
+        ),
+        ("<View><Image", "not valid XML"),
+    ],
+)
+def test_setup_rejects_configs_it_cannot_serve(world, schema, message):
+    with client(world) as c:
+        r = c.post("/setup", json={"project": "8.1", "schema": schema})
+    assert r.status_code == 400 and message in r.json()["error"]
+
+
+def test_predictions_equal_the_engine_in_percent_of_the_original(world):
+    images = world["images"]
+    r = predict(world, [task(1, str(images / "small.png")), task(2, str(images / "large.png"))])
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert len(results) == 2
+    for answer, name in zip(results, ("small.png", "large.png"), strict=True):
+        expected = expected_regions(images / name)
+        assert answer["model_version"] == "v1"
+        regions = answer["result"]
+        assert len(regions) == len(expected) > 0
+        for region, want in zip(regions, expected, strict=True):
+            value = region["value"]
+            assert region["type"] == "rectanglelabels"
+            assert (region["from_name"], region["to_name"]) == ("label", "image")
+            assert value["rectanglelabels"] == [want["label"]]
+            got = [value["x"], value["y"], value["width"], value["height"]]
+            assert got == pytest.approx(want["box"], abs=1e-3)
+            assert region["score"] == pytest.approx(want["score"], abs=1e-5)
+        width, height = Image.open(images / name).size
+        assert {(r["original_width"], r["original_height"]) for r in regions} == {(width, height)}
+        assert answer["score"] == pytest.approx(np.mean([r["score"] for r in regions]))
+
+
+def test_threshold_from_setup_extra_params_wins(world):
+    with client(world) as c:
+        c.post(
+            "/setup",
+            json={"project": "9.5", "schema": CONFIG, "extra_params": {"score_threshold": 0.95}},
+        )
+        body = {"tasks": [task(1, str(world["images"] / "small.png"))], "project": "9.5"}
+        regions = c.post("/predict", json=body).json()["results"][0]["result"]
+    assert regions and all(r["score"] >= 0.95 for r in regions)
+    assert len(regions) < len(expected_regions(world["images"] / "small.png"))
+
+
+def test_a_bad_task_gets_an_empty_result_and_the_others_are_served(world):
+    images = world["images"]
+    r = predict(
+        world,
+        [
+            task(1, str(images / "broken.png")),
+            task(2, str(images / "small.png")),
+            task(3, "/etc/passwd"),
+            task(4, str(images / "absent.png")),
+            {"id": 5, "data": {}},
+        ],
+    )
+    results = r.json()["results"]
+    assert r.status_code == 200 and len(results) == 5
+    assert [len(a["result"]) > 0 for a in results] == [False, True, False, False, False]
+    assert all(a["model_version"] == "v1" for a in results)
+
+
+def test_malformed_and_oversized_requests_are_refused_clearly(world):
+    with client(world) as c:
+        bad = c.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]
+        assert c.post("/predict", json=[1, 2]).status_code == 400
+        assert c.post("/predict", json={"tasks": "nope"}).status_code == 400
+        huge = c.post("/predict", content=b"x" * (33 * 1024**2))
+        assert huge.status_code == 413 and "exceeds" in huge.json()["error"]
+        assert c.get("/health").status_code == 200  # and it keeps serving
+
+
+def test_basic_auth_rejects_wrong_credentials(world):
+    body = {"tasks": [], "project": "7.1", "label_config": CONFIG}
+    for auth in (None, ("annotator", "wrong")):
+        r = httpx.post(world["url"] + "/predict", json=body, auth=auth)
+        assert r.status_code == 401 and "basic auth" in r.json()["error"]
+    with client(world) as c:
+        assert c.post("/predict", json=body).status_code == 200
+
+
+def test_annotation_webhooks_are_counted_without_auth(world):
+    for _ in range(2):
+        r = httpx.post(world["url"] + "/webhook", json={"action": "ANNOTATION_CREATED"}, timeout=1)
+    assert r.status_code == 200 and r.json()["count"] == 2
+    r = httpx.post(world["url"] + "/webhook", json={"action": "START_TRAINING"}, timeout=1)
+    assert r.status_code == 401
+
+
+def test_training_runs_are_queued_and_never_overlap(world):
+    with client(world) as c:
+        started = time.monotonic()
+        first = c.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+        assert time.monotonic() - started < 1.0  # Label Studio waits only 1 s
+        job = first.json()["job"]
+        time.sleep(0.3)
+        second = c.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+        third = c.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+        assert second.json()["job"] == third.json()["job"] != job  # one waiting run, shared
+        deadline = time.monotonic() + 30
+        while c.get(f"/jobs/{second.json()['job']}").json()["status"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        status = c.get(f"/jobs/{job}").json()
+        assert status["status"] == "succeeded" and status["returncode"] == 0
+        assert "time.sleep" in status["log_tail"]
+        assert c.get("/jobs/nope").status_code == 404
+    lines = world["marker"].read_text().split()
+    stamps = [float(v) for v in lines[1::2]]
+    assert lines[0::2] == ["start", "end", "start", "end"]
+    assert stamps[1] <= stamps[2]  # the second run started after the first ended
+
+
+def test_registry_switch_changes_the_version_without_failing_requests(world):
+    registry = world["registry"]
+    body = [task(1, str(world["images"] / "small.png"))]
+    failures, versions = [], set()
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            r = predict(world, body)
+            if r.status_code != 200:
+                failures.append(r.status_code)
+            else:
+                versions.add(r.json()["results"][0]["model_version"])
+
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
+            pool.submit(hammer)
+        time.sleep(1.0)
+        registry.switch("v2")
+        time.sleep(4.0)
+        stop.set()
+    assert not failures
+    assert "v2" in versions
+    assert predict(world, body).json()["results"][0]["model_version"] == "v2"
+    with client(world) as c:
+        listed = c.get("/versions").json()
+    assert listed["versions"] == ["v1", "v2"] and listed["current"] == "v2"
+    registry.switch("v1")
+
+
+def test_basic_auth_header_is_parsed_strictly(world):
+    garbage = {"Authorization": "Basic " + base64.b64encode(b"\xff\xfe").decode()}
+    assert httpx.get(world["url"] + "/versions", headers=garbage).status_code == 401
+
+
+def test_health_body_is_json(world):
+    assert json.loads(httpx.get(world["url"] + "/health").text)["status"] == "UP"
