@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/tridentloop demo --output demo-output
 
-test: $(STAMP)
+test: $(STAMP) $(LS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -1,0 +1,324 @@
+"""End to end with a real Label Studio 1.23 server and our backend as a real process.
+
+The suite starts both, creates a project, uploads images, connects the backend through the
+API, and checks what Label Studio stores: labels, percent boxes equal to `tridentloop
+predict` on the same images, and model versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from label_studio_sdk import LabelStudio
+from PIL import Image
+
+from backend.cli import main as cli
+from backend.registry import Registry
+
+from .conftest import REPO
+from .servers import free_port, make_model_dir, wait_for
+
+pytestmark = pytest.mark.slow
+
+LABEL_STUDIO = Path(
+    os.environ.get("TRIDENTLOOP_LABEL_STUDIO_BIN", REPO / ".venv-ls" / "bin" / "label-studio")
+)
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="label" toName="image">
+    <Label value="Elephant"/><Label value="Zebra"/><Label value="Avian" predicted_values="bird"/>
+  </RectangleLabels>
+</View>"""
+NAMES = {"Elephant": 0, "Zebra": 1, "Avian": 2}
+AUTH = ("ls-backend", "b4ckend-pass")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    if not LABEL_STUDIO.exists():
+        pytest.fail(f"Label Studio is not installed at {LABEL_STUDIO}; `make test` installs it")
+    home = tmp_path_factory.mktemp("ls-home")
+    token = secrets.token_hex(20)
+    port = free_port()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "LABEL_STUDIO_USERNAME": "admin@example.com",
+        "LABEL_STUDIO_PASSWORD": "admin-pass-123",
+        "LABEL_STUDIO_USER_TOKEN": token,
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "ML_BLOCK_LOCAL_IP": "false",
+        "SSRF_PROTECTION_ENABLED": "false",
+        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+    }
+    log = (home / "label-studio.log").open("w")
+    proc = subprocess.Popen(
+        [
+            str(LABEL_STUDIO),
+            "start",
+            "--no-browser",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--data-dir",
+            str(home / "data"),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=home,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url + "/health", timeout=240)
+        yield {"url": url, "token": token}
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def stack(label_studio, tmp_path_factory):
+    """Label Studio + our backend serving a two-version registry, connected to a project."""
+    root = tmp_path_factory.mktemp("stack")
+    registry = Registry(root / "registry")
+    for version in ("survey-v1", "survey-v2"):
+        registry.add(make_model_dir(root / version, version=version))
+    registry.switch("survey-v1")
+    ls = LabelStudio(base_url=label_studio["url"], api_key=label_studio["token"])
+    pat = ls.tokens.create().token  # a personal access token: the backend refreshes it
+    port = free_port()
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_URL": label_studio["url"],
+        "LABEL_STUDIO_API_KEY": pat,
+        "BASIC_AUTH_USER": AUTH[0],
+        "BASIC_AUTH_PASS": AUTH[1],
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = (root / "backend.log").open("w")
+    backend = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "backend.cli",
+            "serve",
+            "--registry",
+            str(root / "registry"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--work-dir",
+            str(root / "work"),
+            "--train-command",
+            "echo training from LS",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    backend_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(backend_url + "/health", timeout=120)
+        project = ls.projects.create(title="survey", label_config=CONFIG)
+        images = _upload_images(label_studio, project.id, root)
+        ml = ls.ml.create(
+            project=project.id,
+            url=backend_url,
+            title="tridentloop",
+            auth_method="BASIC_AUTH",
+            basic_auth_user=AUTH[0],
+            basic_auth_pass=AUTH[1],
+        )
+        yield {
+            "ls": ls,
+            "project": project.id,
+            "ml": ml.id,
+            "images": images,
+            "registry": registry,
+            "backend": backend_url,
+            "root": root,
+            "label_studio": label_studio,
+        }
+    finally:
+        _stop(backend)
+        log.close()
+
+
+def _upload_images(label_studio, project_id: int, root: Path) -> dict[str, Path]:
+    from .conftest import D2_FIXTURES
+
+    base = np.asarray(Image.open(D2_FIXTURES / "input.png").convert("RGB"))
+    crops = {
+        "a.png": base[:480, :640],
+        "b.png": base[200:, 100:],
+        "wide.png": np.ascontiguousarray(np.concatenate([base, base[:, :400]], axis=1)),
+    }
+    saved = {}
+    for name, array in crops.items():
+        path = root / name
+        Image.fromarray(np.ascontiguousarray(array)).save(path)
+        saved[name] = path
+        upload(label_studio, project_id, path)
+    return saved
+
+
+def upload(label_studio, project_id: int, path: Path) -> None:
+    r = httpx.post(
+        f"{label_studio['url']}/api/projects/{project_id}/import",
+        headers={"Authorization": f"Token {label_studio['token']}"},
+        files={"file": (path.name, path.read_bytes(), "image/png")},
+        timeout=60,
+    )
+    r.raise_for_status()
+
+
+def _engine_regions(stack, path: Path, version: str) -> list[dict]:
+    """`tridentloop predict` on the same image, turned into percent boxes at the server's
+    default threshold (0.5)."""
+    out = stack["root"] / f"{path.stem}-{version}.jsonl"
+    assert (
+        cli(
+            [
+                "predict",
+                "--model",
+                str(stack["registry"].versions_dir / version),
+                "--device",
+                "cpu",
+                "-o",
+                str(out),
+                str(path),
+            ]
+        )
+        == 0
+    )
+    record = json.loads(out.read_text())
+    w, h = record["width"], record["height"]
+    return [
+        {
+            "class_id": d["class_id"],
+            "score": d["score"],
+            "box": [
+                100 * d["box"][0] / w,
+                100 * d["box"][1] / h,
+                100 * (d["box"][2] - d["box"][0]) / w,
+                100 * (d["box"][3] - d["box"][1]) / h,
+            ],
+        }
+        for d in record["detections"]
+        if d["score"] >= 0.5
+    ]
+
+
+def _task_image_names(stack) -> dict[int, str]:
+    tasks = stack["ls"].tasks.list(project=stack["project"])
+    return {t.id: t.data["image"].rsplit("-", 1)[-1] for t in tasks}
+
+
+def test_retrieve_predictions_stores_the_engine_boxes_with_labels_and_version(stack):
+    ls = stack["ls"]
+    ls.actions.create(
+        id="retrieve_tasks_predictions",
+        project=stack["project"],
+        selected_items={"all": True, "excluded": []},
+    )
+    predictions = ls.predictions.list(project=stack["project"])
+    names = _task_image_names(stack)
+    assert sorted(names[p.task] for p in predictions) == ["a.png", "b.png", "wide.png"]
+    for pred in predictions:
+        assert pred.model_version == "survey-v1"
+        path = stack["images"][names[pred.task]]
+        expected = _engine_regions(stack, path, "survey-v1")
+        assert len(pred.result) == len(expected) > 0
+        width, height = Image.open(path).size
+        for region, want in zip(pred.result, expected, strict=True):
+            value = region["value"]
+            assert NAMES[value["rectanglelabels"][0]] == want["class_id"]
+            assert (region["original_width"], region["original_height"]) == (width, height)
+            got = [value["x"], value["y"], value["width"], value["height"]]
+            assert got == pytest.approx(want["box"], abs=1e-3)
+            assert region["score"] == pytest.approx(want["score"], abs=1e-5)
+        assert pred.score == pytest.approx(np.mean([r["score"] for r in pred.result]))
+
+
+def test_opening_a_task_without_predictions_predicts_it(stack):
+    path = stack["images"]["a.png"]
+    copy = stack["root"] / "opened.png"
+    copy.write_bytes(path.read_bytes())
+    upload(stack["label_studio"], stack["project"], copy)
+    task_id = max(_task_image_names(stack))
+    stack["ls"].tasks.get(id=str(task_id))  # what the labeling UI does when a task opens
+    predictions = stack["ls"].predictions.list(task=task_id)
+    assert len(predictions) == 1 and predictions[0].model_version == "survey-v1"
+
+
+def test_train_button_reaches_the_webhook_and_starts_a_job(stack):
+    stack["ls"].ml.train(id=stack["ml"])
+    jobs = httpx.get(stack["backend"] + "/jobs", auth=AUTH).json()["jobs"]
+    assert jobs and jobs[-1]["reason"] == "START_TRAINING"
+    job = jobs[-1]["id"]
+    deadline = time.monotonic() + 30
+    while (status := httpx.get(f"{stack['backend']}/jobs/{job}", auth=AUTH).json())[
+        "status"
+    ] != "succeeded":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.3)
+    assert "training from LS" in status["log_tail"]
+    assert status["project"] == str(stack["project"])
+
+
+def test_registry_switch_changes_the_version_of_new_predictions(stack):
+    stack["registry"].switch("survey-v2", reason="test")
+    copy = stack["root"] / "after-switch.png"
+    copy.write_bytes(stack["images"]["b.png"].read_bytes())
+    upload(stack["label_studio"], stack["project"], copy)
+    task_id = max(_task_image_names(stack))
+    stack["ls"].tasks.get(id=str(task_id))
+    (prediction,) = stack["ls"].predictions.list(task=task_id)
+    assert prediction.model_version == "survey-v2"
+    assert httpx.get(stack["backend"] + "/versions", auth=AUTH).json()["current"] == "survey-v2"
+
+
+def test_label_studio_with_wrong_basic_auth_is_refused(stack):
+    ls = stack["ls"]
+    project = ls.projects.create(title="wrong auth", label_config=CONFIG)
+    with pytest.raises(Exception) as failure:
+        ls.ml.create(
+            project=project.id,
+            url=stack["backend"],
+            title="bad",
+            auth_method="BASIC_AUTH",
+            basic_auth_user=AUTH[0],
+            basic_auth_pass="nope",
+        )
+    assert "401" in str(failure.value) or "auth" in str(failure.value).lower()
+
+
+def test_image_bytes_reach_the_backend_through_label_studio_auth(stack):
+    """The PAT the backend holds is exchanged for access tokens (the SDK's flow)."""
+    log = (stack["root"] / "backend.log").read_text()
+    assert "/api/token/refresh/" in log
+    assert "/data/upload/" in log
