@@ -34,7 +34,12 @@ def _add_tiling_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--tile-size", type=int, default=800)
     group.add_argument("--tile-overlap", type=float, default=0.2, help="fraction of a tile")
-    group.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="tiles per forward pass (default: 8 on CUDA, 1 on CPU)",
+    )
     group.add_argument(
         "--merge",
         default="nms",
@@ -133,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also time torchvision's fasterrcnn_resnet50_fpn",
+    )
+    bench.add_argument(
+        "--serve",
+        action="store_true",
+        help="load-test a live backend instead: concurrent /predict requests",
+    )
+    bench.add_argument("--requests", type=int, default=16, help="concurrent requests (--serve)")
+    bench.add_argument("--tasks-per-request", type=int, default=4)
+    bench.add_argument(
+        "--serve-config",
+        default="tiny_tridentnet",
+        help="bundled config of the served model (--serve)",
     )
     bench.add_argument(
         "--survey", action="store_true", help="also report hours and cost for a whole survey"
@@ -252,6 +269,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.serve:
+        from .serve_benchmark import run_serve_benchmark
+
+        return run_serve_benchmark(args)
     from .benchmark import run_benchmark
 
     return run_benchmark(args)

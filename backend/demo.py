@@ -101,7 +101,7 @@ def run_demo(args: argparse.Namespace) -> int:
     model_dir = _train_model(out, args.iterations, args.seed, args.device)
     survey = _write_survey(out, args.seed)
     predictor = model_dir.predictor(device=args.device, precision=args.precision)
-    tiling = TilingOptions(tile_size=TILE, overlap=0.2, batch_size=4)
+    tiling = TilingOptions(tile_size=TILE, overlap=0.2)
     with (out / "predictions.jsonl").open("w") as jsonl:
         run_predict(
             [str(p) for p, _ in survey],

@@ -17,17 +17,10 @@ from tqdm import tqdm
 from .detection.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from .detection.predictor import Predictor
 from .detection.structures import Detections
-from .detection.tiling import TilingOptions, predict_tiled
+from .detection.tiling import TilingOptions
 from .overlay import draw_detections
 
 log = logging.getLogger(__name__)
-
-
-def detect(predictor: Predictor, image, tiling: TilingOptions | None) -> Detections:
-    """One decoded image -> detections in its pixels, tiled unless `tiling` is None."""
-    if tiling is None:
-        return predictor(image)
-    return predict_tiled(predictor.predict, image, tiling)
 
 
 def detection_records(det: Detections, labels: list[str] | None) -> list[dict[str, Any]]:
@@ -73,7 +66,7 @@ def run_predict(
             log.error("%s", exc)
             output.write(json.dumps({"image": path, "error": exc.reason}) + "\n")
             continue
-        det = detect(predictor, image, tiling)
+        det = predictor.detect(image, tiling)
         summary.detections += len(det)
         if overlays is not None:
             draw_detections(image, det, labels, overlays / (Path(path).stem + ".png"))

@@ -1,28 +1,20 @@
-"""Real servers for tests: our backend under uvicorn in a thread, on a free loopback port."""
+"""Helpers for tests that run real servers: model directories, ports, readiness."""
 
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import uvicorn
 
-from backend.labelstudio.app import Backend, create_app
+from backend.labelstudio.server import free_port, serve_in_thread
+
+__all__ = ["free_port", "make_model_dir", "serve_in_thread", "wait_for"]
 
 from .conftest import fixture_dir
 
 LABELS = ["Elephant", "zebra", "BIRD"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_model_dir(
@@ -37,28 +29,6 @@ def make_model_dir(
     if version:
         (dest / "model.json").write_text(f'{{"version": "{version}"}}\n')
     return dest
-
-
-@contextmanager
-def serve_backend(backend: Backend):
-    """Yield the base URL of a live server; stop it afterwards."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(backend), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("backend did not start")
-        time.sleep(0.05)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def wait_for(url: str, timeout: float) -> None:

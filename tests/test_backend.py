@@ -23,10 +23,9 @@ from backend.labelstudio.jobs import TrainingJobs
 from backend.labelstudio.media import MediaFetcher, MediaSettings
 from backend.labelstudio.model_source import ModelSource
 from backend.model_dir import ModelDir
-from backend.predict import detect
 from backend.registry import Registry
 
-from .servers import make_model_dir, serve_backend
+from .servers import make_model_dir, serve_in_thread
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -62,7 +61,7 @@ def world(tmp_path_factory, fixture_image):
         TrainingJobs(command, root, root / "jobs"),
         ServerSettings(score_threshold=0.5, basic_auth=("annotator", "s3cret")),
     )
-    with serve_backend(backend) as url:
+    with serve_in_thread(backend) as url:
         yield {
             "url": url,
             "registry": registry,
@@ -98,7 +97,7 @@ def expected_regions(path: Path, threshold: float = 0.5) -> list[dict]:
         device="cpu"
     )
     image = load_image(path)
-    det = detect(predictor, image, TilingOptions())
+    det = predictor.detect(image, TilingOptions())
     height, width = image.shape[:2]
     names = {0: "Elephant", 1: "Zebra", 2: "Avian"}
     return [

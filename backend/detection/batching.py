@@ -17,7 +17,7 @@ import numpy as np
 
 from .predictor import Predictor
 from .structures import Detections
-from .tiling import TilingOptions, predict_tiled
+from .tiling import TilingOptions
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,12 @@ class InferenceQueue:
             if job.single_pass():
                 groups.setdefault((id(job.predictor), job.image.shape), []).append(job)
             else:
-                self._settle(
-                    [job], lambda j=job: [predict_tiled(j.predictor.predict, j.image, j.tiling)]
-                )
+                self._settle([job], lambda j=job: [j.predictor.detect(j.image, j.tiling)])
         for jobs in groups.values():
-            self._settle(jobs, lambda js=jobs: js[0].predictor.predict([j.image for j in js]))
+            size = jobs[0].predictor.preferred_batch
+            for start in range(0, len(jobs), size):
+                chunk = jobs[start : start + size]
+                self._settle(chunk, lambda c=chunk: c[0].predictor.predict([j.image for j in c]))
 
     @staticmethod
     def _settle(jobs: list[_Job], run) -> None:

@@ -30,7 +30,7 @@ Metric = Literal["iou", "ios"]
 class TilingOptions:
     tile_size: int = 800
     overlap: float = 0.2
-    batch_size: int = 4
+    batch_size: int | None = None  # tiles per forward pass; None: the predictor's preference
     merge: MergeMode = "nms"  # nms: keep the best box; greedy: grow it over split pieces
     metric: Metric = "iou"  # ios (intersection over the smaller box) joins edge fragments
     threshold: float = 0.5
@@ -41,7 +41,7 @@ class TilingOptions:
             raise ValueError(f"tile size {self.tile_size} is too small (at least 32 px)")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"tile overlap {self.overlap} must be in [0, 1)")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch size {self.batch_size} must be at least 1")
         if self.merge not in ("nms", "greedy") or self.metric not in ("iou", "ios"):
             raise ValueError(f"unknown merge {self.merge!r} / metric {self.metric!r}")
@@ -84,15 +84,18 @@ def tile_grid(height: int, width: int, tile_size: int, overlap: float) -> list[T
 Predict = Callable[[Sequence[np.ndarray]], list[Detections]]
 
 
-def predict_tiled(predict: Predict, image: np.ndarray, options: TilingOptions) -> Detections:
-    """Detections for a whole (H, W, 3) image, in its pixels, sorted by score."""
+def predict_tiled(
+    predict: Predict, image: np.ndarray, options: TilingOptions, batch_size: int = 1
+) -> Detections:
+    """Detections for a whole (H, W, 3) image, in its pixels, sorted by score;
+    `options.batch_size`, when set, overrides `batch_size`."""
     height, width = image.shape[:2]
     tiles = tile_grid(height, width, options.tile_size, options.overlap)
     if len(tiles) == 1 and not options.full_image_pass:
         return predict([image])[0]
     parts: list[Detections] = []
     sources: list[int] = []
-    for first, batch in _batches(tiles, options.batch_size):
+    for first, batch in _batches(tiles, options.batch_size or batch_size):
         outputs = predict([image[t.y0 : t.y1, t.x0 : t.x1] for t in batch])
         for index, (tile, det) in enumerate(zip(batch, outputs, strict=True), start=first):
             parts.append(_shift(det, tile))

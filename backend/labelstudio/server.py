@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import uvicorn
@@ -64,3 +69,31 @@ def run_server(args: argparse.Namespace, tiling) -> int:
         timeout_graceful_shutdown=5,
     )
     return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_in_thread(backend: Backend) -> Iterator[str]:
+    """Run the backend on a free loopback port in this process (tests and benchmarks);
+    yields its base URL and stops it afterwards."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(backend), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("backend did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
