@@ -198,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(serve)
     _add_tiling_args(serve)
 
+    rollback = sub.add_parser("rollback", help="serve the registry's previous version again")
+    rollback.add_argument("--registry", type=Path, required=True)
+
+    versions = sub.add_parser("versions", help="list a registry's versions")
+    versions.add_argument("--registry", type=Path, required=True)
+
     demo = sub.add_parser("demo", help="the main job on generated survey images")
     demo.add_argument("--output", type=Path, default=Path("demo-output"))
     demo.add_argument("--iterations", type=int, default=150, help="training iterations")
@@ -284,13 +290,39 @@ def _serve(args: argparse.Namespace) -> int:
     return run_server(args, tiling_from_args(args))
 
 
+def _rollback(args: argparse.Namespace) -> int:
+    from .registry import Registry
+
+    registry = Registry(args.registry)
+    current = registry.current_name()
+    print(f"rolled back from {current} to {registry.rollback()}")
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    import json
+
+    from .registry import Registry
+
+    for entry in Registry(args.registry).describe():
+        print(json.dumps(entry))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args)
 
 
-COMMANDS = {"predict": _predict, "serve": _serve, "bench": _bench, "demo": _demo}
+COMMANDS = {
+    "predict": _predict,
+    "serve": _serve,
+    "bench": _bench,
+    "rollback": _rollback,
+    "versions": _versions,
+    "demo": _demo,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

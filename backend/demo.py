@@ -56,7 +56,9 @@ def _train_model(out: Path, iterations: int, seed: int, device: str) -> ModelDir
     model = GeneralizedRCNN(load_config(config_path))
     init_from_scratch(model)
     model.to(resolve_device(device))
-    options = TrainOptions(iterations=iterations, crop_size=TILE, lr=0.01, warmup_iters=30)
+    options = TrainOptions(
+        iterations=iterations, crop_size=TILE, lr=0.01, warmup_iters=30, seed=seed
+    )
     bar = tqdm(total=iterations, desc="train", unit="it")
 
     def report(iteration: int, losses: dict[str, float]) -> None:
@@ -64,9 +66,7 @@ def _train_model(out: Path, iterations: int, seed: int, device: str) -> ModelDir
         bar.set_postfix(loss=f"{losses['total_loss']:.3f}")
 
     started = time.perf_counter()
-    train(
-        model, [Sample(s.image, s.boxes, s.classes) for s in scenes], options, rng, on_step=report
-    )
+    train(model, [Sample(s.image, s.boxes, s.classes) for s in scenes], options, on_step=report)
     bar.close()
     metadata = {
         "version": "demo-v1",

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
-
-import httpx
 
 from backend.labelstudio.server import free_port, serve_in_thread
 
-__all__ = ["free_port", "make_model_dir", "serve_in_thread", "wait_for"]
+from .conftest import fixture_dir, wait_for
 
-from .conftest import fixture_dir
+__all__ = ["free_port", "make_model_dir", "serve_in_thread", "wait_for"]
 
 LABELS = ["Elephant", "zebra", "BIRD"]
 
@@ -29,15 +26,3 @@ def make_model_dir(
     if version:
         (dest / "model.json").write_text(f'{{"version": "{version}"}}\n')
     return dest
-
-
-def wait_for(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not come up within {timeout:.0f} s")

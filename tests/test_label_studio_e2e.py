@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from PIL import Image
 from backend.cli import main as cli
 from backend.registry import Registry
 
-from .conftest import REPO
+from .conftest import REPO, stop_process
 from .servers import free_port, make_model_dir, wait_for
 
 pytestmark = pytest.mark.slow
@@ -40,60 +39,6 @@ CONFIG = """<View>
 </View>"""
 NAMES = {"Elephant": 0, "Zebra": 1, "Avian": 2}
 AUTH = ("ls-backend", "b4ckend-pass")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    if not LABEL_STUDIO.exists():
-        pytest.fail(f"Label Studio is not installed at {LABEL_STUDIO}; `make test` installs it")
-    home = tmp_path_factory.mktemp("ls-home")
-    token = secrets.token_hex(20)
-    port = free_port()
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "LABEL_STUDIO_USERNAME": "admin@example.com",
-        "LABEL_STUDIO_PASSWORD": "admin-pass-123",
-        "LABEL_STUDIO_USER_TOKEN": token,
-        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-        "ML_BLOCK_LOCAL_IP": "false",
-        "SSRF_PROTECTION_ENABLED": "false",
-        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-    }
-    log = (home / "label-studio.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(LABEL_STUDIO),
-            "start",
-            "--no-browser",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--data-dir",
-            str(home / "data"),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=home,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(url + "/health", timeout=240)
-        yield {"url": url, "token": token}
-    finally:
-        _stop(proc)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +109,7 @@ def stack(label_studio, tmp_path_factory):
             "label_studio": label_studio,
         }
     finally:
-        _stop(backend)
+        stop_process(backend)
         log.close()
 
 

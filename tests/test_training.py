@@ -72,7 +72,6 @@ def test_fine_tuning_lowers_the_loss():
             colour_jitter=0.0,
             crop_size=320,
         ),
-        np.random.default_rng(0),
         on_step=lambda i, losses: history.append(losses["total_loss"]),
     )
     assert np.mean(history[-4:]) < 0.7 * np.mean(history[:4])

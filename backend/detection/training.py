@@ -7,6 +7,7 @@ them in survey tiles. The DVC `train` stage adds checkpoints, metrics and multi-
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -46,6 +47,8 @@ class TrainOptions:
     min_visible: float = 0.6  # a box cut by the crop is kept if this much of it remains
     clip_grad_norm: float = 10.0
     amp: bool = True  # mixed precision on CUDA
+    seed: int = 0
+    checkpoint_period: int = 0  # iterations between checkpoints; 0: only at the end
 
 
 def random_crop(sample: Sample, rng: np.random.Generator, options: TrainOptions) -> Sample:
@@ -113,50 +116,88 @@ def lr_at(iteration: int, options: TrainOptions) -> float:
 
 
 StepCallback = Callable[[int, dict[str, float]], None]
+CheckpointCallback = Callable[[int, torch.optim.Optimizer], None]
+
+
+def _seed(*parts: int) -> int:
+    """A torch seed for one image of one step: the same wherever and whenever it runs."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def train(
-    model: GeneralizedRCNN,
+    model: nn.Module,
     samples: Sequence[Sample],
     options: TrainOptions,
-    rng: np.random.Generator,
     start_iteration: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
     on_step: StepCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.optim.Optimizer:
-    """Run iterations [start_iteration, options.iterations); returns the optimizer so a
-    caller can checkpoint it."""
+    """Run iterations [start_iteration, options.iterations).
+
+    Every image of every step draws its crop and its sampling from seeds of (seed, step,
+    position in the batch) and runs its own forward/backward; the batch gradient is their
+    mean. So a resumed run equals an uninterrupted one, and N DistributedDataParallel
+    processes (`model` wrapped, each taking every N-th image) equal one process.
+    """
     if not samples:
         raise ValueError("no training samples")
+    if options.batch_size % world_size:
+        raise ValueError(
+            f"batch size {options.batch_size} must divide by the {world_size} processes"
+        )
+    core: GeneralizedRCNN = getattr(model, "module", model)
     model.train()
-    optimizer = optimizer or make_optimizer(model, options)
-    device = model.device
+    optimizer = optimizer or make_optimizer(core, options)
+    device = core.device
     use_amp = options.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     for iteration in range(start_iteration, options.iterations):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(iteration, options)
-        picks = rng.integers(len(samples), size=options.batch_size)
-        batch = [
-            to_model_input(random_crop(samples[i], rng, options), model.cfg.input_format)
-            for i in picks
-        ]
-        with torch.autocast(device.type, enabled=use_amp):
-            losses = model.losses([b[0] for b in batch], [b[1] for b in batch])
-            total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"loss became {total.item()} at iteration {iteration}: "
-                f"{ {k: v.item() for k, v in losses.items()} }"
-            )
+        picks = np.random.default_rng([options.seed, iteration]).integers(
+            len(samples), size=options.batch_size
+        )
+        mine = list(range(rank, options.batch_size, world_size))
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
+        logged: dict[str, float] = {}
+        for n, k in enumerate(mine):
+            crop = random_crop(
+                samples[picks[k]], np.random.default_rng([options.seed, iteration, k]), options
+            )
+            image, target = to_model_input(crop, core.cfg.input_format)
+            torch.manual_seed(_seed(options.seed, iteration, k))
+            last = n == len(mine) - 1
+            sync = (
+                contextlib.nullcontext()
+                if last or not hasattr(model, "no_sync")
+                else model.no_sync()
+            )
+            with sync:
+                with torch.autocast(device.type, enabled=use_amp):
+                    losses = model([image], [target])
+                    total = sum(losses.values())
+                if not torch.isfinite(total):
+                    raise FloatingPointError(
+                        f"loss became {total.item()} at iteration {iteration}: "
+                        f"{ {k: v.item() for k, v in losses.items()} }"
+                    )
+                scaler.scale(total / len(mine)).backward()
+            for key, value in (("total_loss", total), *losses.items()):
+                logged[key] = logged.get(key, 0.0) + value.item() / len(mine)
         scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
+        nn.utils.clip_grad_norm_(core.parameters(), options.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         if on_step is not None:
-            values = {k: v.item() for k, v in losses.items()}
-            on_step(iteration, {"total_loss": total.item(), **values})
+            on_step(iteration, logged)
+        done = iteration + 1
+        if on_checkpoint is not None and (
+            done == options.iterations
+            or (options.checkpoint_period and done % options.checkpoint_period == 0)
+        ):
+            on_checkpoint(done, optimizer)
     model.eval()
     return optimizer

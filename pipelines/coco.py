@@ -1,0 +1,76 @@
+"""The dataset format between stages: COCO detection JSON plus content-addressed images.
+
+Image ids are Label Studio task ids, so a split by id is stable across exports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backend.detection.images import load_image
+from backend.detection.training import Sample
+
+
+def read_coco(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Deterministic JSON (sorted keys), so that an unchanged dataset hashes the same."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def category_names(coco: dict[str, Any]) -> list[str]:
+    """Class names in class-id order (category ids are 0..K-1)."""
+    return [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
+
+
+def subset(coco: dict[str, Any], image_ids: set[int]) -> dict[str, Any]:
+    return {
+        "images": [im for im in coco["images"] if im["id"] in image_ids],
+        "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids],
+        "categories": coco["categories"],
+    }
+
+
+def load_samples(coco: dict[str, Any], images_dir: str | Path) -> list[Sample]:
+    """Training samples: decoded images with pixel boxes (x0, y0, x1, y1) and class ids."""
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for ann in coco["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    samples = []
+    for image in coco["images"]:
+        anns = by_image.get(image["id"], [])
+        boxes = np.array(
+            [
+                [
+                    a["bbox"][0],
+                    a["bbox"][1],
+                    a["bbox"][0] + a["bbox"][2],
+                    a["bbox"][1] + a["bbox"][3],
+                ]
+                for a in anns
+            ],
+            dtype=np.float32,
+        ).reshape(-1, 4)
+        classes = np.array([a["category_id"] for a in anns], dtype=np.int64)
+        samples.append(Sample(load_image(Path(images_dir) / image["file_name"]), boxes, classes))
+    return samples
+
+
+def content_name(data: bytes, suffix: str) -> str:
+    return hashlib.sha256(data).hexdigest()[:32] + suffix
+
+
+def dataset_hash(coco_path: str | Path) -> str:
+    """Identifies a dataset version: the annotations file names every image by content."""
+    return hashlib.sha256(Path(coco_path).read_bytes()).hexdigest()[:16]

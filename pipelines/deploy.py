@@ -1,0 +1,99 @@
+"""DVC stage `deploy`: put the candidate into the registry and serve it, only if it is not
+worse than the deployed model on the same val images (AP50 >= deployed - tolerance).
+
+The new version is written atomically (temp dir + rename) with `model.json` lineage (dataset
+hash, training params, git revision, metrics), then `current` is switched; a running
+backend hot-reloads it. `deploy.json` records the decision either way.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from backend.model_dir import ModelDir, write_model_dir
+from backend.registry import Registry
+
+from .coco import write_json
+from .params import load_params
+
+
+def gate(metrics: dict[str, Any], tolerance: float) -> tuple[bool, str]:
+    deployed = metrics.get("deployed")
+    if deployed is None:
+        return True, "no deployed model to compare with"
+    if metrics["ap50"] >= deployed["ap50"] - tolerance:
+        return True, (
+            f"AP50 {metrics['ap50']:.4f} >= deployed {deployed['version']} "
+            f"{deployed['ap50']:.4f} - {tolerance}"
+        )
+    return False, (
+        f"AP50 {metrics['ap50']:.4f} < deployed {deployed['version']} "
+        f"{deployed['ap50']:.4f} - {tolerance}: keeping {deployed['version']}"
+    )
+
+
+def git_revision() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def next_version(registry: Registry) -> str:
+    numbers = [int(n[1:5]) for n in registry.version_names() if n[:1] == "v" and n[1:5].isdigit()]
+    return f"v{max(numbers, default=0) + 1:04d}"
+
+
+def main() -> None:
+    params = load_params()
+    dp = params.get("deploy", {})
+    metrics = json.loads(
+        Path(params.get("evaluate", {}).get("metrics", "metrics.json")).read_text()
+    )
+    tolerance = float(dp.get("tolerance", 0.0))
+    ok, reason = gate(metrics, tolerance)
+    decision: dict[str, Any] = {
+        "deployed": ok,
+        "reason": reason,
+        "ap50": metrics["ap50"],
+        "time": time.time(),
+    }
+    if ok:
+        registry = Registry(dp.get("registry", "models/registry"))
+        candidate = ModelDir.open(params.get("train", {}).get("output", "models/candidate"))
+        name = next_version(registry)
+        lineage = {
+            **candidate.metadata,
+            "version": name,
+            "metrics": metrics,
+            "git_revision": git_revision(),
+            "deployed_at": time.time(),
+            "previous": registry.current_name(),
+        }
+        write_model_dir(
+            registry.versions_dir / name,
+            (candidate.path / "config.yaml").read_text(),
+            _weights(candidate.path / "model_final.pth"),
+            candidate.labels or [],
+            lineage,
+        )
+        registry.switch(name, reason=f"deploy: {reason}")
+        decision["version"] = name
+    write_json(dp.get("record", "deploy.json"), decision)
+    print(f"deploy: {'deployed ' + decision['version'] if ok else 'not deployed'} ({reason})")
+
+
+def _weights(path: Path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+if __name__ == "__main__":
+    main()

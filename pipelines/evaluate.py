@@ -1,0 +1,141 @@
+"""DVC stage `evaluate`: COCO metrics (pycocotools) of the candidate and of the deployed
+model on the val split, with the same tiled inference as serving.
+
+Writes `metrics.json` (for `dvc metrics diff`: AP, AP50, AP75, AP-small, per-class AP, and
+the deployed model's AP50 on the same images for the deploy gate) and `plots/pr.json`
+(precision-recall at IoU 0.5 per class, for `dvc plots`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from backend.detection.images import load_image
+from backend.detection.tiling import TilingOptions
+from backend.model_dir import ModelDir
+from backend.registry import Registry, RegistryError
+
+from .coco import read_coco, write_json
+from .params import fail, load_params
+
+
+def detections_for(
+    model: ModelDir, coco: dict[str, Any], images: Path, tiling: TilingOptions, device: str
+) -> list[dict[str, Any]]:
+    """COCO result records, scored by the model over every val image."""
+    predictor = model.predictor(device=device)
+    records = []
+    for image in tqdm(coco["images"], desc=f"evaluate {model.version}", unit="img"):
+        det = predictor.detect(load_image(images / image["file_name"]), tiling)
+        for box, score, cls in zip(
+            det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(), strict=True
+        ):
+            records.append(
+                {
+                    "image_id": image["id"],
+                    "category_id": int(cls),
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    "score": float(score),
+                }
+            )
+    return records
+
+
+def coco_metrics(
+    coco: dict[str, Any], records: list[dict[str, Any]]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Summary metrics and PR-curve points (IoU 0.5, all areas, 100 detections)."""
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    if not records:
+        zero = {
+            "ap": 0.0,
+            "ap50": 0.0,
+            "ap75": 0.0,
+            "ap_small": 0.0,
+            "per_class_ap": dict.fromkeys(names.values(), 0.0),
+        }
+        return zero, []
+    ground_truth = COCO()
+    ground_truth.dataset = {
+        **coco,
+        "annotations": [{**a, "iscrowd": a.get("iscrowd", 0)} for a in coco["annotations"]],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth.createIndex()
+        evaluator = COCOeval(ground_truth, ground_truth.loadRes(records), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = evaluator.stats
+    precision = evaluator.eval["precision"]  # [iou, recall, class, area, max_dets]
+    per_class = {}
+    curve = []
+    recalls = evaluator.params.recThrs
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        per_class[names[cat_id]] = round(float(np.mean(p[p > -1])) if (p > -1).any() else 0.0, 4)
+        for r, value in zip(recalls[::5], precision[0, ::5, k, 0, -1], strict=True):
+            curve.append(
+                {
+                    "class": names[cat_id],
+                    "recall": round(float(r), 3),
+                    "precision": round(max(float(value), 0.0), 4),
+                }
+            )
+    clean = [max(float(v), 0.0) for v in stats]
+    return {
+        "ap": round(clean[0], 4),
+        "ap50": round(clean[1], 4),
+        "ap75": round(clean[2], 4),
+        "ap_small": round(clean[3], 4),
+        "per_class_ap": per_class,
+    }, curve
+
+
+def main() -> None:
+    params = load_params()
+    ep = params.get("evaluate", {})
+    val = read_coco(Path(params.get("split", {}).get("dir", "data/split")) / "val.json")
+    images = Path(params.get("dataset", {}).get("dir", "data/dataset")) / "images"
+    if not val["images"]:
+        fail("the val split is empty: nothing to evaluate on")
+    tiling = TilingOptions(
+        tile_size=int(ep.get("tile_size", 800)), overlap=float(ep.get("overlap", 0.2))
+    )
+    device = ep.get("device", "auto")
+    candidate = ModelDir.open(params.get("train", {}).get("output", "models/candidate"))
+    metrics, curve = coco_metrics(val, detections_for(candidate, val, images, tiling, device))
+    metrics["images"] = len(val["images"])
+    metrics["deployed"] = None
+    registry_root = params.get("deploy", {}).get("registry")
+    try:
+        deployed = Registry(registry_root).current() if registry_root else None
+    except RegistryError:
+        deployed = None
+    if deployed is not None and deployed.labels == candidate.labels:
+        deployed_metrics, _ = coco_metrics(
+            val, detections_for(deployed, val, images, tiling, device)
+        )
+        metrics["deployed"] = {
+            "version": deployed.version,
+            "ap50": deployed_metrics["ap50"],
+            "ap": deployed_metrics["ap"],
+        }
+    write_json(ep.get("metrics", "metrics.json"), metrics)
+    write_json(Path(ep.get("plots", "plots")) / "pr.json", curve)
+    print(
+        f"evaluate: AP50 {metrics['ap50']:.3f} AP {metrics['ap']:.3f} on "
+        f"{len(val['images'])} images; deployed: {metrics['deployed']}"
+    )
+
+
+if __name__ == "__main__":
+    main()

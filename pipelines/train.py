@@ -1,0 +1,190 @@
+"""DVC stage `train`: fine-tune on the train split and write the candidate model directory.
+
+Starts from, in order: the last checkpoint of an interrupted run of the same settings
+(resume), `train.base_weights` when set, the registry's current model when its classes
+match, else random weights. Checkpoints every `train.checkpoint_period` iterations; metrics
+and plots go to dvclive. Under `torchrun` (several processes, GPUs or nodes) it trains with
+DistributedDataParallel and the same params give the same model as one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from backend.detection.checkpoint import load_weights
+from backend.detection.config import bundled_config, dump_config, load_config
+from backend.detection.model import GeneralizedRCNN
+from backend.detection.predictor import resolve_device
+from backend.detection.training import TrainOptions, init_from_scratch, train
+from backend.model_dir import write_model_dir
+from backend.registry import Registry, RegistryError
+
+from .coco import category_names, dataset_hash, load_samples, read_coco
+from .params import load_params
+
+OPTION_KEYS = (
+    "iterations",
+    "batch_size",
+    "lr",
+    "warmup_iters",
+    "crop_size",
+    "checkpoint_period",
+    "seed",
+    "weight_decay",
+    "momentum",
+)
+
+
+def train_options(params: dict[str, Any]) -> TrainOptions:
+    chosen = {k: params[k] for k in OPTION_KEYS if k in params}
+    return TrainOptions(**chosen)
+
+
+def config_path(name: str) -> Path:
+    path = Path(name)
+    return path if path.suffix in (".yaml", ".yml") and path.exists() else bundled_config(name)
+
+
+def _run_key(params: dict[str, Any], dataset: str) -> str:
+    """Checkpoints resume only a run of the same settings on the same data."""
+    return hashlib.sha256(json.dumps([params, dataset], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _start_weights(
+    model: GeneralizedRCNN, params: dict[str, Any], labels: list[str], registry_root: str | None
+) -> str:
+    if params.get("base_weights"):
+        load_weights(model, params["base_weights"], for_inference=False)
+        return f"weights {params['base_weights']}"
+    if registry_root:
+        try:
+            current = Registry(registry_root).current()
+        except RegistryError:
+            current = None
+        if current is not None and current.labels == labels:
+            load_weights(model, current.path / "model_final.pth", for_inference=False)
+            return f"deployed model {current.version}"
+    init_from_scratch(model)
+    return "random weights"
+
+
+def main() -> None:
+    params = load_params()
+    tp = params.get("train", {})
+    split_dir = Path(params.get("split", {}).get("dir", "data/split"))
+    images = Path(params.get("dataset", {}).get("dir", "data/dataset")) / "images"
+    out = Path(tp.get("output", "models/candidate"))
+    work = Path(tp.get("checkpoints", "models/checkpoints"))
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    device = resolve_device(tp.get("device", "auto"))
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+    coco = read_coco(split_dir / "train.json")
+    labels = category_names(coco)
+    options = train_options(tp)
+    cfg_file = config_path(tp.get("config", "tiny_tridentnet"))
+    overrides = {"MODEL.ROI_HEADS.NUM_CLASSES": len(labels)}
+    torch.manual_seed(options.seed)
+    model = GeneralizedRCNN(load_config(cfg_file, overrides))
+    origin = _start_weights(model, tp, labels, params.get("deploy", {}).get("registry"))
+    key = _run_key(tp, dataset_hash(split_dir / "train.json"))
+    checkpoint = work / f"{key}.pth"
+    start, state = 0, None
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        start = int(state["iteration"])
+        origin = f"checkpoint {checkpoint} at iteration {start}"
+    model.to(device)
+    if rank == 0:
+        print(
+            f"train: {len(coco['images'])} images, classes {labels}, from {origin}, "
+            f"{world} process(es) on {device}"
+        )
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=options.lr,
+        momentum=options.momentum,
+        weight_decay=options.weight_decay,
+    )
+    if state is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+
+    live = _live() if rank == 0 else None
+
+    def on_step(iteration: int, losses: dict[str, float]) -> None:
+        if live is not None:
+            for name, value in losses.items():
+                live.log_metric(f"train/{name}", value)
+            live.next_step()
+
+    def on_checkpoint(done: int, opt: torch.optim.Optimizer) -> None:
+        if rank != 0:
+            return
+        work.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save(
+            {"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": done}, tmp
+        )
+        tmp.replace(checkpoint)
+
+    samples = load_samples(coco, images)
+    train(
+        wrapped,
+        samples,
+        options,
+        start_iteration=start,
+        optimizer=optimizer,
+        on_step=on_step,
+        on_checkpoint=on_checkpoint,
+        rank=rank,
+        world_size=world,
+    )
+    if rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        write_model_dir(
+            out,
+            dump_config(cfg_file, overrides),
+            {k: v.cpu() for k, v in model.state_dict().items()},
+            labels,
+            {
+                "version": "candidate",
+                "dataset": dataset_hash(split_dir / "train.json"),
+                "iterations": options.iterations,
+                "start": origin,
+                "processes": world,
+                "params": tp,
+            },
+        )
+        checkpoint.unlink(missing_ok=True)
+        if live is not None:
+            live.end()
+        print(f"train: wrote {out}")
+    if distributed:
+        dist.destroy_process_group()
+
+
+def _live():
+    try:
+        from dvclive import Live
+    except ImportError:
+        return None
+    return Live("dvclive", save_dvc_exp=False, report=None)
+
+
+if __name__ == "__main__":
+    main()
