@@ -128,7 +128,7 @@ def test_repro_exports_trains_evaluates_and_deploys(loop):
     manifest = json.loads((checkout / "data/dataset/manifest.json").read_text())
     assert manifest["images"] == 9  # 10 annotated scenes, one of them a skip (was_cancelled)
     (corrupt,) = manifest["skipped"]  # the corrupt upload: reported, not fatal
-    assert corrupt["image"].endswith("corrupt.png") and "not an image" in corrupt["reason"]
+    assert corrupt["image"].endswith("corrupt.png") and "cannot be decoded" in corrupt["reason"]
     assert sum(manifest["boxes_per_class"].values()) == manifest["boxes"] > 0
     metrics = json.loads((checkout / "metrics.json").read_text())
     assert {"ap", "ap50", "ap75", "ap_small", "per_class_ap"} <= set(metrics)

@@ -11,6 +11,7 @@ import logging
 import os
 import shlex
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -84,7 +85,10 @@ class TrainingJobs:
             self._execute(job)
 
     def _execute(self, job: Job) -> None:
-        env = {**os.environ, "TRIDENTLOOP_JOB_ID": job.id}
+        # The command (`dvc repro`) and the stages it runs (`python -m pipelines...`) must
+        # find this environment's executables first.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = {**os.environ, "PATH": path, "TRIDENTLOOP_JOB_ID": job.id}
         if job.project:
             env["TRIDENTLOOP_LS_PROJECT"] = job.project
         with open(job.log_path, "w") as out:
