@@ -10,9 +10,11 @@ LS_VENV := .venv-ls
 LS_STAMP := $(LS_VENV)/.installed
 LABEL_STUDIO_VERSION := 1.23.2
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup setup-ls demo test lint bench clean
 
 setup: $(STAMP)
+
+setup-ls: $(LS_STAMP)
 
 $(LS_STAMP):
 	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
@@ -27,7 +29,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) $(LS_STAMP)
 	$(BIN)/tridentloop demo --output demo-output
 
 test: $(STAMP) $(LS_STAMP)

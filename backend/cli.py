@@ -206,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job on generated survey images")
     demo.add_argument("--output", type=Path, default=Path("demo-output"))
-    demo.add_argument("--iterations", type=int, default=150, help="training iterations")
+    demo.add_argument("--rounds", type=int, default=3, help="label -> retrain -> redeploy rounds")
+    demo.add_argument("--images-per-round", type=int, default=8)
+    demo.add_argument("--iterations", type=int, default=150, help="training iterations per round")
     demo.add_argument("--seed", type=int, default=0)
     _add_device_args(demo)
     return parser
@@ -218,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for chatty in ("httpx", "httpcore", "uvicorn.access"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     if getattr(args, "threads", None):
         import torch
 

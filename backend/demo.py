@@ -1,137 +1,327 @@
-"""`tridentloop demo` (`make demo`): the main job on an embedded default, with no GPU and no
-downloads. It generates survey-like images, trains a tiny TridentNet from scratch, saves it
-as a model directory, pre-labels large survey images with tiled inference (JSON Lines + PNG
-overlays) and scores the pre-labels against the generated ground truth.
+"""`tridentloop demo` (`make demo`): the whole loop on an embedded default, on CPU.
+
+A local Label Studio gets a project of generated survey images (small animals on textured
+ground, larger than one tile). Each round adds new images; from round 2 on, our backend
+pre-labels them through Label Studio's "Retrieve predictions"; a scripted annotator keeps
+the pre-labels that match the generated ground truth, fixes the rest, and submits; then
+`dvc repro` exports the accepted labels, retrains from the deployed model, evaluates, and
+redeploys if the model is not worse. The backend hot-reloads each new version.
+
+Prints a table per round and ends with one JSON line `{"rounds": [...]}`; every server it
+started is stopped before it returns.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from label_studio_sdk import LabelStudio
 from PIL import Image
-from tqdm import tqdm
 
 from .detection.boxes import pairwise_iou
-from .detection.config import bundled_config, dump_config, load_config
-from .detection.model import GeneralizedRCNN
-from .detection.predictor import resolve_device
 from .detection.tiling import TilingOptions
-from .detection.training import Sample, TrainOptions, init_from_scratch, train
-from .model_dir import ModelDir, write_model_dir
-from .predict import run_predict
+from .labelstudio.app import Backend, ServerSettings
+from .labelstudio.jobs import TrainingJobs
+from .labelstudio.local_server import LocalLabelStudio, local_label_studio
+from .labelstudio.media import MediaFetcher, MediaSettings
+from .labelstudio.model_source import ModelSource
+from .labelstudio.server import serve_in_thread
+from .registry import Registry
 from .synthetic import CLASSES, Scene, survey_scene
 
-DEMO_CONFIG = "tiny_tridentnet"
-TILE = 320  # the tiny model's MIN_SIZE_TEST: tiles run at native resolution
+MARKER = ".tridentloop-demo"
+LABEL_CONFIG = (
+    "<View><Image name='image' value='$image'/><RectangleLabels name='label' "
+    "toName='image'>"
+    + "".join(f"<Label value='{c}'/>" for c in CLASSES)
+    + "</RectangleLabels></View>"
+)
+IMAGE_SIZE = (480, 640)  # (h, w): six 320 px tiles
 
 
-def match_counts(
-    gt: np.ndarray, gt_classes: np.ndarray, pred: list[dict], iou: float = 0.5
-) -> tuple[int, int]:
-    """(true positives, predictions): greedy one-to-one matching by score, same class."""
-    taken = np.zeros(len(gt), bool)
-    hits = 0
-    for det in sorted(pred, key=lambda d: -d["score"]):
-        if not len(gt):
-            break
-        overlaps = pairwise_iou(torch.tensor([det["box"]]), torch.from_numpy(gt))[0].numpy()
-        overlaps[taken | (gt_classes != det["class_id"])] = 0
-        best = int(overlaps.argmax())
-        if overlaps[best] >= iou:
-            taken[best] = True
-            hits += 1
-    return hits, len(pred)
+def review(predicted: list[dict[str, Any]], scene: Scene) -> tuple[list[dict[str, Any]], int]:
+    """The scripted annotator: keep each pre-label that matches a ground-truth animal
+    (same class, IoU >= 0.5), draw the animals nobody found, delete the rest."""
+    height, width = IMAGE_SIZE
+    kept: list[dict[str, Any]] = []
+    found = np.zeros(len(scene.boxes), bool)
+    for region in sorted(predicted, key=lambda r: -r.get("score", 0)):
+        v = region["value"]
+        box = torch.tensor(
+            [
+                [
+                    v["x"] * width / 100,
+                    v["y"] * height / 100,
+                    (v["x"] + v["width"]) * width / 100,
+                    (v["y"] + v["height"]) * height / 100,
+                ]
+            ]
+        )
+        iou = pairwise_iou(box, torch.from_numpy(scene.boxes))[0].numpy()
+        same = np.array([CLASSES[c] == v["rectanglelabels"][0] for c in scene.classes])
+        iou[found | ~same] = 0
+        if len(iou) and iou.max() >= 0.5:
+            found[int(iou.argmax())] = True
+            kept.append({k: val for k, val in region.items() if k != "score"})
+    drawn = [
+        _region(box, CLASSES[c])
+        for box, c, hit in zip(scene.boxes.tolist(), scene.classes.tolist(), found, strict=True)
+        if not hit
+    ]
+    return kept + drawn, len(kept)
 
 
-def _train_model(out: Path, iterations: int, seed: int, device: str) -> ModelDir:
-    rng = np.random.default_rng(seed)
-    scenes = [survey_scene(rng, 480, 480, 10) for _ in range(16)]
-    torch.manual_seed(seed)
-    config_path = bundled_config(DEMO_CONFIG)
-    model = GeneralizedRCNN(load_config(config_path))
-    init_from_scratch(model)
-    model.to(resolve_device(device))
-    options = TrainOptions(
-        iterations=iterations, crop_size=TILE, lr=0.01, warmup_iters=30, seed=seed
-    )
-    bar = tqdm(total=iterations, desc="train", unit="it")
-
-    def report(iteration: int, losses: dict[str, float]) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses['total_loss']:.3f}")
-
-    started = time.perf_counter()
-    train(model, [Sample(s.image, s.boxes, s.classes) for s in scenes], options, on_step=report)
-    bar.close()
-    metadata = {
-        "version": "demo-v1",
-        "trained_iterations": iterations,
-        "seed": seed,
-        "train_seconds": round(time.perf_counter() - started, 1),
-        "base": "from scratch",
-        "config": DEMO_CONFIG,
+def _region(box: list[float], label: str) -> dict[str, Any]:
+    height, width = IMAGE_SIZE
+    return {
+        "from_name": "label",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "original_width": width,
+        "original_height": height,
+        "value": {
+            "x": 100 * box[0] / width,
+            "y": 100 * box[1] / height,
+            "width": 100 * (box[2] - box[0]) / width,
+            "height": 100 * (box[3] - box[1]) / height,
+            "rotation": 0,
+            "rectanglelabels": [label],
+        },
     }
-    state = {k: v.cpu() for k, v in model.state_dict().items()}
-    return write_model_dir(out / "model", dump_config(config_path), state, list(CLASSES), metadata)
 
 
-def _write_survey(out: Path, seed: int) -> list[tuple[Path, Scene]]:
-    rng = np.random.default_rng(seed + 1000)
-    survey = []
-    for i in range(3):
-        scene = survey_scene(rng, 1200, 1600, 40)
-        path = out / "survey" / f"survey_{i:02d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(scene.image).save(path)
-        survey.append((path, scene))
-    return survey
+def _prepare_output(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise ValueError(f"{out} exists and is not a demo output; choose another --output")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by tridentloop demo; removed by the next run\n")
+
+
+def _upload(ls_url: str, token: str, project: int, name: str, image: np.ndarray) -> None:
+    import httpx
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    r = httpx.post(
+        f"{ls_url}/api/projects/{project}/import",
+        headers={"Authorization": f"Token {token}"},
+        files={"file": (name, buffer.getvalue(), "image/png")},
+        timeout=60,
+    )
+    r.raise_for_status()
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    out: Path = args.output
-    if (out / "model").exists():
-        raise ValueError(f"{out} holds an earlier demo; remove it or pass --output elsewhere")
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"tridentloop demo -> {out}/ (CPU is fine: a tiny TridentNet, 320 px tiles)")
-    model_dir = _train_model(out, args.iterations, args.seed, args.device)
-    survey = _write_survey(out, args.seed)
-    predictor = model_dir.predictor(device=args.device, precision=args.precision)
-    tiling = TilingOptions(tile_size=TILE, overlap=0.2)
-    with (out / "predictions.jsonl").open("w") as jsonl:
-        run_predict(
-            [str(p) for p, _ in survey],
-            predictor,
-            jsonl,
-            tiling,
-            model_dir.labels,
-            overlays=out / "overlays",
+    out: Path = args.output.absolute()
+    _prepare_output(out)
+    rng = np.random.default_rng(args.seed)
+    started = time.perf_counter()
+    rounds: list[dict[str, Any]] = []
+    with ExitStack() as stack:
+        print("starting a local Label Studio (about a minute the first time)...", flush=True)
+        ls_server = stack.enter_context(local_label_studio(out / "label-studio"))
+        ls = LabelStudio(base_url=ls_server.url, api_key=ls_server.token)
+        project = ls.projects.create(title="Survey demo", label_config=LABEL_CONFIG)
+        env = {
+            **os.environ,
+            "LABEL_STUDIO_URL": ls_server.url,
+            "LABEL_STUDIO_API_KEY": ls_server.token,
+            "TRIDENTLOOP_LS_PROJECT": str(project.id),
+            "DVC_NO_ANALYTICS": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        }
+        from pipelines.workspace import create_loop_project
+
+        loop_dir = create_loop_project(
+            out / "loop",
+            {
+                "labelstudio": {"url": ls_server.url, "project": project.id},
+                "train": {"iterations": args.iterations, "device": args.device},
+                "evaluate": {"device": args.device},
+            },
+            env,
         )
-    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    print(
-        f"\n{'image':<16}{'size':>11}{'animals':>9}{'pre-labels':>12}{'recall':>8}{'precision':>11}"
-    )
-    totals = np.zeros(3, int)
-    for (path, scene), record in zip(survey, records, strict=True):
-        hits, count = match_counts(scene.boxes, scene.classes, record["detections"])
-        totals += (hits, count, len(scene.boxes))
-        print(
-            f"{path.name:<16}{record['width']:>5}x{record['height']:<5}{len(scene.boxes):>9}"
-            f"{count:>12}{hits / max(1, len(scene.boxes)):>8.2f}{hits / max(1, count):>11.2f}"
-        )
+        registry = Registry(loop_dir / "models/registry")
+        held_out = _held_out_set(out / "held-out", np.random.default_rng(args.seed + 1))
+        backend_url = None
+        scenes: dict[str, Scene] = {}
+        for round_no in range(1, args.rounds + 1):
+            names = []
+            for i in range(args.images_per_round):
+                name = f"r{round_no}_survey{i:02d}.png"
+                scenes[name] = survey_scene(rng, *IMAGE_SIZE, 10)
+                _upload(ls_server.url, ls_server.token, project.id, name, scenes[name].image)
+                names.append(name)
+            tasks = {
+                t.data["image"].rsplit("-", 1)[-1]: t.id for t in ls.tasks.list(project=project.id)
+            }
+            new_ids = [tasks[n] for n in names]
+            if backend_url is None and registry.current_name() is not None:
+                backend_url = _start_backend(
+                    stack, registry, loop_dir, out, args, ls, project.id, ls_server
+                )
+            offered = kept_total = 0
+            if backend_url is not None:
+                ls.actions.create(
+                    id="retrieve_tasks_predictions",
+                    project=project.id,
+                    selected_items={"all": False, "included": new_ids},
+                )
+            for name, task_id in zip(names, new_ids, strict=True):
+                predicted = [r for p in ls.predictions.list(task=task_id) for r in p.result]
+                result, kept = review(predicted, scenes[name])
+                offered += len(predicted)
+                kept_total += kept
+                ls.annotations.create(id=task_id, result=result, was_cancelled=False)
+            print(
+                f"round {round_no}: {len(names)} new images; {offered} pre-labels offered, "
+                f"{kept_total} kept unchanged; dvc repro...",
+                flush=True,
+            )
+            proc = subprocess.run(
+                ["dvc", "repro"], cwd=loop_dir, env=env, text=True, capture_output=True
+            )
+            (out / f"round{round_no}-dvc-repro.log").write_text(proc.stdout + proc.stderr)
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"dvc repro failed in round {round_no}; see "
+                    f"{out / f'round{round_no}-dvc-repro.log'}"
+                )
+            row = _round_row(round_no, loop_dir, registry, offered, kept_total)
+            row["ap50"] = _held_out_ap50(registry, held_out, args.device)
+            rounds.append(row)
+            _print_table(rounds)
     summary = {
-        "model_version": model_dir.version,
-        "images": len(records),
-        "animals": int(totals[2]),
-        "pre_labels": int(totals[1]),
-        "recall": round(totals[0] / max(1, totals[2]), 3),
-        "precision": round(totals[0] / max(1, totals[1]), 3),
+        "rounds": [{k: r[k] for k in ("round", "model_version", "labels", "ap50")} for r in rounds]
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\npre-labels: {out / 'predictions.jsonl'}; overlays: {out / 'overlays'}/")
+    (out / "summary.json").write_text(
+        json.dumps(
+            {**summary, "details": rounds, "seconds": round(time.perf_counter() - started)},
+            indent=2,
+        )
+        + "\n"
+    )
     print(json.dumps(summary))
     return 0
+
+
+def _start_backend(
+    stack: ExitStack,
+    registry: Registry,
+    loop_dir: Path,
+    out: Path,
+    args: argparse.Namespace,
+    ls: LabelStudio,
+    project: int,
+    ls_server: LocalLabelStudio,
+) -> str:
+    backend = Backend(
+        ModelSource(registry=registry, device=args.device),
+        MediaFetcher(
+            MediaSettings(
+                label_studio_url=ls_server.url,
+                api_key=ls_server.token,
+                cache_dir=out / "backend-cache",
+            )
+        ),
+        TrainingJobs("dvc repro", loop_dir, out / "jobs"),
+        ServerSettings(score_threshold=0.5),
+    )
+    url = stack.enter_context(serve_in_thread(backend))
+    ls.ml.create(project=project, url=url, title="tridentloop")
+    print(
+        f"backend {url} serving {backend.models.get().version}, connected to Label Studio",
+        flush=True,
+    )
+    return url
+
+
+def _held_out_set(root: Path, rng: np.random.Generator, count: int = 6) -> dict[str, Any]:
+    """Survey images never shown to Label Studio: the same yardstick for every round."""
+    root.mkdir(parents=True)
+    coco: dict[str, Any] = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": i, "name": c} for i, c in enumerate(CLASSES)],
+    }
+    for i in range(count):
+        scene = survey_scene(rng, *IMAGE_SIZE, 10)
+        Image.fromarray(scene.image).save(root / f"held_out{i}.png")
+        coco["images"].append(
+            {
+                "id": i,
+                "file_name": f"held_out{i}.png",
+                "width": IMAGE_SIZE[1],
+                "height": IMAGE_SIZE[0],
+            }
+        )
+        for box, cls in zip(scene.boxes.tolist(), scene.classes.tolist(), strict=True):
+            w, h = box[2] - box[0], box[3] - box[1]
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": i,
+                    "category_id": cls,
+                    "bbox": [box[0], box[1], w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+    return {"coco": coco, "dir": root}
+
+
+def _held_out_ap50(registry: Registry, held_out: dict[str, Any], device: str) -> float:
+    from pipelines.evaluate import coco_metrics, detections_for
+
+    tiling = TilingOptions(tile_size=320, overlap=0.2)
+    records = detections_for(registry.current(), held_out["coco"], held_out["dir"], tiling, device)
+    return coco_metrics(held_out["coco"], records)[0]["ap50"]
+
+
+def _round_row(
+    round_no: int, loop_dir: Path, registry: Registry, offered: int, kept: int
+) -> dict[str, Any]:
+    manifest = json.loads((loop_dir / "data/dataset/manifest.json").read_text())
+    metrics = json.loads((loop_dir / "metrics.json").read_text())
+    decision = json.loads((loop_dir / "deploy.json").read_text())
+    val_ap50 = metrics["ap50"] if decision["deployed"] else metrics["deployed"]["ap50"]
+    return {
+        "round": round_no,
+        "model_version": registry.current_name(),
+        "labels": manifest["boxes"],
+        "images": manifest["images"],
+        "val_ap50": val_ap50,
+        "candidate_ap50": metrics["ap50"],
+        "deployed": decision["deployed"],
+        "pre_labels_offered": offered,
+        "pre_labels_kept": kept,
+    }
+
+
+def _print_table(rounds: list[dict[str, Any]]) -> None:
+    print(
+        f"\n{'round':>5} {'images':>7} {'accepted labels':>16} {'model':>7} "
+        f"{'AP50 held-out':>14} {'AP50 dvc val':>13} {'pre-labels offered':>19} "
+        f"{'kept unchanged':>15}"
+    )
+    for r in rounds:
+        print(
+            f"{r['round']:>5} {r['images']:>7} {r['labels']:>16} {r['model_version']:>7} "
+            f"{r['ap50']:>14.3f} {r['val_ap50']:>13.3f} {r['pre_labels_offered']:>19} "
+            f"{r['pre_labels_kept']:>15}"
+        )
+    print(flush=True)

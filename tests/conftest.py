@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 
-from backend.labelstudio.server import free_port
+from backend.labelstudio.local_server import local_label_studio
 
 REPO = Path(__file__).resolve().parents[1]
 D2_FIXTURES = REPO.parent / "shared" / "fixtures" / "detectron2"
@@ -24,9 +20,6 @@ FIXTURE_MODELS = (
     "faster_rcnn_R_50_C4_1x",
     "faster_rcnn_R_50_FPN_1x",
 )
-
-LABEL_STUDIO = Path(os.environ.get("TRIDENTLOOP_LABEL_STUDIO_BIN",
-                                   REPO / ".venv-ls" / "bin" / "label-studio"))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -71,69 +64,8 @@ def assert_same_detections(
         assert abs(g["score"] - e["score"]) <= score_tol, f"detection {i}: score {g} vs {e}"
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory):
     """A real Label Studio server for the whole test session (first start ~50 s)."""
-    if not LABEL_STUDIO.exists():
-        pytest.fail(f"Label Studio is not installed at {LABEL_STUDIO}; `make test` installs it")
-    home = tmp_path_factory.mktemp("ls-home")
-    token = secrets.token_hex(20)
-    port = free_port()
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "LABEL_STUDIO_USERNAME": "admin@example.com",
-        "LABEL_STUDIO_PASSWORD": "admin-pass-123",
-        "LABEL_STUDIO_USER_TOKEN": token,
-        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-        "ML_BLOCK_LOCAL_IP": "false",
-        "SSRF_PROTECTION_ENABLED": "false",
-        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-    }
-    log = (home / "label-studio.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(LABEL_STUDIO),
-            "start",
-            "--no-browser",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--data-dir",
-            str(home / "data"),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=home,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(url + "/health", timeout=240)
-        yield {"url": url, "token": token}
-    finally:
-        stop_process(proc)
-        log.close()
-
-
-def wait_for(url: str, timeout: float) -> None:
-    """Poll until the server answers (any status below 500)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not come up within {timeout:.0f} s")
+    with local_label_studio(tmp_path_factory.mktemp("label-studio")) as server:
+        yield {"url": server.url, "token": server.token}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from backend.labelstudio.local_server import wait_for
 from backend.labelstudio.server import free_port, serve_in_thread
 
-from .conftest import fixture_dir, wait_for
+from .conftest import fixture_dir
 
 __all__ = ["free_port", "make_model_dir", "serve_in_thread", "wait_for"]
 

@@ -21,9 +21,10 @@ from label_studio_sdk import LabelStudio
 from PIL import Image
 
 from backend.cli import main as cli
+from backend.labelstudio.local_server import stop_process
 from backend.registry import Registry
 
-from .conftest import REPO, stop_process
+from .conftest import REPO
 from .servers import free_port, make_model_dir, wait_for
 
 pytestmark = pytest.mark.slow

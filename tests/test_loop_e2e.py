@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,71 +23,88 @@ from PIL import Image
 from backend.registry import Registry
 from backend.synthetic import CLASSES, survey_scene
 from pipelines.deploy import gate
-
-from .conftest import REPO
+from pipelines.workspace import create_loop_project
 
 pytestmark = pytest.mark.slow
 
-CONFIG = ("<View><Image name='image' value='$image'/><RectangleLabels name='label' "
-          "toName='image'>" + "".join(f"<Label value='{c}'/>" for c in CLASSES) +
-          "</RectangleLabels></View>")
+CONFIG = (
+    "<View><Image name='image' value='$image'/><RectangleLabels name='label' "
+    "toName='image'>"
+    + "".join(f"<Label value='{c}'/>" for c in CLASSES)
+    + "</RectangleLabels></View>"
+)
 VENV_BIN = str(Path(sys.executable).parent)
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True,
-        timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def run(
+    cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n"
-                             f"{proc.stderr}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
 def new_project(root: Path, project_id: int, env: dict[str, str], **train) -> Path:
-    """A git + DVC checkout of the loop: our dvc.yaml, params.yaml and code, tiny settings."""
-    root.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / name, root / name)
-    for package in ("backend", "pipelines"):
-        shutil.copytree(REPO / package, root / package,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["labelstudio"]["project"] = project_id
-    params["train"].update({"iterations": 12, "checkpoint_period": 4, "warmup_iters": 4,
-                            "device": "cpu", **train})
-    params["evaluate"]["device"] = "cpu"
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / ".gitignore").write_text("__pycache__/\n")
-    run(["git", "init", "-q"], root, env)
-    run(["git", "config", "user.email", "ci@example.com"], root, env)
-    run(["git", "config", "user.name", "ci"], root, env)
-    run(["dvc", "init", "-q"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "loop project"], root, env)
-    return root
+    """A git + DVC checkout of the loop with tiny training settings."""
+    return create_loop_project(
+        root,
+        {
+            "labelstudio": {"project": project_id},
+            "train": {
+                "iterations": 12,
+                "checkpoint_period": 4,
+                "warmup_iters": 4,
+                "device": "cpu",
+                **train,
+            },
+            "evaluate": {"device": "cpu"},
+        },
+        env,
+    )
 
 
-def annotate(ls: LabelStudio, task_id: int, boxes: np.ndarray, classes: np.ndarray,
-             size: tuple[int, int], cancelled: bool = False) -> None:
+def annotate(
+    ls: LabelStudio,
+    task_id: int,
+    boxes: np.ndarray,
+    classes: np.ndarray,
+    size: tuple[int, int],
+    cancelled: bool = False,
+) -> None:
     width, height = size
-    result = [{
-        "from_name": "label", "to_name": "image", "type": "rectanglelabels",
-        "original_width": width, "original_height": height,
-        "value": {"x": 100 * b[0] / width, "y": 100 * b[1] / height,
-                  "width": 100 * (b[2] - b[0]) / width, "height": 100 * (b[3] - b[1]) / height,
-                  "rotation": 0, "rectanglelabels": [CLASSES[c]]},
-    } for b, c in zip(boxes.tolist(), classes.tolist(), strict=True)]
-    ls.annotations.create(id=task_id, result=[] if cancelled else result,
-                          was_cancelled=cancelled)
+    result = [
+        {
+            "from_name": "label",
+            "to_name": "image",
+            "type": "rectanglelabels",
+            "original_width": width,
+            "original_height": height,
+            "value": {
+                "x": 100 * b[0] / width,
+                "y": 100 * b[1] / height,
+                "width": 100 * (b[2] - b[0]) / width,
+                "height": 100 * (b[3] - b[1]) / height,
+                "rotation": 0,
+                "rectanglelabels": [CLASSES[c]],
+            },
+        }
+        for b, c in zip(boxes.tolist(), classes.tolist(), strict=True)
+    ]
+    ls.annotations.create(id=task_id, result=[] if cancelled else result, was_cancelled=cancelled)
 
 
 def upload(label_studio, project_id: int, name: str, data: bytes) -> int:
     import httpx
 
-    r = httpx.post(f"{label_studio['url']}/api/projects/{project_id}/import",
-                   headers={"Authorization": f"Token {label_studio['token']}"},
-                   files={"file": (name, data, "image/png")}, timeout=60)
+    r = httpx.post(
+        f"{label_studio['url']}/api/projects/{project_id}/import",
+        headers={"Authorization": f"Token {label_studio['token']}"},
+        files={"file": (name, data, "image/png")},
+        timeout=60,
+    )
     r.raise_for_status()
     return r.json()["file_upload_ids"][0]
 
@@ -107,20 +123,31 @@ def loop(label_studio, tmp_path_factory):
         upload(label_studio, project.id, f"scene{i:02d}.png", buffer.getvalue())
         scenes[f"scene{i:02d}.png"] = scene
     upload(label_studio, project.id, "corrupt.png", b"\x89PNG\r\n\x1a\n truncated garbage")
-    tasks = {t.data["image"].rsplit("-", 1)[-1]: t.id
-             for t in ls.tasks.list(project=project.id)}
+    tasks = {t.data["image"].rsplit("-", 1)[-1]: t.id for t in ls.tasks.list(project=project.id)}
     for name, scene in scenes.items():
-        annotate(ls, tasks[name], scene.boxes, scene.classes, (320, 320),
-                 cancelled=name == "scene09.png")
+        annotate(
+            ls, tasks[name], scene.boxes, scene.classes, (320, 320), cancelled=name == "scene09.png"
+        )
     annotate(ls, tasks["corrupt.png"], np.array([[1, 1, 5, 5]]), np.array([0]), (320, 320))
-    env = {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ["PATH"],
-           "LABEL_STUDIO_URL": label_studio["url"],
-           "LABEL_STUDIO_API_KEY": label_studio["token"], "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": VENV_BIN + os.pathsep + os.environ["PATH"],
+        "LABEL_STUDIO_URL": label_studio["url"],
+        "LABEL_STUDIO_API_KEY": label_studio["token"],
+        "DVC_NO_ANALYTICS": "1",
+    }
     env.pop("TRIDENTLOOP_LS_PROJECT", None)
     checkout = new_project(root / "project", project.id, env)
     first = run(["dvc", "repro"], checkout, env)
-    return {"ls": ls, "project": project.id, "root": root, "dir": checkout, "env": env,
-            "first": first, "label_studio": label_studio}
+    return {
+        "ls": ls,
+        "project": project.id,
+        "root": root,
+        "dir": checkout,
+        "env": env,
+        "first": first,
+        "label_studio": label_studio,
+    }
 
 
 def test_repro_exports_trains_evaluates_and_deploys(loop):
@@ -160,15 +187,21 @@ def test_datasets_and_models_push_to_and_pull_from_a_shared_remote(loop):
     clone = loop["root"] / "teammate"
     run(["git", "clone", "-q", str(checkout), str(clone)], loop["root"], env)
     run(["dvc", "pull"], clone, env)
-    for path in ("data/dataset/annotations.json", "models/candidate/model_final.pth",
-                 "data/split/val.json"):
+    for path in (
+        "data/dataset/annotations.json",
+        "models/candidate/model_final.pth",
+        "data/split/val.json",
+    ):
         assert (clone / path).read_bytes() == (checkout / path).read_bytes()
     assert len(list((clone / "data/dataset/images").iterdir())) == 9
 
 
 def test_experiments_override_params(loop):
-    proc = run(["dvc", "exp", "run", "-S", "train.lr=0.005", "-S", "train.iterations=4"],
-               loop["dir"], loop["env"])
+    proc = run(
+        ["dvc", "exp", "run", "-S", "train.lr=0.005", "-S", "train.iterations=4"],
+        loop["dir"],
+        loop["env"],
+    )
     assert "Ran experiment" in proc.stdout + proc.stderr
     shown = run(["dvc", "exp", "show", "--json"], loop["dir"], loop["env"]).stdout
     assert "0.005" in shown
@@ -189,10 +222,14 @@ def test_deploy_stage_leaves_the_registry_alone_for_a_worse_model(loop, tmp_path
     params["evaluate"]["metrics"] = str(tmp_path / "worse.json")
     params["deploy"]["record"] = str(tmp_path / "decision.json")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "worse.json").write_text(json.dumps(
-        {"ap50": 0.0, "deployed": {"version": registry.current_name(), "ap50": 0.5}}))
-    proc = run([sys.executable, "-m", "pipelines.deploy"], checkout,
-               {**env, "TRIDENTLOOP_PARAMS": str(tmp_path / "params.yaml")})
+    (tmp_path / "worse.json").write_text(
+        json.dumps({"ap50": 0.0, "deployed": {"version": registry.current_name(), "ap50": 0.5}})
+    )
+    proc = run(
+        [sys.executable, "-m", "pipelines.deploy"],
+        checkout,
+        {**env, "TRIDENTLOOP_PARAMS": str(tmp_path / "params.yaml")},
+    )
     assert "not deployed" in proc.stdout
     assert registry.version_names() == before
     assert json.loads((tmp_path / "decision.json").read_text())["deployed"] is False
@@ -200,8 +237,13 @@ def test_deploy_stage_leaves_the_registry_alone_for_a_worse_model(loop, tmp_path
 
 def _train_params(loop, tmp_path: Path, name: str, **train) -> dict[str, str]:
     params = yaml.safe_load((loop["dir"] / "params.yaml").read_text())
-    params["train"].update({"output": str(tmp_path / name / "model"),
-                            "checkpoints": str(tmp_path / name / "ckpt"), **train})
+    params["train"].update(
+        {
+            "output": str(tmp_path / name / "model"),
+            "checkpoints": str(tmp_path / name / "ckpt"),
+            **train,
+        }
+    )
     params["deploy"]["registry"] = str(tmp_path / "no-registry")
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -214,8 +256,13 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_killed_training_resumes_from_its_checkpoint(loop, tmp_path):
     env = _train_params(loop, tmp_path, "killed", iterations=12, checkpoint_period=4)
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.train"], cwd=loop["dir"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.train"],
+        cwd=loop["dir"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     ckpt_dir = tmp_path / "killed" / "ckpt"
     deadline = time.monotonic() + 300
     while not (ckpt_dir.is_dir() and any(ckpt_dir.glob("*.pth"))):
@@ -225,8 +272,7 @@ def test_killed_training_resumes_from_its_checkpoint(loop, tmp_path):
     proc.wait()
     resumed = run([sys.executable, "-m", "pipelines.train"], loop["dir"], env)
     assert "from checkpoint" in resumed.stdout
-    straight_env = _train_params(loop, tmp_path, "straight", iterations=12,
-                                 checkpoint_period=4)
+    straight_env = _train_params(loop, tmp_path, "straight", iterations=12, checkpoint_period=4)
     run([sys.executable, "-m", "pipelines.train"], loop["dir"], straight_env)
     got = _weights(tmp_path / "killed" / "model")
     want = _weights(tmp_path / "straight" / "model")
@@ -238,8 +284,19 @@ def test_two_gloo_processes_train_the_same_model_as_one(loop, tmp_path):
     one = _train_params(loop, tmp_path, "one", iterations=3, batch_size=2)
     run([sys.executable, "-m", "pipelines.train"], loop["dir"], one)
     two = _train_params(loop, tmp_path, "two", iterations=3, batch_size=2)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "pipelines.train"], loop["dir"], {**two, "OMP_NUM_THREADS": "1"})
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "pipelines.train",
+        ],
+        loop["dir"],
+        {**two, "OMP_NUM_THREADS": "1"},
+    )
     single, ddp = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
     assert json.loads((tmp_path / "two/model/model.json").read_text())["processes"] == 2
     for key in single:
@@ -251,10 +308,46 @@ def test_export_with_no_accepted_labels_deploys_nothing(loop):
     empty = ls.projects.create(title="nothing accepted", label_config=CONFIG)
     buffer = io.BytesIO()
     Image.fromarray(survey_scene(np.random.default_rng(1), 128, 128, 2).image).save(
-        buffer, format="PNG")
+        buffer, format="PNG"
+    )
     upload(loop["label_studio"], empty.id, "lonely.png", buffer.getvalue())
     checkout = new_project(loop["root"] / "empty", empty.id, loop["env"])
     proc = run(["dvc", "repro"], checkout, loop["env"], check=False)
     assert proc.returncode != 0
     assert "no accepted annotations" in proc.stdout + proc.stderr
     assert Registry(checkout / "models/registry").version_names() == []
+
+
+def test_start_training_webhook_runs_dvc_repro_in_the_checkout(loop, tmp_path, monkeypatch):
+    """What Label Studio's Train button triggers: one `dvc repro` run, its log kept."""
+    import httpx
+
+    from backend.labelstudio.app import Backend, ServerSettings
+    from backend.labelstudio.jobs import TrainingJobs
+    from backend.labelstudio.media import MediaFetcher, MediaSettings
+    from backend.labelstudio.model_source import ModelSource
+    from backend.labelstudio.server import serve_in_thread
+
+    for key in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
+        monkeypatch.setenv(key, loop["env"][key])
+    checkout = loop["dir"]
+    backend = Backend(
+        ModelSource(registry=Registry(checkout / "models/registry"), device="cpu"),
+        MediaFetcher(MediaSettings()),
+        TrainingJobs("dvc repro", checkout, tmp_path / "jobs"),
+        ServerSettings(),
+    )
+    with serve_in_thread(backend) as url:
+        answer = httpx.post(
+            url + "/webhook",
+            timeout=1,
+            json={"action": "START_TRAINING", "project": {"id": loop["project"]}},
+        )
+        job = answer.json()["job"]
+        deadline = time.monotonic() + 600
+        while (status := httpx.get(f"{url}/jobs/{job}").json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(1)
+    assert status["status"] == "succeeded", status["log_tail"]
+    assert "$ dvc repro" in status["log_tail"]
+    assert "Running stage 'export'" in status["log_tail"]
