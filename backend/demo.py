@@ -34,9 +34,10 @@ from .detection.boxes import pairwise_iou
 from .detection.tiling import TilingOptions
 from .labelstudio.app import Backend, ServerSettings
 from .labelstudio.jobs import TrainingJobs
-from .labelstudio.local_server import LocalLabelStudio, local_label_studio
+from .labelstudio.local_server import LocalLabelStudio, import_image, local_label_studio
 from .labelstudio.media import MediaFetcher, MediaSettings
 from .labelstudio.model_source import ModelSource
+from .labelstudio.results import rectangle_region
 from .labelstudio.server import serve_in_thread
 from .registry import Registry
 from .synthetic import CLASSES, Scene, survey_scene
@@ -76,30 +77,11 @@ def review(predicted: list[dict[str, Any]], scene: Scene) -> tuple[list[dict[str
             found[int(iou.argmax())] = True
             kept.append({k: val for k, val in region.items() if k != "score"})
     drawn = [
-        _region(box, CLASSES[c])
+        rectangle_region(box, CLASSES[c], width, height)
         for box, c, hit in zip(scene.boxes.tolist(), scene.classes.tolist(), found, strict=True)
         if not hit
     ]
     return kept + drawn, len(kept)
-
-
-def _region(box: list[float], label: str) -> dict[str, Any]:
-    height, width = IMAGE_SIZE
-    return {
-        "from_name": "label",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "original_width": width,
-        "original_height": height,
-        "value": {
-            "x": 100 * box[0] / width,
-            "y": 100 * box[1] / height,
-            "width": 100 * (box[2] - box[0]) / width,
-            "height": 100 * (box[3] - box[1]) / height,
-            "rotation": 0,
-            "rectanglelabels": [label],
-        },
-    }
 
 
 def _prepare_output(out: Path) -> None:
@@ -111,18 +93,10 @@ def _prepare_output(out: Path) -> None:
     (out / MARKER).write_text("made by tridentloop demo; removed by the next run\n")
 
 
-def _upload(ls_url: str, token: str, project: int, name: str, image: np.ndarray) -> None:
-    import httpx
-
+def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
-    r = httpx.post(
-        f"{ls_url}/api/projects/{project}/import",
-        headers={"Authorization": f"Token {token}"},
-        files={"file": (name, buffer.getvalue(), "image/png")},
-        timeout=60,
-    )
-    r.raise_for_status()
+    return buffer.getvalue()
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -164,7 +138,7 @@ def run_demo(args: argparse.Namespace) -> int:
             for i in range(args.images_per_round):
                 name = f"r{round_no}_survey{i:02d}.png"
                 scenes[name] = survey_scene(rng, *IMAGE_SIZE, 10)
-                _upload(ls_server.url, ls_server.token, project.id, name, scenes[name].image)
+                import_image(ls_server, project.id, name, _png(scenes[name].image))
                 names.append(name)
             tasks = {
                 t.data["image"].rsplit("-", 1)[-1]: t.id for t in ls.tasks.list(project=project.id)

@@ -110,13 +110,18 @@ class Registry:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def rollback(self) -> str:
-        """Return to the version served before the current one."""
-        current = self.current_name()
-        for entry in reversed(self.history()):
-            if entry["to"] == current and entry["from"]:
-                self.switch(entry["from"], reason="rollback")
-                return entry["from"]
-        raise RegistryError(f"registry {self.root} has no earlier version to roll back to")
+        """Return to the version served before the current one; repeated rollbacks keep
+        walking back (the history is replayed as a stack, a rollback popping it)."""
+        served: list[str] = []
+        for entry in self.history():
+            if entry["reason"] == "rollback" and served:
+                served.pop()
+            else:
+                served.append(entry["to"])
+        if len(served) < 2 or served[-1] != self.current_name():
+            raise RegistryError(f"registry {self.root} has no earlier version to roll back to")
+        self.switch(served[-2], reason="rollback")
+        return served[-2]
 
     def describe(self) -> list[dict[str, Any]]:
         """Every version with its metadata, newest name last, marking the current one."""

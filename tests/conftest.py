@@ -51,6 +51,16 @@ def fpn_predictor():
     return Predictor.from_files(d / "config.yaml", d / "model_final.pth", device="cpu")
 
 
+def run_predict_cli(model: str, out: Path, *images: Path, extra: tuple[str, ...] = ()) -> int:
+    """`tridentloop predict` with a fixture model's config and weights, on the CPU."""
+    from backend.cli import main
+
+    d = fixture_dir(model)
+    return main(["predict", "--config", str(d / "config.yaml"), "--weights",
+                 str(d / "model_final.pth"), "--device", "cpu", "--output", str(out),
+                 *extra, *map(str, images)])
+
+
 def assert_same_detections(
     got: list[dict], expected: list[dict], box_tol: float = 0.01, score_tol: float = 1e-4
 ) -> None:
@@ -68,4 +78,4 @@ def assert_same_detections(
 def label_studio(tmp_path_factory):
     """A real Label Studio server for the whole test session (first start ~50 s)."""
     with local_label_studio(tmp_path_factory.mktemp("label-studio")) as server:
-        yield {"url": server.url, "token": server.token}
+        yield server

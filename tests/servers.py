@@ -10,9 +10,17 @@ from backend.labelstudio.server import free_port, serve_in_thread
 
 from .conftest import fixture_dir
 
-__all__ = ["free_port", "make_model_dir", "serve_in_thread", "wait_for"]
+__all__ = ["ANIMAL_CONFIG", "free_port", "make_model_dir", "serve_in_thread", "wait_for"]
 
 LABELS = ["Elephant", "zebra", "BIRD"]
+
+# The model's classes reach these labels three ways: same name, other case, predicted_values.
+ANIMAL_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="label" toName="image">
+    <Label value="Elephant"/><Label value="Zebra"/><Label value="Avian" predicted_values="bird"/>
+  </RectangleLabels>
+</View>"""
 
 
 def make_model_dir(

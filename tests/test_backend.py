@@ -25,14 +25,8 @@ from backend.labelstudio.model_source import ModelSource
 from backend.model_dir import ModelDir
 from backend.registry import Registry
 
+from .servers import ANIMAL_CONFIG as CONFIG
 from .servers import make_model_dir, serve_in_thread
-
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <RectangleLabels name="label" toName="image">
-    <Label value="Elephant"/><Label value="Zebra"/><Label value="Avian" predicted_values="bird"/>
-  </RectangleLabels>
-</View>"""
 
 
 @pytest.fixture(scope="module")

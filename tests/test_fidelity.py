@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from backend.cli import main
 from backend.detection.checkpoint import load_weights
 from backend.detection.config import load_config
 from backend.detection.model import GeneralizedRCNN
@@ -22,28 +21,14 @@ from .conftest import (
     assert_same_detections,
     expected_detections,
     fixture_dir,
+    run_predict_cli,
 )
 
 
 @pytest.mark.parametrize("name", FIXTURE_MODELS)
 def test_predict_cli_reproduces_detectron2(name, tmp_path):
-    d = fixture_dir(name)
     out = tmp_path / "out.jsonl"
-    rc = main(
-        [
-            "predict",
-            "--config",
-            str(d / "config.yaml"),
-            "--weights",
-            str(d / "model_final.pth"),
-            "--no-tiling",
-            "--device",
-            "cpu",
-            "--output",
-            str(out),
-            str(D2_FIXTURES / "input.png"),
-        ]
-    )
+    rc = run_predict_cli(name, out, D2_FIXTURES / "input.png", extra=("--no-tiling",))
     assert rc == 0
     (line,) = out.read_text().splitlines()
     record = json.loads(line)

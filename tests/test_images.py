@@ -10,10 +10,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from backend.cli import main
 from backend.detection.images import ImageError, load_image
 
-from .conftest import D2_FIXTURES, fixture_dir
+from .conftest import D2_FIXTURES, run_predict_cli
 
 RGB = np.random.default_rng(0).integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
 
@@ -90,24 +89,10 @@ def test_pixel_limit_refuses_large_images_before_decoding(tmp_path):
 
 
 def test_a_bad_file_does_not_stop_the_others(tmp_path):
-    d = fixture_dir("faster_rcnn_R_50_FPN_1x")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage")
     out = tmp_path / "out.jsonl"
-    rc = main(
-        [
-            "predict",
-            "--config",
-            str(d / "config.yaml"),
-            "--weights",
-            str(d / "model_final.pth"),
-            "--device",
-            "cpu",
-            "--output",
-            str(out),
-            str(tmp_path / "broken.jpg"),
-            str(D2_FIXTURES / "input.png"),
-        ]
-    )
+    rc = run_predict_cli("faster_rcnn_R_50_FPN_1x", out, tmp_path / "broken.jpg",
+                         D2_FIXTURES / "input.png")
     assert rc == 1  # something failed, and it says so
     broken, good = (json.loads(line) for line in out.read_text().splitlines())
     assert broken["image"].endswith("broken.jpg") and "error" in broken

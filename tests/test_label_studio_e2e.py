@@ -21,23 +21,15 @@ from label_studio_sdk import LabelStudio
 from PIL import Image
 
 from backend.cli import main as cli
-from backend.labelstudio.local_server import stop_process
+from backend.labelstudio.local_server import import_image, stop_process
 from backend.registry import Registry
 
 from .conftest import REPO
+from .servers import ANIMAL_CONFIG as CONFIG
 from .servers import free_port, make_model_dir, wait_for
 
 pytestmark = pytest.mark.slow
 
-LABEL_STUDIO = Path(
-    os.environ.get("TRIDENTLOOP_LABEL_STUDIO_BIN", REPO / ".venv-ls" / "bin" / "label-studio")
-)
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <RectangleLabels name="label" toName="image">
-    <Label value="Elephant"/><Label value="Zebra"/><Label value="Avian" predicted_values="bird"/>
-  </RectangleLabels>
-</View>"""
 NAMES = {"Elephant": 0, "Zebra": 1, "Avian": 2}
 AUTH = ("ls-backend", "b4ckend-pass")
 
@@ -50,12 +42,12 @@ def stack(label_studio, tmp_path_factory):
     for version in ("survey-v1", "survey-v2"):
         registry.add(make_model_dir(root / version, version=version))
     registry.switch("survey-v1")
-    ls = LabelStudio(base_url=label_studio["url"], api_key=label_studio["token"])
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     pat = ls.tokens.create().token  # a personal access token: the backend refreshes it
     port = free_port()
     env = {
         **os.environ,
-        "LABEL_STUDIO_URL": label_studio["url"],
+        "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": pat,
         "BASIC_AUTH_USER": AUTH[0],
         "BASIC_AUTH_PASS": AUTH[1],
@@ -128,18 +120,8 @@ def _upload_images(label_studio, project_id: int, root: Path) -> dict[str, Path]
         path = root / name
         Image.fromarray(np.ascontiguousarray(array)).save(path)
         saved[name] = path
-        upload(label_studio, project_id, path)
+        import_image(label_studio, project_id, name, path.read_bytes())
     return saved
-
-
-def upload(label_studio, project_id: int, path: Path) -> None:
-    r = httpx.post(
-        f"{label_studio['url']}/api/projects/{project_id}/import",
-        headers={"Authorization": f"Token {label_studio['token']}"},
-        files={"file": (path.name, path.read_bytes(), "image/png")},
-        timeout=60,
-    )
-    r.raise_for_status()
 
 
 def _engine_regions(stack, path: Path, version: str) -> list[dict]:
@@ -214,7 +196,7 @@ def test_opening_a_task_without_predictions_predicts_it(stack):
     path = stack["images"]["a.png"]
     copy = stack["root"] / "opened.png"
     copy.write_bytes(path.read_bytes())
-    upload(stack["label_studio"], stack["project"], copy)
+    import_image(stack["label_studio"], stack["project"], copy.name, copy.read_bytes())
     task_id = max(_task_image_names(stack))
     stack["ls"].tasks.get(id=str(task_id))  # what the labeling UI does when a task opens
     predictions = stack["ls"].predictions.list(task=task_id)
@@ -240,7 +222,7 @@ def test_registry_switch_changes_the_version_of_new_predictions(stack):
     stack["registry"].switch("survey-v2", reason="test")
     copy = stack["root"] / "after-switch.png"
     copy.write_bytes(stack["images"]["b.png"].read_bytes())
-    upload(stack["label_studio"], stack["project"], copy)
+    import_image(stack["label_studio"], stack["project"], copy.name, copy.read_bytes())
     task_id = max(_task_image_names(stack))
     stack["ls"].tasks.get(id=str(task_id))
     (prediction,) = stack["ls"].predictions.list(task=task_id)

@@ -20,6 +20,8 @@ import yaml
 from label_studio_sdk import LabelStudio
 from PIL import Image
 
+from backend.labelstudio.local_server import import_image
+from backend.labelstudio.results import rectangle_region
 from backend.registry import Registry
 from backend.synthetic import CLASSES, survey_scene
 from pipelines.deploy import gate
@@ -66,53 +68,19 @@ def new_project(root: Path, project_id: int, env: dict[str, str], **train) -> Pa
     )
 
 
-def annotate(
-    ls: LabelStudio,
-    task_id: int,
-    boxes: np.ndarray,
-    classes: np.ndarray,
-    size: tuple[int, int],
-    cancelled: bool = False,
-) -> None:
+def annotate(ls: LabelStudio, task_id: int, boxes: np.ndarray, classes: np.ndarray,
+             size: tuple[int, int], cancelled: bool = False) -> None:
+    """A person's submitted annotation (or skip) drawing the ground truth."""
     width, height = size
-    result = [
-        {
-            "from_name": "label",
-            "to_name": "image",
-            "type": "rectanglelabels",
-            "original_width": width,
-            "original_height": height,
-            "value": {
-                "x": 100 * b[0] / width,
-                "y": 100 * b[1] / height,
-                "width": 100 * (b[2] - b[0]) / width,
-                "height": 100 * (b[3] - b[1]) / height,
-                "rotation": 0,
-                "rectanglelabels": [CLASSES[c]],
-            },
-        }
-        for b, c in zip(boxes.tolist(), classes.tolist(), strict=True)
-    ]
+    result = [rectangle_region(b, CLASSES[c], width, height)
+              for b, c in zip(boxes.tolist(), classes.tolist(), strict=True)]
     ls.annotations.create(id=task_id, result=[] if cancelled else result, was_cancelled=cancelled)
-
-
-def upload(label_studio, project_id: int, name: str, data: bytes) -> int:
-    import httpx
-
-    r = httpx.post(
-        f"{label_studio['url']}/api/projects/{project_id}/import",
-        headers={"Authorization": f"Token {label_studio['token']}"},
-        files={"file": (name, data, "image/png")},
-        timeout=60,
-    )
-    r.raise_for_status()
-    return r.json()["file_upload_ids"][0]
 
 
 @pytest.fixture(scope="module")
 def loop(label_studio, tmp_path_factory):
     root = tmp_path_factory.mktemp("loop")
-    ls = LabelStudio(base_url=label_studio["url"], api_key=label_studio["token"])
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     project = ls.projects.create(title="loop", label_config=CONFIG)
     rng = np.random.default_rng(7)
     scenes = {}
@@ -120,9 +88,9 @@ def loop(label_studio, tmp_path_factory):
         scene = survey_scene(rng, 320, 320, 5)
         buffer = io.BytesIO()
         Image.fromarray(scene.image).save(buffer, format="PNG")
-        upload(label_studio, project.id, f"scene{i:02d}.png", buffer.getvalue())
+        import_image(label_studio, project.id, f"scene{i:02d}.png", buffer.getvalue())
         scenes[f"scene{i:02d}.png"] = scene
-    upload(label_studio, project.id, "corrupt.png", b"\x89PNG\r\n\x1a\n truncated garbage")
+    import_image(label_studio, project.id, "corrupt.png", b"\x89PNG\r\n\x1a\n truncated garbage")
     tasks = {t.data["image"].rsplit("-", 1)[-1]: t.id for t in ls.tasks.list(project=project.id)}
     for name, scene in scenes.items():
         annotate(
@@ -132,8 +100,8 @@ def loop(label_studio, tmp_path_factory):
     env = {
         **os.environ,
         "PATH": VENV_BIN + os.pathsep + os.environ["PATH"],
-        "LABEL_STUDIO_URL": label_studio["url"],
-        "LABEL_STUDIO_API_KEY": label_studio["token"],
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": label_studio.token,
         "DVC_NO_ANALYTICS": "1",
     }
     env.pop("TRIDENTLOOP_LS_PROJECT", None)
@@ -310,7 +278,7 @@ def test_export_with_no_accepted_labels_deploys_nothing(loop):
     Image.fromarray(survey_scene(np.random.default_rng(1), 128, 128, 2).image).save(
         buffer, format="PNG"
     )
-    upload(loop["label_studio"], empty.id, "lonely.png", buffer.getvalue())
+    import_image(loop["label_studio"], empty.id, "lonely.png", buffer.getvalue())
     checkout = new_project(loop["root"] / "empty", empty.id, loop["env"])
     proc = run(["dvc", "repro"], checkout, loop["env"], check=False)
     assert proc.returncode != 0

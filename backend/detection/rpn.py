@@ -58,25 +58,17 @@ class AnchorGenerator(nn.Module):
             raise ValueError("every RPN level needs the same number of anchors per position")
         self.num_anchors = counts.pop()
 
+    def _centres(self, cells: int, stride: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.offset * stride, cells * stride, step=stride,
+                            dtype=torch.float32, device=device)
+
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         anchors = []
         for i, (feature, stride) in enumerate(zip(features, self.strides, strict=True)):
             base: torch.Tensor = getattr(self, f"cell{i}")
             height, width = feature.shape[-2:]
-            xs = torch.arange(
-                self.offset * stride,
-                width * stride,
-                step=stride,
-                dtype=torch.float32,
-                device=base.device,
-            )
-            ys = torch.arange(
-                self.offset * stride,
-                height * stride,
-                step=stride,
-                dtype=torch.float32,
-                device=base.device,
-            )
+            xs = self._centres(width, stride, base.device)
+            ys = self._centres(height, stride, base.device)
             shift_y, shift_x = torch.meshgrid(ys, xs, indexing="ij")
             shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
             shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)

@@ -110,3 +110,11 @@ def local_label_studio(home: Path, timeout: float = 240) -> Iterator[LocalLabelS
             yield LocalLabelStudio(url, token, log)
         finally:
             stop_process(proc)
+
+
+def import_image(server: LocalLabelStudio, project: int, name: str, data: bytes) -> None:
+    """Upload one image file into a project, as a person dropping it on the import page."""
+    response = httpx.post(f"{server.url}/api/projects/{project}/import",
+                          headers={"Authorization": f"Token {server.token}"},
+                          files={"file": (name, data, "image/png")}, timeout=60)
+    response.raise_for_status()

@@ -16,6 +16,28 @@ class ResultError(ValueError):
     """A result that does not fit the project's label config."""
 
 
+def rectangle_region(box: list[float], label: str, width: int, height: int,
+                     from_name: str = "label", to_name: str = "image") -> dict[str, Any]:
+    """One `rectanglelabels` region for a pixel box (x0, y0, x1, y1), in percent."""
+    x0, y0, x1, y1 = box
+    return {
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": "rectanglelabels",
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {
+            "x": 100.0 * x0 / width,
+            "y": 100.0 * y0 / height,
+            "width": 100.0 * (x1 - x0) / width,
+            "height": 100.0 * (y1 - y0) / height,
+            "rotation": 0,
+            "rectanglelabels": [label],
+        },
+    }
+
+
 def rectangle_results(
     det: Detections,
     width: int,
@@ -26,32 +48,13 @@ def rectangle_results(
 ) -> list[dict[str, Any]]:
     """One region per detection of a mapped class at or above the threshold, best first."""
     results = []
-    for box, score, cls in zip(
-        det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(), strict=True
-    ):
+    for box, score, cls in zip(det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(),
+                               strict=True):
         label = class_map.get(int(cls))
         if label is None or score < score_threshold:
             continue
-        x0, y0, x1, y1 = box
-        results.append(
-            {
-                "from_name": control.from_name,
-                "to_name": control.to_name,
-                "type": "rectanglelabels",
-                "original_width": width,
-                "original_height": height,
-                "image_rotation": 0,
-                "value": {
-                    "x": 100.0 * x0 / width,
-                    "y": 100.0 * y0 / height,
-                    "width": 100.0 * (x1 - x0) / width,
-                    "height": 100.0 * (y1 - y0) / height,
-                    "rotation": 0,
-                    "rectanglelabels": [label],
-                },
-                "score": float(score),
-            }
-        )
+        region = rectangle_region(box, label, width, height, control.from_name, control.to_name)
+        results.append({**region, "score": float(score)})
     return results
 
 
