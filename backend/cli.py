@@ -12,6 +12,7 @@ from typing import Any
 
 from .detection.images import DEFAULT_MAX_PIXELS
 from .detection.tiling import TilingOptions
+from .uncertainty import METHODS
 
 
 def _add_device_args(parser: argparse.ArgumentParser) -> None:
@@ -198,6 +199,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(serve)
     _add_tiling_args(serve)
 
+    prelabel = sub.add_parser(
+        "prelabel", help="pre-label a whole project or survey in one batch job (resumable)"
+    )
+    what = prelabel.add_mutually_exclusive_group(required=True)
+    what.add_argument("--project", type=int, help="a Label Studio project id (LABEL_STUDIO_URL "
+                      "and LABEL_STUDIO_API_KEY name the server)")
+    what.add_argument("--images", help="image files: a folder, glob or fsspec URL (s3://...)")
+    model = prelabel.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", type=Path, help="a model directory")
+    model.add_argument("--registry", type=Path, help="a model registry: its current version")
+    prelabel.add_argument("--output", "-o", type=Path,
+                          help="--images: JSON Lines results, also the progress file")
+    prelabel.add_argument("--coco", type=Path, help="--images: also write COCO results here")
+    prelabel.add_argument("--report", type=Path,
+                          help="run report (default: beside --output, or in the current dir)")
+    prelabel.add_argument("--uncertainty", default="least-confidence", choices=METHODS,
+                          help="the prediction score annotators sort by (default: %(default)s)")
+    prelabel.add_argument("--score-threshold", type=float, default=0.5,
+                          help="--project: boxes below this are not shown to annotators")
+    prelabel.add_argument("--label-mapping", type=Path,
+                          help='--project: JSON {"model class": "Label Studio label"}')
+    prelabel.add_argument("--workers", type=int, default=4,
+                          help="CPU threads that fetch, decode and tile images")
+    prelabel.add_argument("--chunk", type=int, default=100,
+                          help="--project: predictions per import request")
+    prelabel.add_argument("--retry-for", type=float, default=600.0,
+                          help="seconds to keep retrying while Label Studio is unreachable")
+    prelabel.add_argument("--download-timeout", type=float, default=30.0, help="seconds")
+    prelabel.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    prelabel.add_argument("--limit", type=int, help="do at most this many images this run")
+    prelabel.add_argument("--ray", metavar="ADDRESS",
+                          help="run on a Ray cluster (`auto`, ray://host:10001, or `local`)")
+    prelabel.add_argument("--ray-workers", type=int, default=None,
+                          help="model replicas on Ray (default: one per GPU, else 1)")
+    _add_device_args(prelabel)
+    _add_tiling_args(prelabel)
+
     rollback = sub.add_parser("rollback", help="serve the registry's previous version again")
     rollback.add_argument("--registry", type=Path, required=True)
 
@@ -294,6 +332,12 @@ def _serve(args: argparse.Namespace) -> int:
     return run_server(args, tiling_from_args(args))
 
 
+def _prelabel(args: argparse.Namespace) -> int:
+    from .prelabel.job import run_prelabel
+
+    return run_prelabel(args, tiling_from_args(args))
+
+
 def _rollback(args: argparse.Namespace) -> int:
     from .registry import Registry
 
@@ -323,6 +367,7 @@ COMMANDS = {
     "predict": _predict,
     "serve": _serve,
     "bench": _bench,
+    "prelabel": _prelabel,
     "rollback": _rollback,
     "versions": _versions,
     "demo": _demo,

@@ -17,7 +17,7 @@ import numpy as np
 
 from .predictor import Predictor
 from .structures import Detections
-from .tiling import TilingOptions
+from .tiling import TilePlan, TilingOptions
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,7 @@ class _Job:
     future: Future = field(default_factory=Future)
 
     def single_pass(self) -> bool:
-        if self.tiling is None:
-            return True
-        height, width = self.image.shape[:2]
-        return max(height, width) <= self.tiling.tile_size and not self.tiling.full_image_pass
+        return TilePlan.for_image(*self.image.shape[:2], self.tiling).single_pass
 
 
 class InferenceQueue:

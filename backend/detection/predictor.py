@@ -74,6 +74,7 @@ class Predictor:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not one of {sorted(PRECISIONS)}")
         on_cuda = self.device.type == "cuda"
+        self.precision = precision
         self.autocast_dtype = PRECISIONS[precision] if on_cuda else None
         self.channels_last = on_cuda if channels_last is None else channels_last
         self.model = model.eval().to(self.device)
@@ -95,6 +96,13 @@ class Predictor:
         model = GeneralizedRCNN(load_config(config, overrides))
         load_weights(model, weights, for_inference=True)
         return cls(model, **kwargs)
+
+    def sharing_weights(self, cfg: DetectorConfig) -> Predictor:
+        """A predictor for a variant of this model's config (another TridentNet test branch,
+        say) over these very weight tensors: no second copy in memory."""
+        model = GeneralizedRCNN(cfg)
+        model.load_state_dict(self.model.state_dict(), assign=True)
+        return Predictor(model, self.device, self.precision, self.channels_last)
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
         """RGB uint8 (H, W, 3) -> resized float tensor in the model's channel order."""

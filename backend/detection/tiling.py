@@ -84,34 +84,74 @@ def tile_grid(height: int, width: int, tile_size: int, overlap: float) -> list[T
 Predict = Callable[[Sequence[np.ndarray]], list[Detections]]
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """The crops one image is run as, and how their detections come back together. Both the
+    in-process tiled predictor and the streaming batch job follow the same plan, so they
+    give the same detections."""
+
+    height: int
+    width: int
+    crops: tuple[Tile, ...]  # tiles in row-major order, then the full-image pass if any
+    options: TilingOptions | None  # None: the image runs whole, exactly as DefaultPredictor
+
+    @classmethod
+    def for_image(cls, height: int, width: int, options: TilingOptions | None) -> TilePlan:
+        whole = Tile(0, 0, height, width)
+        if options is None:
+            return cls(height, width, (whole,), None)
+        tiles = tile_grid(height, width, options.tile_size, options.overlap)
+        if options.full_image_pass and tiles != [whole]:
+            tiles.append(whole)
+        return cls(height, width, tuple(tiles), options)
+
+    @property
+    def single_pass(self) -> bool:
+        """One crop that is the whole image: its detections need no merging."""
+        return len(self.crops) == 1
+
+    def batches(self, size: int) -> Iterator[list[Tile]]:
+        """Consecutive crops of one shape, at most `size` at a time: a batch never pads one
+        crop to another's size, which would change its detections."""
+        batch: list[Tile] = []
+        for tile in self.crops:
+            if batch and (len(batch) == size or _shape(batch[0]) != _shape(tile)):
+                yield batch
+                batch = []
+            batch.append(tile)
+        if batch:
+            yield batch
+
+    def merge(self, outputs: list[Detections]) -> Detections:
+        """Detections of every crop (in crop pixels, in `crops` order) -> the image's."""
+        if self.single_pass:
+            return outputs[0]
+        assert self.options is not None
+        parts = [_shift(det, tile) for det, tile in zip(outputs, self.crops, strict=True)]
+        merged = merge_tiles(parts, list(range(len(parts))), list(self.crops), self.options)
+        merged.image_size = (self.height, self.width)
+        return merged
+
+
+def crop(image: np.ndarray, tile: Tile) -> np.ndarray:
+    """A view, not a copy: a 20,000 px mosaic is never duplicated tile by tile."""
+    return image[tile.y0 : tile.y1, tile.x0 : tile.x1]
+
+
 def predict_tiled(
     predict: Predict, image: np.ndarray, options: TilingOptions, batch_size: int = 1
 ) -> Detections:
     """Detections for a whole (H, W, 3) image, in its pixels, sorted by score;
     `options.batch_size`, when set, overrides `batch_size`."""
-    height, width = image.shape[:2]
-    tiles = tile_grid(height, width, options.tile_size, options.overlap)
-    if len(tiles) == 1 and not options.full_image_pass:
-        return predict([image])[0]
-    parts: list[Detections] = []
-    sources: list[int] = []
-    for first, batch in _batches(tiles, options.batch_size or batch_size):
-        outputs = predict([image[t.y0 : t.y1, t.x0 : t.x1] for t in batch])
-        for index, (tile, det) in enumerate(zip(batch, outputs, strict=True), start=first):
-            parts.append(_shift(det, tile))
-            sources.append(index)
-    if options.full_image_pass:
-        parts.append(predict([image])[0])
-        tiles = [*tiles, Tile(0, 0, height, width)]
-        sources.append(len(tiles) - 1)
-    merged = merge_tiles(parts, sources, tiles, options)
-    merged.image_size = (height, width)
-    return merged
+    plan = TilePlan.for_image(*image.shape[:2], options)
+    outputs: list[Detections] = []
+    for batch in plan.batches(options.batch_size or batch_size):
+        outputs += predict([crop(image, t) for t in batch])
+    return plan.merge(outputs)
 
 
-def _batches(tiles: list[Tile], size: int) -> Iterator[tuple[int, list[Tile]]]:
-    for start in range(0, len(tiles), size):
-        yield start, tiles[start : start + size]
+def _shape(tile: Tile) -> tuple[int, int]:
+    return tile.y1 - tile.y0, tile.x1 - tile.x0
 
 
 def _shift(det: Detections, tile: Tile) -> Detections:

@@ -1,0 +1,252 @@
+"""`tridentloop prelabel`: a whole survey pre-labelled by one batch job.
+
+Label Studio's "Retrieve predictions" sends every selected task in one request and gives up
+after 100 s, so surveys are pre-labelled here instead: items stream through the engine
+(`stream`, or a Ray cluster with `--ray`), each finished image is saved at once (imported
+into Label Studio in chunks, or appended to a JSON Lines file), and its prediction's score
+is the image's uncertainty, so annotators sort by it in the Data Manager. A rerun skips what
+is done; Ctrl-C stops cleanly with everything finished so far saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import uncertainty
+from ..detection.structures import Detections
+from ..detection.tiling import TilingOptions
+from ..labelstudio.label_config import parse_label_config, read_mapping
+from ..labelstudio.media import MediaSettings
+from ..labelstudio.results import prediction, rectangle_results, validate
+from ..model_dir import ModelDir
+from ..predict import detection_records
+from ..registry import Registry
+from .sinks import JsonLinesSink, PredictionImporter, write_coco_results
+from .sources import FileLoader, Item, TaskLoader, image_files, project_tasks
+from .stream import ImageResult, detect_stream
+
+log = logging.getLogger(__name__)
+
+
+class Destination(Protocol):
+    """One mode of the job: what is left to do, how an item loads, where a result goes."""
+
+    load: Callable[[Item], np.ndarray]
+
+    def todo(self) -> tuple[list[Item], int]: ...
+
+    def save(self, item: Item, det: Detections, height: int, width: int, score: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Report:
+    """What a run did, written next to its output: failures are listed, never fatal."""
+
+    model_version: str
+    uncertainty: str
+    images: int = 0
+    already_done: int = 0
+    done: int = 0
+    tiles: int = 0
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+
+class LabelStudioProject:
+    """Predictions imported into a project, one per task, tagged with the model version."""
+
+    def __init__(self, args: argparse.Namespace, version: str, labels: list[str]) -> None:
+        from label_studio_sdk import LabelStudio
+
+        url, key = os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY")
+        if not url or not key:
+            raise ValueError("--project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set")
+        self.client = LabelStudio(base_url=url, api_key=key)
+        self.args = args
+        self.version = version
+        self.project = args.project
+        config = parse_label_config(self.client.projects.get(id=self.project).label_config)
+        mapping = read_mapping(args.label_mapping) if args.label_mapping else None
+        usable = config.usable(labels, mapping)
+        if not usable:
+            raise ValueError(
+                f"project {self.project}: none of the model's classes {labels} matches a "
+                "label of its config; rename labels, add predicted_values or --label-mapping"
+            )
+        self.data_key = usable[0][0].data_key  # one image per task: the first image's controls
+        self.usable = [(c, m) for c, m in usable if c.data_key == self.data_key]
+        self.load = TaskLoader(MediaSettings(url, key, timeout=args.download_timeout),
+                               args.max_pixels)
+        self.importer = PredictionImporter(self.client, self.project, args.chunk, args.retry_for)
+
+    def todo(self) -> tuple[list[Item], int]:
+        return project_tasks(
+            self.client, self.project, self.data_key, self.version, self.args.retry_for
+        )
+
+    def save(self, item: Item, det: Detections, height: int, width: int, score: float) -> None:
+        regions = []
+        for control, class_map in self.usable:
+            regions += rectangle_results(
+                det, width, height, control, class_map, self.args.score_threshold
+            )
+        validate(regions, tuple(c for c, _ in self.usable))
+        assert item.task_id is not None
+        self.importer.add(item.task_id, prediction(regions, self.version, score))
+
+    def close(self) -> None:
+        self.importer.flush()
+
+
+class ResultFiles:
+    """JSON Lines (and optionally COCO) results for image files anywhere fsspec reaches."""
+
+    def __init__(self, args: argparse.Namespace, version: str, labels: list[str] | None) -> None:
+        if args.output is None:
+            raise ValueError("--images needs --output FILE.jsonl (it is also the progress file)")
+        self.pattern = args.images
+        self.coco = args.coco
+        self.version = version
+        self.labels = labels
+        self.sink = JsonLinesSink(args.output)
+        self.load = FileLoader(args.max_pixels)
+
+    def todo(self) -> tuple[list[Item], int]:
+        files = image_files(self.pattern)
+        todo = [Item(f) for f in files if f not in self.sink.done]
+        return todo, len(files) - len(todo)
+
+    def save(self, item: Item, det: Detections, height: int, width: int, score: float) -> None:
+        self.sink.write(
+            {
+                "image": item.uri,
+                "width": width,
+                "height": height,
+                "model_version": self.version,
+                "uncertainty": score,
+                "detections": detection_records(det, self.labels),
+            }
+        )
+
+    def close(self) -> None:
+        self.sink.close()
+        if self.coco is not None:
+            write_coco_results(self.sink.path, self.coco, self.labels)
+
+
+def open_model(args: argparse.Namespace) -> tuple[ModelDir, str]:
+    """The model to run and the version its predictions are tagged with."""
+    if args.model is not None:
+        model = ModelDir.open(args.model)
+        return model, model.version
+    registry = Registry(args.registry)
+    return registry.current(), str(registry.current_name())
+
+
+def run_prelabel(args: argparse.Namespace, tiling: TilingOptions | None) -> int:
+    model, version = open_model(args)
+    labels = model.labels or []
+    destination: Destination = (
+        LabelStudioProject(args, version, labels)
+        if args.project is not None
+        else ResultFiles(args, version, model.labels)
+    )
+    items, already = destination.todo()
+    if args.limit is not None:
+        items = items[: args.limit]
+    report = Report(version, args.uncertainty, len(items) + already, already)
+    report_path = args.report or _default_report(args)
+    print(f"prelabel: {len(items)} image(s) to do, {already} already done, model {version}",
+          file=sys.stderr)
+    started = time.monotonic()
+    results = _results(args, model, tiling, destination, items)
+    progress = tqdm(total=len(items), desc="prelabel", unit="img", mininterval=1.0)
+    try:
+        for result in results:
+            _record(result, destination, report, args.uncertainty)
+            progress.update()
+            elapsed = max(time.monotonic() - started, 1e-9)
+            progress.set_postfix(tiles_s=f"{report.tiles / elapsed:.1f}", failed=len(report.failed))
+    except KeyboardInterrupt:
+        report.interrupted = True
+    finally:
+        progress.close()
+        results.close()
+        destination.close()
+        report.seconds = round(time.monotonic() - started, 2)
+        report.write(report_path)
+    _summarise(report, report_path)
+    return 130 if report.interrupted else (1 if report.failed else 0)
+
+
+def _results(
+    args: argparse.Namespace,
+    model: ModelDir,
+    tiling: TilingOptions | None,
+    destination: Destination,
+    items: list[Item],
+) -> Iterator[ImageResult[Item]]:
+    if args.ray is not None:
+        from .ray_runner import ray_detect_stream
+
+        return ray_detect_stream(args, model, tiling, destination.load, items)
+    predictor = model.predictor(device=args.device, precision=args.precision)
+    predictors = [predictor, *uncertainty.counterparts(args.uncertainty, predictor)]
+    return detect_stream(
+        items, destination.load, predictors, tiling, args.workers, args.batch_size
+    )
+
+
+def _record(
+    result: ImageResult[Item], destination: Destination, report: Report, method: str
+) -> None:
+    if result.error is not None:
+        report.failed.append({"image": result.item.uri, "task": result.item.task_id,
+                              "error": result.error})
+        return
+    score = uncertainty.score(method, result.detections)
+    destination.save(result.item, result.detections[0], result.height, result.width, score)
+    report.done += 1
+    report.tiles += result.crops
+
+
+def _default_report(args: argparse.Namespace) -> Path:
+    if args.output is not None:
+        return args.output.with_name(args.output.stem + ".report.json")
+    return Path(f"prelabel-project{args.project}.report.json")
+
+
+def _summarise(report: Report, path: Path) -> None:
+    rate = report.tiles / report.seconds if report.seconds else 0.0
+    print(
+        f"prelabel: {report.done} done, {len(report.failed)} failed, {report.already_done} "
+        f"already done; {report.tiles} tiles in {report.seconds:.1f} s ({rate:.1f} tiles/s); "
+        f"report {path}",
+        file=sys.stderr,
+    )
+    for failure in report.failed[:20]:
+        error = failure["error"]
+        named = error if failure["image"] in error else f"{failure['image']}: {error}"
+        print(f"  failed: {named}", file=sys.stderr)
+    if report.interrupted:
+        print("prelabel: interrupted; what finished is saved, run the same command to resume",
+              file=sys.stderr)

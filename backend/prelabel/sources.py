@@ -1,0 +1,90 @@
+"""What a batch job labels: the tasks of a Label Studio project that have no prediction of
+this model version yet, or the image files an fsspec URL, folder or glob names. Each item
+knows how it is loaded; the stream only ever calls `load`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from ..detection.images import DEFAULT_MAX_PIXELS, load_image
+from ..labelstudio.media import MediaFetcher, MediaSettings
+from .retry import with_retry
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class Item:
+    uri: str
+    task_id: int | None = None  # Label Studio mode
+
+
+def image_files(pattern: str) -> list[str]:
+    """The images a local path, folder, glob or fsspec URL (s3://, gs://, memory://...)
+    names, sorted; local ones as plain paths."""
+    fs, path = fsspec.core.url_to_fs(pattern)
+    if fs.isdir(path):
+        found = [p for p in fs.find(path) if p.lower().endswith(IMAGE_SUFFIXES)]
+    elif any(ch in path for ch in "*?["):
+        found = fs.glob(path)
+    elif fs.isfile(path):
+        found = [path]
+    else:
+        raise FileNotFoundError(f"--images {pattern}: no such file, folder or glob match")
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    return sorted(p if local else fs.unstrip_protocol(p) for p in found)
+
+
+class FileLoader:
+    """Reads image files through fsspec, so buckets work like folders."""
+
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.max_pixels = max_pixels
+
+    def __call__(self, item: Item) -> np.ndarray:
+        with fsspec.open(item.uri, "rb") as f:
+            data = f.read()
+        return load_image(data, max_pixels=self.max_pixels, name=item.uri)
+
+
+class TaskLoader:
+    """Reads a task's image wherever Label Studio says it lives (the backend's media layer).
+    The fetcher is made on first use, so a loader can be shipped to Ray workers."""
+
+    def __init__(self, media: MediaSettings, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.settings = media
+        self.max_pixels = max_pixels
+
+    @cached_property
+    def media(self) -> MediaFetcher:
+        return MediaFetcher(self.settings)
+
+    def __call__(self, item: Item) -> np.ndarray:
+        data = self.media.fetch(item.uri, item.task_id)
+        return load_image(data, max_pixels=self.max_pixels, name=item.uri)
+
+
+def project_tasks(
+    client: Any, project: int, data_key: str, model_version: str, give_up_after: float
+) -> tuple[list[Item], int]:
+    """Tasks still to pre-label (no prediction of `model_version`), and how many already
+    have one: a rerun after a stop picks up where it left off."""
+
+    def listing() -> list[dict[str, Any]]:
+        pager = client.tasks.list(project=project, fields="all")
+        return [t if isinstance(t, dict) else t.model_dump() for t in pager]
+
+    tasks = with_retry(listing, f"listing the tasks of project {project}", give_up_after)
+    todo, done = [], 0
+    for task in tasks:
+        versions = {p.get("model_version") for p in task.get("predictions") or []}
+        if model_version in versions:
+            done += 1
+        else:
+            todo.append(Item(str((task.get("data") or {}).get(data_key, "")), task["id"]))
+    return todo, done

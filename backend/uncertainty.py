@@ -1,0 +1,91 @@
+"""How unsure the model is about an image, as one number: the higher, the sooner a person
+should label it. Scores are computed on every detection the model keeps (down to its own
+SCORE_THRESH_TEST), not only on the boxes shown to annotators, because the doubtful ones
+are exactly those below the display threshold.
+
+- `least-confidence`: the most doubtful box decides. A box of score s is a yes/no call
+  (object or background) whose doubt is 2 * min(s, 1 - s): 1 for a coin flip, 0 when
+  certain. An image with no boxes scores 0.
+- `entropy`: the total binary entropy (bits) of the box scores: several doubtful boxes
+  outrank one, which `least-confidence` cannot tell apart.
+- `disagreement` (TridentNet): 1 - the score-weighted agreement between the fast branch's
+  and all branches' detections (same class, IoU >= 0.5): 0 when the two views agree box for
+  box, 1 when they share nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from .detection.boxes import pairwise_iou
+from .detection.predictor import Predictor
+from .detection.structures import Detections
+
+Method = Literal["least-confidence", "entropy", "disagreement"]
+METHODS: tuple[Method, ...] = ("least-confidence", "entropy", "disagreement")
+_MATCH_IOU = 0.5
+
+
+def least_confidence(det: Detections) -> float:
+    if len(det) == 0:
+        return 0.0
+    return float((2 * torch.minimum(det.scores, 1 - det.scores)).max())
+
+
+def entropy(det: Detections) -> float:
+    s = det.scores.double().clamp(1e-12, 1 - 1e-12)
+    return float((-(s * s.log2()) - (1 - s) * (1 - s).log2()).sum())
+
+
+def disagreement(a: Detections, b: Detections) -> float:
+    """Greedy one-to-one matching, best scores first; matched pairs count min(score) twice
+    towards agreement, out of the sum of all scores."""
+    total = float(a.scores.sum() + b.scores.sum())
+    if total == 0:
+        return 0.0
+    iou = pairwise_iou(a.boxes, b.boxes) if len(a) and len(b) else torch.zeros(len(a), len(b))
+    iou[a.classes[:, None] != b.classes[None, :]] = 0
+    agreement = 0.0
+    taken = torch.zeros(len(b), dtype=torch.bool)
+    for i in torch.argsort(a.scores, descending=True).tolist():
+        candidates = torch.where(taken, 0.0, iou[i])
+        if len(candidates) and candidates.max() >= _MATCH_IOU:
+            j = int(candidates.argmax())
+            taken[j] = True
+            agreement += 2 * min(float(a.scores[i]), float(b.scores[j]))
+    return max(0.0, 1.0 - agreement / total)
+
+
+def score(method: Method, detections: Sequence[Detections]) -> float:
+    """`detections[0]` is what the served model found; `disagreement` also needs
+    `detections[1]`, the branch counterpart's view of the same image."""
+    if method == "least-confidence":
+        return least_confidence(detections[0])
+    if method == "entropy":
+        return entropy(detections[0])
+    if method == "disagreement":
+        return disagreement(detections[0], detections[1])
+    raise ValueError(f"unknown uncertainty method {method!r}; choose from {METHODS}")
+
+
+def counterparts(method: Method, predictor: Predictor) -> list[Predictor]:
+    """The extra predictors a method needs beside the served one."""
+    if method != "disagreement":
+        return []
+    trident = predictor.cfg.trident
+    if trident is None:
+        raise ValueError(
+            "uncertainty 'disagreement' compares TridentNet branches, but this model has no "
+            "MODEL.TRIDENT section; use least-confidence or entropy"
+        )
+    # A fast model is compared with all its branches; an all-branch one with its middle
+    # branch, which is what detectron2's TridentNet-Fast runs.
+    other = -1 if trident.test_branch_idx >= 0 else trident.num_branch // 2
+    cfg = dataclasses.replace(
+        predictor.cfg, trident=dataclasses.replace(trident, test_branch_idx=other)
+    )
+    return [predictor.sharing_weights(cfg)]
