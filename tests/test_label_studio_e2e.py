@@ -59,6 +59,7 @@ def stack(label_studio, tmp_path_factory):
             sys.executable,
             "-m",
             "backend.cli",
+            "-v",  # log the backend's own HTTP calls to Label Studio (checked below)
             "serve",
             "--registry",
             str(root / "registry"),

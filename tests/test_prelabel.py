@@ -1,0 +1,221 @@
+"""`tridentloop prelabel` on image files: the stream gives the engine's detections, results
+and progress survive a stop, failures are reported, uncertainty ranks doubtful images."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backend.cli import main
+from backend.detection.predictor import Predictor
+from backend.detection.structures import Detections
+from backend.detection.tiling import TilingOptions
+from backend.prelabel.retry import OutageError, with_retry
+from backend.prelabel.sources import FileLoader, Item, image_files
+from backend.prelabel.stream import detect_stream
+from backend.synthetic import survey_scene
+from backend.uncertainty import counterparts, disagreement, entropy, least_confidence
+
+from .conftest import D2_FIXTURES, REPO, assert_same_detections, expected_detections, fixture_dir
+from .servers import make_model_dir
+
+TILING = TilingOptions(tile_size=320, overlap=0.2)
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory):
+    """Four generated survey images (two of several tiles, two of one), one broken file."""
+    root = tmp_path_factory.mktemp("survey")
+    rng = np.random.default_rng(3)
+    for i, (h, w) in enumerate([(400, 600), (320, 320), (500, 380), (200, 300)]):
+        Image.fromarray(survey_scene(rng, h, w, 6).image).save(root / f"img{i}.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    model = make_model_dir(tmp_path_factory.mktemp("models") / "m", version="survey-v1")
+    return {"root": root, "model": model}
+
+
+def _as_records(det: Detections) -> list[dict]:
+    return [
+        {"box": b, "score": s, "class_id": c}
+        for b, s, c in zip(det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(),
+                           strict=True)
+    ]
+
+
+def test_stream_gives_each_image_the_engines_tiled_detections(fpn_predictor, survey):
+    files = image_files(str(survey["root"]))
+    results = list(detect_stream([Item(f) for f in files], FileLoader(), [fpn_predictor],
+                                 TILING, workers=3))
+    assert sorted(r.item.uri for r in results) == files  # every image, once
+    for result in results:
+        if result.item.uri.endswith("broken.jpg"):
+            assert "broken.jpg: cannot be decoded" in result.error
+            continue
+        image = FileLoader()(result.item)
+        expected = fpn_predictor.detect(image, TILING)
+        assert torch.equal(result.detections[0].boxes, expected.boxes)
+        assert torch.equal(result.detections[0].scores, expected.scores)
+        assert (result.height, result.width) == image.shape[:2]
+
+
+def test_stream_stops_its_workers_when_closed(fpn_predictor, survey):
+    items = [Item(f) for f in image_files(str(survey["root"]))] * 50
+    stream = detect_stream(items, FileLoader(), [fpn_predictor], TILING, workers=2)
+    next(stream)
+    stream.close()
+    time.sleep(0.5)
+    assert not [t for t in threading.enumerate() if t.name.startswith("prelabel-decode")]
+
+
+def test_folder_job_writes_results_coco_and_a_report_and_resumes(survey, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    args = ["prelabel", "--images", str(survey["root"]), "--model", str(survey["model"]),
+            "--output", str(out), "--coco", str(tmp_path / "coco.json"), "--device", "cpu",
+            "--tile-size", "320"]
+    assert main([*args, "--limit", "3"]) == 1  # the broken file is among the first three
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(first) == 2
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert report["failed"][0]["image"].endswith("broken.jpg")
+    assert (report["done"], report["model_version"]) == (2, "survey-v1")
+
+    # A kill mid-write leaves half a line: it is dropped and that image redone.
+    out.write_text(out.read_text() + '{"image": "half')
+    main(args)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    images = [r["image"] for r in records]
+    assert sorted(images) == sorted(set(images)) and len(images) == 4
+    assert "3 already done" not in capsys.readouterr().err  # 2 done + the broken one retried
+    record = records[0]
+    assert record["model_version"] == "survey-v1" and 0 <= record["uncertainty"] <= 1
+    assert {"box", "score", "class_id", "label"} <= set(record["detections"][0])
+
+    coco = json.loads((tmp_path / "coco.json").read_text())
+    assert len(coco["images"]) == 4
+    assert len(coco["annotations"]) == sum(len(r["detections"]) for r in records)
+    assert [c["name"] for c in coco["categories"]] == ["Elephant", "zebra", "BIRD"]
+
+
+def test_images_are_read_from_any_fsspec_url(survey, tmp_path):
+    fs = fsspec.filesystem("memory")
+    for path in sorted(survey["root"].glob("img*.png"))[:2]:
+        fs.pipe(f"/bucket/flight1/{path.name}", path.read_bytes())
+    found = image_files("memory://bucket/flight1/*.png")
+    assert [f.rsplit("/", 1)[-1] for f in found] == ["img0.png", "img1.png"]
+    assert all(f.startswith("memory://") for f in found)  # URLs that open as they are
+    out = tmp_path / "bucket.jsonl"
+    assert main(["prelabel", "--images", "memory://bucket/flight1", "--model",
+                 str(survey["model"]), "--output", str(out), "--device", "cpu"]) == 0
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_missing_images_and_output_are_clear_errors(survey, tmp_path, capsys):
+    model = ["--model", str(survey["model"]), "--device", "cpu"]
+    assert main(["prelabel", "--images", str(tmp_path / "nowhere"), *model,
+                 "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "no such file, folder or glob match" in capsys.readouterr().err
+    assert main(["prelabel", "--images", str(survey["root"]), *model]) == 2
+    assert "--images needs --output" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_finishes_the_rest(survey, tmp_path):
+    root = tmp_path / "many"
+    root.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(12):
+        Image.fromarray(survey_scene(rng, 320, 320, 4).image).save(root / f"s{i:02d}.png")
+    out = tmp_path / "many.jsonl"
+    cmd = [sys.executable, "-m", "backend.cli", "prelabel", "--images", str(root), "--model",
+           str(survey["model"]), "--output", str(out), "--device", "cpu", "--threads", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while (not out.exists() or not out.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "run the same command to resume" in err
+    saved = [json.loads(line)["image"] for line in out.read_text().splitlines()]
+    assert 1 <= len(saved) < 12
+    assert json.loads((tmp_path / "many.report.json").read_text())["interrupted"]
+
+    rerun = subprocess.run(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{12 - len(saved)} image(s) to do, {len(saved)} already done" in rerun.stderr
+    images = [json.loads(line)["image"] for line in out.read_text().splitlines()]
+    assert sorted(images) == sorted(str(p) for p in root.glob("*.png"))
+
+
+def _det(scores, boxes=None, classes=None) -> Detections:
+    n = len(scores)
+    boxes = boxes if boxes is not None else [[10.0 * i, 0, 10.0 * i + 8, 8] for i in range(n)]
+    return Detections(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                      torch.tensor(scores, dtype=torch.float32),
+                      torch.tensor(classes if classes is not None else [0] * n))
+
+
+def test_uncertainty_is_highest_for_coin_flip_boxes():
+    sure, doubtful = _det([0.99, 0.98]), _det([0.99, 0.5])
+    assert least_confidence(_det([])) == entropy(_det([])) == 0.0
+    assert least_confidence(sure) < 0.05 and least_confidence(doubtful) == pytest.approx(1.0)
+    assert entropy(_det([0.5])) == pytest.approx(1.0)
+    # Several doubtful boxes outrank one under entropy; least confidence cannot tell.
+    assert entropy(_det([0.5, 0.6, 0.4])) > entropy(_det([0.5, 0.99, 0.99]))
+
+
+def test_disagreement_is_zero_for_agreeing_views_and_one_for_disjoint():
+    a = _det([0.9, 0.6])
+    assert disagreement(a, a) == pytest.approx(0.0)
+    assert disagreement(a, _det([])) == 1.0
+    shifted = _det([0.9, 0.6], boxes=[[100, 100, 108, 108], [200, 0, 208, 8]])
+    assert disagreement(a, shifted) == 1.0
+    other_class = _det([0.9, 0.6], classes=[1, 1])
+    assert disagreement(a, other_class) == 1.0
+    assert 0 < disagreement(a, _det([0.9])) < 1
+
+
+def test_branch_counterpart_of_tridentnet_fast_is_detectron2s_all_branch_model():
+    d = fixture_dir("tridentnet_fast_R_50_C4_1x")
+    fast = Predictor.from_files(d / "config.yaml", d / "model_final.pth", device="cpu")
+    (all_branches,) = counterparts("disagreement", fast)
+    shared = dict(all_branches.model.named_parameters())
+    assert all(p.data_ptr() == shared[n].data_ptr() for n, p in fast.model.named_parameters())
+    image = FileLoader()(Item(str(D2_FIXTURES / "input.png")))
+    got = _as_records(all_branches(image))
+    assert_same_detections(got, expected_detections("tridentnet_3branch_R_50_C4_1x")["detections"])
+
+
+def test_disagreement_needs_a_tridentnet(fpn_predictor):
+    with pytest.raises(ValueError, match=r"no MODEL\.TRIDENT section"):
+        counterparts("disagreement", fpn_predictor)
+
+
+def test_outages_are_retried_with_back_off_and_other_errors_are_not():
+    import httpx
+
+    waits: list[float] = []
+    calls = iter([httpx.ConnectError("down"), httpx.ConnectError("down"), "ok"])
+
+    def flaky():
+        value = next(calls)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    assert with_retry(flaky, "import", sleep=waits.append) == "ok"
+    assert waits == [1.0, 2.0]
+    with pytest.raises(OutageError, match="run the same command to resume"):
+        with_retry(lambda: (_ for _ in ()).throw(httpx.ConnectError("down")), "import",
+                   give_up_after=0.5, sleep=lambda s: None)
+    with pytest.raises(KeyError):
+        with_retry(lambda: {}["missing"], "import", sleep=waits.append)
