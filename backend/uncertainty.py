@@ -6,8 +6,11 @@ are exactly those below the display threshold.
 - `least-confidence`: the most doubtful box decides. A box of score s is a yes/no call
   (object or background) whose doubt is 2 * min(s, 1 - s): 1 for a coin flip, 0 when
   certain. An image with no boxes scores 0.
-- `entropy`: the total binary entropy (bits) of the box scores: several doubtful boxes
-  outrank one, which `least-confidence` cannot tell apart.
+- `entropy`: the total binary entropy H (bits) of the box scores, as 1 - 2^-H: several
+  doubtful boxes outrank one, which `least-confidence` cannot tell apart (one coin flip
+  scores 0.5, two 0.75).
+
+Every score lies in [0, 1]: Label Studio silently drops a prediction scored above 1.
 - `disagreement` (TridentNet): 1 - the score-weighted agreement between the fast branch's
   and all branches' detections (same class, IoU >= 0.5): 0 when the two views agree box for
   box, 1 when they share nothing.
@@ -38,7 +41,8 @@ def least_confidence(det: Detections) -> float:
 
 def entropy(det: Detections) -> float:
     s = det.scores.double().clamp(1e-12, 1 - 1e-12)
-    return float((-(s * s.log2()) - (1 - s) * (1 - s).log2()).sum())
+    bits = (-(s * s.log2()) - (1 - s) * (1 - s).log2()).sum()
+    return float(1 - 2 ** (-bits))
 
 
 def disagreement(a: Detections, b: Detections) -> float:

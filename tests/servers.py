@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
+
+import httpx
 
 from backend.labelstudio.local_server import wait_for
 from backend.labelstudio.server import free_port, serve_in_thread
 
 from .conftest import fixture_dir
 
-__all__ = ["ANIMAL_CONFIG", "free_port", "make_model_dir", "serve_in_thread", "wait_for"]
+__all__ = [
+    "ANIMAL_CONFIG", "FlakyProxy", "free_port", "make_model_dir", "serve_in_thread", "wait_for"
+]
 
 LABELS = ["Elephant", "zebra", "BIRD"]
 
@@ -35,3 +40,53 @@ def make_model_dir(
     if version:
         (dest / "model.json").write_text(f'{{"version": "{version}"}}\n')
     return dest
+
+
+class FlakyProxy:
+    """A real HTTP reverse proxy in front of Label Studio that answers 503 to the first
+    `failures` requests whose path contains `fail_path`: an outage, on demand."""
+
+    def __init__(self, upstream: str, fail_path: str, failures: int) -> None:
+        import http.server
+
+        self.upstream, self.fail_path, self.failures = upstream, fail_path, failures
+        self.refused = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if proxy.fail_path in self.path and proxy.refused < proxy.failures:
+                    proxy.refused += 1
+                    self.send_response(503)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                r = httpx.request(self.command, proxy.upstream + self.path, headers=headers,
+                                  content=body, timeout=60)
+                self.send_response(r.status_code)
+                for key, value in r.headers.items():
+                    if key.lower() not in ("content-length", "transfer-encoding",
+                                           "content-encoding", "connection"):
+                        self.send_header(key, value)
+                self.send_header("content-length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FlakyProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -164,11 +164,12 @@ def _det(scores, boxes=None, classes=None) -> Detections:
                       torch.tensor(classes if classes is not None else [0] * n))
 
 
-def test_uncertainty_is_highest_for_coin_flip_boxes():
+def test_uncertainty_is_highest_for_coin_flip_boxes_and_stays_within_0_and_1():
     sure, doubtful = _det([0.99, 0.98]), _det([0.99, 0.5])
     assert least_confidence(_det([])) == entropy(_det([])) == 0.0
     assert least_confidence(sure) < 0.05 and least_confidence(doubtful) == pytest.approx(1.0)
-    assert entropy(_det([0.5])) == pytest.approx(1.0)
+    assert entropy(_det([0.5])) == pytest.approx(0.5)  # one coin flip: 1 bit
+    assert entropy(_det([0.5, 0.5])) == pytest.approx(0.75)
     # Several doubtful boxes outrank one under entropy; least confidence cannot tell.
     assert entropy(_det([0.5, 0.6, 0.4])) > entropy(_det([0.5, 0.99, 0.99]))
 

@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
+# The SDK would retry a 5xx twice within a second on its own; the waiting is ours to do.
+ONE_TRY = {"max_retries": 0}
+
 
 class OutageError(RuntimeError):
     """Label Studio stayed unreachable for longer than the run is willing to wait."""

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .retry import with_retry
+from .retry import ONE_TRY, with_retry
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,14 @@ class PredictionImporter:
         chunk = self.buffer
 
         def send() -> None:
-            self.client.projects.import_predictions(id=self.project, request=chunk)
+            answer = self.client.projects.import_predictions(
+                id=self.project, request=chunk, request_options=ONE_TRY
+            )
+            if answer.created != len(chunk):  # Label Studio drops invalid ones silently
+                raise RuntimeError(
+                    f"Label Studio stored {answer.created} of {len(chunk)} predictions for "
+                    f"tasks {[p['task'] for p in chunk]}"
+                )
 
         with_retry(send, f"importing {len(chunk)} predictions", self.give_up_after)
         self.imported += len(chunk)

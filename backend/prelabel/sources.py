@@ -13,7 +13,7 @@ import numpy as np
 
 from ..detection.images import DEFAULT_MAX_PIXELS, load_image
 from ..labelstudio.media import MediaFetcher, MediaSettings
-from .retry import with_retry
+from .retry import ONE_TRY, with_retry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -76,7 +76,7 @@ def project_tasks(
     have one: a rerun after a stop picks up where it left off."""
 
     def listing() -> list[dict[str, Any]]:
-        pager = client.tasks.list(project=project, fields="all")
+        pager = client.tasks.list(project=project, fields="all", request_options=ONE_TRY)
         return [t if isinstance(t, dict) else t.model_dump() for t in pager]
 
     tasks = with_retry(listing, f"listing the tasks of project {project}", give_up_after)

@@ -1,0 +1,103 @@
+"""`tridentloop prelabel --project` against a real Label Studio: predictions imported with
+the model version and an uncertainty score, unreadable images reported, an outage in the
+middle of the import ridden out, and a rerun that redoes nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from label_studio_sdk import LabelStudio
+from PIL import Image
+
+from backend.cli import main
+from backend.detection.images import load_image
+from backend.detection.tiling import TilingOptions
+from backend.labelstudio.label_config import parse_label_config
+from backend.labelstudio.local_server import import_image
+from backend.labelstudio.results import rectangle_results
+from backend.model_dir import ModelDir
+from backend.synthetic import survey_scene
+from backend.uncertainty import entropy
+
+from .servers import ANIMAL_CONFIG, FlakyProxy, make_model_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(label_studio, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prelabel-project")
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    created = ls.projects.create(title="survey pool", label_config=ANIMAL_CONFIG)
+    rng = np.random.default_rng(11)
+    images = {}
+    for i, (h, w) in enumerate([(400, 560), (320, 320), (360, 300)]):
+        buffer = io.BytesIO()
+        Image.fromarray(survey_scene(rng, h, w, 5).image).save(buffer, format="PNG")
+        import_image(label_studio, created.id, f"pool{i}.png", buffer.getvalue())
+        images[f"pool{i}.png"] = buffer.getvalue()
+    import_image(label_studio, created.id, "corrupt.png", b"\x89PNG\r\n\x1a\n cut short")
+    model = make_model_dir(root / "model", version="pool-v1")
+    return {"ls": ls, "id": created.id, "images": images, "model": model, "root": root}
+
+
+def _tasks(project) -> dict[str, dict]:
+    tasks = project["ls"].tasks.list(project=project["id"], fields="all")
+    return {t.data["image"].rsplit("-", 1)[-1]: t.model_dump() for t in tasks}
+
+
+def test_prelabel_imports_predictions_through_an_outage(project, label_studio, monkeypatch):
+    args = ["prelabel", "--project", str(project["id"]), "--model", str(project["model"]),
+            "--device", "cpu", "--tile-size", "320", "--chunk", "2",
+            "--uncertainty", "entropy", "--report", str(project["root"] / "report.json")]
+    with FlakyProxy(label_studio.url, "/import/predictions", failures=2) as proxy:
+        monkeypatch.setenv("LABEL_STUDIO_URL", proxy.url)
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
+        assert main(args) == 1  # the corrupt image failed, and the run says so
+        assert proxy.refused == 2  # both refusals were retried, nothing was lost
+
+    report = json.loads((project["root"] / "report.json").read_text())
+    assert report["done"] == 3 and [f["image"] for f in report["failed"]] == [
+        _tasks(project)["corrupt.png"]["data"]["image"]]
+
+    model = ModelDir.open(project["model"])
+    predictor = model.predictor(device="cpu")
+    (control, class_map), = parse_label_config(ANIMAL_CONFIG).usable(model.labels)
+    for name, data in project["images"].items():
+        (prediction,) = _tasks(project)[name]["predictions"]
+        image = load_image(data)
+        det = predictor.detect(image, TilingOptions(tile_size=320))
+        expected = rectangle_results(det, image.shape[1], image.shape[0], control, class_map, 0.5)
+        assert prediction["model_version"] == "pool-v1"
+        assert prediction["score"] == pytest.approx(entropy(det), rel=1e-5)
+        assert [r["value"]["rectanglelabels"] for r in prediction["result"]] == [
+            r["value"]["rectanglelabels"] for r in expected]
+        for got, want in zip(prediction["result"], expected, strict=True):
+            assert got["value"]["x"] == pytest.approx(want["value"]["x"], abs=1e-4)
+
+
+def test_a_rerun_skips_tasks_that_have_this_versions_prediction(project, label_studio,
+                                                                 monkeypatch, capsys):
+    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
+    main(["prelabel", "--project", str(project["id"]), "--model", str(project["model"]),
+          "--device", "cpu", "--report", str(project["root"] / "again.json")])
+    assert "1 image(s) to do, 3 already done" in capsys.readouterr().err  # only the corrupt one
+    assert all(len(t["predictions"]) <= 1 for t in _tasks(project).values())
+
+
+def test_prelabel_refuses_a_project_whose_labels_fit_no_class(label_studio, monkeypatch,
+                                                              capsys, project):
+    other = project["ls"].projects.create(
+        title="plants",
+        label_config="<View><Image name='image' value='$image'/><RectangleLabels name='l' "
+        "toName='image'><Label value='Tree'/></RectangleLabels></View>",
+    )
+    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
+    assert main(["prelabel", "--project", str(other.id), "--model", str(project["model"]),
+                 "--device", "cpu"]) == 2
+    assert "none of the model's classes" in capsys.readouterr().err
