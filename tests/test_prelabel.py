@@ -220,3 +220,15 @@ def test_outages_are_retried_with_back_off_and_other_errors_are_not():
                    give_up_after=0.5, sleep=lambda s: None)
     with pytest.raises(KeyError):
         with_retry(lambda: {}["missing"], "import", sleep=waits.append)
+
+
+def test_selection_takes_the_most_uncertain_spread_across_folders():
+    from pipelines.select import group_of, spread
+
+    assert group_of("s3://survey/flight2/img7.jpg") == "s3://survey/flight2"
+    assert group_of("/data/local-files/?d=traps/station4/x.jpg") == "traps/station4"
+    pool = [{"id": i, "uncertainty": u, "group": g} for i, (u, g) in enumerate(
+        [(0.9, "a"), (0.89, "a"), (0.88, "a"), (0.5, "b"), (0.4, "c"), (0.1, "b")])]
+    assert [c["id"] for c in spread(pool, 4)] == [0, 3, 4, 1]  # one per folder, then again
+    assert [c["id"] for c in spread(pool, 10)] == [0, 3, 4, 1, 5, 2]
+    assert spread([], 5) == []

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
+import httpx
 import numpy as np
 import pytest
+import yaml
 from label_studio_sdk import LabelStudio
 from PIL import Image
 
@@ -19,9 +24,11 @@ from backend.labelstudio.label_config import parse_label_config
 from backend.labelstudio.local_server import import_image
 from backend.labelstudio.results import rectangle_results
 from backend.model_dir import ModelDir
+from backend.registry import Registry
 from backend.synthetic import survey_scene
 from backend.uncertainty import entropy
 
+from .conftest import REPO
 from .servers import ANIMAL_CONFIG, FlakyProxy, make_model_dir
 
 pytestmark = pytest.mark.slow
@@ -101,3 +108,28 @@ def test_prelabel_refuses_a_project_whose_labels_fit_no_class(label_studio, monk
     assert main(["prelabel", "--project", str(other.id), "--model", str(project["model"]),
                  "--device", "cpu"]) == 2
     assert "none of the model's classes" in capsys.readouterr().err
+
+
+def test_select_stage_ranks_unlabeled_tasks_and_makes_a_view(project, label_studio, tmp_path):
+    registry = Registry(tmp_path / "registry")
+    registry.switch(registry.add(project["model"]))  # the version that pre-labelled the pool
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "labelstudio": {"project": project["id"]},
+        "deploy": {"registry": str(tmp_path / "registry")},
+        "select": {"k": 2, "create_view": True, "output": "next.json"},
+    }))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LABEL_STUDIO_URL": label_studio.url,
+           "LABEL_STUDIO_API_KEY": label_studio.token}
+    env.pop("TRIDENTLOOP_LS_PROJECT", None)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.select"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    chosen = json.loads((tmp_path / "next.json").read_text())
+    tasks = _tasks(project)
+    scores = sorted((t["predictions"][0]["score"], t["id"]) for t in tasks.values()
+                    if t["predictions"])
+    assert [t["id"] for t in chosen["tasks"]] == [i for _, i in reversed(scores)][:2]
+    assert chosen["without_prediction"] == [tasks["corrupt.png"]["id"]]
+    view_tasks = httpx.get(f"{label_studio.url}/api/tasks", params={"view": chosen["view"]},
+                           headers={"Authorization": f"Token {label_studio.token}"}).json()
+    assert [t["id"] for t in view_tasks["tasks"]] == [t["id"] for t in chosen["tasks"]]
