@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from backend.labelstudio.local_server import local_label_studio
 
@@ -72,6 +73,22 @@ def assert_same_detections(
             f"detection {i}: box {g['box']} vs {e['box']}"
         )
         assert abs(g["score"] - e["score"]) <= score_tol, f"detection {i}: score {g} vs {e}"
+
+
+@pytest.fixture(scope="session")
+def survey(tmp_path_factory):
+    """Four generated survey images (two of several tiles, two of one), one broken file."""
+    from backend.synthetic import survey_scene
+
+    from .servers import make_model_dir
+
+    root = tmp_path_factory.mktemp("survey")
+    rng = np.random.default_rng(3)
+    for i, (h, w) in enumerate([(400, 600), (320, 320), (500, 380), (200, 300)]):
+        Image.fromarray(survey_scene(rng, h, w, 6).image).save(root / f"img{i}.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    model = make_model_dir(tmp_path_factory.mktemp("models") / "m", version="survey-v1")
+    return {"root": root, "model": model}
 
 
 @pytest.fixture(scope="session")

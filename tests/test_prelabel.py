@@ -27,21 +27,8 @@ from backend.synthetic import survey_scene
 from backend.uncertainty import counterparts, disagreement, entropy, least_confidence
 
 from .conftest import D2_FIXTURES, REPO, assert_same_detections, expected_detections, fixture_dir
-from .servers import make_model_dir
 
 TILING = TilingOptions(tile_size=320, overlap=0.2)
-
-
-@pytest.fixture(scope="module")
-def survey(tmp_path_factory):
-    """Four generated survey images (two of several tiles, two of one), one broken file."""
-    root = tmp_path_factory.mktemp("survey")
-    rng = np.random.default_rng(3)
-    for i, (h, w) in enumerate([(400, 600), (320, 320), (500, 380), (200, 300)]):
-        Image.fromarray(survey_scene(rng, h, w, 6).image).save(root / f"img{i}.png")
-    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    model = make_model_dir(tmp_path_factory.mktemp("models") / "m", version="survey-v1")
-    return {"root": root, "model": model}
 
 
 def _as_records(det: Detections) -> list[dict]:

@@ -206,7 +206,12 @@ def _results(
     items: list[Item],
 ) -> Iterator[ImageResult[Item]]:
     if args.ray is not None:
-        from .ray_runner import ray_detect_stream
+        try:
+            from .ray_runner import ray_detect_stream
+        except ImportError as exc:
+            raise RuntimeError(
+                f"--ray needs Ray Data ({exc}): pip install 'tridentloop[ray]'"
+            ) from exc
 
         return ray_detect_stream(args, model, tiling, destination.load, items)
     predictor = model.predictor(device=args.device, precision=args.precision)
