@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import ray
+import torch
 
 from .. import uncertainty
 from ..detection.structures import Detections
@@ -46,8 +48,6 @@ class _Replica:
 
     def __init__(self, model: str, device: str, precision: str, method: str,
                  tiling: TilingOptions | None, threads: int | None) -> None:
-        import torch
-
         if threads:
             torch.set_num_threads(threads)
         if device == "auto":
@@ -81,16 +81,12 @@ def _arrays(det: Detections) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _detections(arrays: Any, height: int, width: int) -> Detections:
-    import torch
-
     boxes, scores, classes = (torch.from_numpy(np.asarray(a)) for a in arrays)
     return Detections(boxes.reshape(-1, 4), scores, classes, (height, width))
 
 
 def _connect(address: str, replicas: int) -> bool:
     """Join the cluster at `address`, or start a local one; True when we started it."""
-    import ray
-
     if ray.is_initialized():
         return False
     if address == "local":
@@ -107,9 +103,6 @@ def ray_detect_stream(
     load: Callable[[Item], np.ndarray],
     items: list[Item],
 ) -> Iterator[ImageResult[Item]]:
-    import ray
-    import torch
-
     started = _connect(args.ray, args.ray_workers or 1)
     gpus = int(ray.cluster_resources().get("GPU", 0)) if args.device != "cpu" else 0
     replicas = args.ray_workers or max(gpus, 1)
