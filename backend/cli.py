@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--survey", action="store_true", help="also report hours and cost for a whole survey"
     )
+    bench.add_argument(
+        "--prelabel",
+        action="store_true",
+        help="batch-job throughput: one process vs Ray with 1 and 2 replicas",
+    )
+    bench.add_argument("--survey-bench-images", type=int, default=8, help="images (--prelabel)")
     bench.add_argument("--survey-images", type=int, default=100_000)
     bench.add_argument("--tiles-per-image", type=int, default=54)
     bench.add_argument("--price-per-hour", type=float, default=3.0, help="GPU price, $/h")
@@ -317,6 +323,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.prelabel:
+        from .prelabel.benchmark import run_prelabel_benchmark
+
+        return run_prelabel_benchmark(args)
     if args.serve:
         from .serve_benchmark import run_serve_benchmark
 
