@@ -14,7 +14,6 @@ started is stopped before it returns.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -40,7 +39,7 @@ from .labelstudio.model_source import ModelSource
 from .labelstudio.results import rectangle_region
 from .labelstudio.server import serve_in_thread
 from .registry import Registry
-from .synthetic import CLASSES, Scene, survey_scene
+from .synthetic import CLASSES, Scene, png_bytes, survey_scene
 
 MARKER = ".tridentloop-demo"
 LABEL_CONFIG = (
@@ -93,12 +92,6 @@ def _prepare_output(out: Path) -> None:
     (out / MARKER).write_text("made by tridentloop demo; removed by the next run\n")
 
 
-def _png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def run_demo(args: argparse.Namespace) -> int:
     out: Path = args.output.absolute()
     _prepare_output(out)
@@ -138,7 +131,7 @@ def run_demo(args: argparse.Namespace) -> int:
             for i in range(args.images_per_round):
                 name = f"r{round_no}_survey{i:02d}.png"
                 scenes[name] = survey_scene(rng, *IMAGE_SIZE, 10)
-                import_image(ls_server, project.id, name, _png(scenes[name].image))
+                import_image(ls_server, project.id, name, png_bytes(scenes[name].image))
                 names.append(name)
             tasks = {
                 t.data["image"].rsplit("-", 1)[-1]: t.id for t in ls.tasks.list(project=project.id)

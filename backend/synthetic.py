@@ -6,6 +6,7 @@ distinct body shape and colour so that a tiny model learns it in a few hundred s
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,3 +94,10 @@ def _stripes(draw: ImageDraw.ImageDraw, box: list[float], horizontal: bool) -> N
     for s in steps:
         line = [s, y0 + 1, s, y1 - 1] if horizontal else [x0 + 1, s, x1 - 1, s]
         draw.line(line, fill=(20, 20, 20), width=2)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """An image as the bytes of a PNG file, to upload to Label Studio as a user would."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()

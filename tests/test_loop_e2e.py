@@ -4,7 +4,6 @@ and deploying into a registry; the stages' guarantees checked one by one."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -18,12 +17,11 @@ import pytest
 import torch
 import yaml
 from label_studio_sdk import LabelStudio
-from PIL import Image
 
 from backend.labelstudio.local_server import import_image
 from backend.labelstudio.results import rectangle_region
 from backend.registry import Registry
-from backend.synthetic import CLASSES, survey_scene
+from backend.synthetic import CLASSES, png_bytes, survey_scene
 from pipelines.deploy import gate
 from pipelines.workspace import create_loop_project
 
@@ -86,9 +84,7 @@ def loop(label_studio, tmp_path_factory):
     scenes = {}
     for i in range(10):
         scene = survey_scene(rng, 320, 320, 5)
-        buffer = io.BytesIO()
-        Image.fromarray(scene.image).save(buffer, format="PNG")
-        import_image(label_studio, project.id, f"scene{i:02d}.png", buffer.getvalue())
+        import_image(label_studio, project.id, f"scene{i:02d}.png", png_bytes(scene.image))
         scenes[f"scene{i:02d}.png"] = scene
     import_image(label_studio, project.id, "corrupt.png", b"\x89PNG\r\n\x1a\n truncated garbage")
     tasks = {t.data["image"].rsplit("-", 1)[-1]: t.id for t in ls.tasks.list(project=project.id)}
@@ -274,11 +270,8 @@ def test_two_gloo_processes_train_the_same_model_as_one(loop, tmp_path):
 def test_export_with_no_accepted_labels_deploys_nothing(loop):
     ls = loop["ls"]
     empty = ls.projects.create(title="nothing accepted", label_config=CONFIG)
-    buffer = io.BytesIO()
-    Image.fromarray(survey_scene(np.random.default_rng(1), 128, 128, 2).image).save(
-        buffer, format="PNG"
-    )
-    import_image(loop["label_studio"], empty.id, "lonely.png", buffer.getvalue())
+    lonely = png_bytes(survey_scene(np.random.default_rng(1), 128, 128, 2).image)
+    import_image(loop["label_studio"], empty.id, "lonely.png", lonely)
     checkout = new_project(loop["root"] / "empty", empty.id, loop["env"])
     proc = run(["dvc", "repro"], checkout, loop["env"], check=False)
     assert proc.returncode != 0

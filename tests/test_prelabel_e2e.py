@@ -4,7 +4,6 @@ middle of the import ridden out, and a rerun that redoes nothing."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 import yaml
 from label_studio_sdk import LabelStudio
-from PIL import Image
 
 from backend.cli import main
 from backend.detection.images import load_image
@@ -25,7 +23,7 @@ from backend.labelstudio.local_server import import_image
 from backend.labelstudio.results import rectangle_results
 from backend.model_dir import ModelDir
 from backend.registry import Registry
-from backend.synthetic import survey_scene
+from backend.synthetic import png_bytes, survey_scene
 from backend.uncertainty import entropy
 
 from .conftest import REPO
@@ -42,10 +40,8 @@ def project(label_studio, tmp_path_factory):
     rng = np.random.default_rng(11)
     images = {}
     for i, (h, w) in enumerate([(400, 560), (320, 320), (360, 300)]):
-        buffer = io.BytesIO()
-        Image.fromarray(survey_scene(rng, h, w, 5).image).save(buffer, format="PNG")
-        import_image(label_studio, created.id, f"pool{i}.png", buffer.getvalue())
-        images[f"pool{i}.png"] = buffer.getvalue()
+        images[f"pool{i}.png"] = png_bytes(survey_scene(rng, h, w, 5).image)
+        import_image(label_studio, created.id, f"pool{i}.png", images[f"pool{i}.png"])
     import_image(label_studio, created.id, "corrupt.png", b"\x89PNG\r\n\x1a\n cut short")
     model = make_model_dir(root / "model", version="pool-v1")
     return {"ls": ls, "id": created.id, "images": images, "model": model, "root": root}
