@@ -27,3 +27,42 @@ def test_two_ray_workers_predict_exactly_what_one_process_does(survey, tmp_path)
     assert len(_records(ray)) == 4
     report = json.loads((tmp_path / "ray.report.json").read_text())
     assert [f["image"].rsplit("/", 1)[-1] for f in report["failed"]] == ["broken.jpg"]
+
+
+class _DiesOnce:
+    """Loads images, but the first worker to load one is killed: a lost node."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __call__(self, item):
+        import os
+
+        from backend.prelabel.sources import FileLoader
+
+        if not self.marker.exists():
+            self.marker.write_text("died once\n")
+            os._exit(1)
+        return FileLoader()(item)
+
+
+def test_a_lost_ray_worker_s_images_are_redone(survey, tmp_path):
+    import argparse
+    import sys
+
+    import ray
+
+    from backend.detection.tiling import TilingOptions
+    from backend.model_dir import ModelDir
+    from backend.prelabel.ray_runner import ray_detect_stream
+    from backend.prelabel.sources import Item, image_files
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    args = argparse.Namespace(ray="local", ray_workers=1, device="cpu", precision="fp32",
+                              uncertainty="least-confidence", threads=1)
+    items = [Item(f) for f in image_files(str(survey["root"])) if f.endswith(".png")]
+    results = list(ray_detect_stream(args, ModelDir.open(survey["model"]), TilingOptions(320),
+                                     _DiesOnce(tmp_path / "died"), items))
+    assert (tmp_path / "died").exists()  # a worker really was lost
+    assert sorted(r.item.uri for r in results) == sorted(i.uri for i in items)
+    assert all(r.error is None and r.crops >= 1 for r in results)
