@@ -199,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="cache and job logs (default: $TRIDENTLOOP_HOME or .tridentloop)",
     )
+    serve.add_argument(
+        "--uncertainty",
+        default="least-confidence",
+        choices=[m for m in METHODS if m != "disagreement"],  # one forward pass per request
+        help="each prediction's task score, for sorting in the Data Manager",
+    )
     serve.add_argument("--cache-gb", type=float, default=2.0, help="image cache size")
     serve.add_argument("--download-timeout", type=float, default=30.0, help="seconds")
     serve.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)

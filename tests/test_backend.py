@@ -174,7 +174,9 @@ def test_predictions_equal_the_engine_in_percent_of_the_original(world):
             assert region["score"] == pytest.approx(want["score"], abs=1e-5)
         width, height = Image.open(images / name).size
         assert {(r["original_width"], r["original_height"]) for r in regions} == {(width, height)}
-        assert answer["score"] == pytest.approx(np.mean([r["score"] for r in regions]))
+        # The task score is the image's uncertainty, over every box the model kept.
+        every = [r["score"] for r in expected_regions(images / name, threshold=0.0)]
+        assert answer["score"] == pytest.approx(max(2 * min(s, 1 - s) for s in every), abs=1e-5)
 
 
 def test_threshold_from_setup_extra_params_wins(world):

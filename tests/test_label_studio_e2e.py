@@ -125,9 +125,9 @@ def _upload_images(label_studio, project_id: int, root: Path) -> dict[str, Path]
     return saved
 
 
-def _engine_regions(stack, path: Path, version: str) -> list[dict]:
-    """`tridentloop predict` on the same image, turned into percent boxes at the server's
-    default threshold (0.5)."""
+def _engine_regions(stack, path: Path, version: str, threshold: float = 0.5) -> list[dict]:
+    """`tridentloop predict` on the same image, turned into percent boxes at `threshold`
+    (the server's default is 0.5)."""
     out = stack["root"] / f"{path.stem}-{version}.jsonl"
     assert (
         cli(
@@ -158,7 +158,7 @@ def _engine_regions(stack, path: Path, version: str) -> list[dict]:
             ],
         }
         for d in record["detections"]
-        if d["score"] >= 0.5
+        if d["score"] >= threshold
     ]
 
 
@@ -190,7 +190,8 @@ def test_retrieve_predictions_stores_the_engine_boxes_with_labels_and_version(st
             got = [value["x"], value["y"], value["width"], value["height"]]
             assert got == pytest.approx(want["box"], abs=1e-3)
             assert region["score"] == pytest.approx(want["score"], abs=1e-5)
-        assert pred.score == pytest.approx(np.mean([r["score"] for r in pred.result]))
+        every = [d["score"] for d in _engine_regions(stack, path, "survey-v1", threshold=0.0)]
+        assert pred.score == pytest.approx(max(2 * min(s, 1 - s) for s in every), abs=1e-5)
 
 
 def test_opening_a_task_without_predictions_predicts_it(stack):

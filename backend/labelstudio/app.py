@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from .. import uncertainty
 from ..detection.batching import InferenceQueue, QueueFull
 from ..detection.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from ..detection.tiling import TilingOptions
@@ -45,6 +46,7 @@ class ServerSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     predict_timeout: float = 90.0  # Label Studio gives up on /predict after 100 s
     basic_auth: tuple[str, str] | None = None
+    uncertainty: uncertainty.Method = "least-confidence"  # the task score; one pass only
 
 
 class HTTPError(Exception):
@@ -157,7 +159,7 @@ class Backend:
                     _task_id(task),
                     self.settings.predict_timeout,
                 )
-                results.append(prediction([], model.version))
+                results.append(prediction([], model.version, 0.0))
         return {"results": results}
 
     def _predict_task(self, task: Any, model: LoadedModel, usable, threshold: float):
@@ -175,10 +177,12 @@ class Backend:
                 det, width, height = detections[key]
                 regions += rectangle_results(det, width, height, control, class_map, threshold)
             validate(regions, tuple(c for c, _ in usable))
-            return prediction(regions, model.version)
+            method = self.settings.uncertainty
+            score = max(uncertainty.score(method, [det]) for det, _, _ in detections.values())
+            return prediction(regions, model.version, score)
         except (MediaError, ImageError, HTTPError, ResultError, QueueFull) as exc:
             log.warning("task %s: empty prediction: %s", task_id, exc)
-            return prediction([], model.version)
+            return prediction([], model.version, 0.0)
 
     def _detect(self, uri: Any, task_id: int | None, model: LoadedModel):
         raw = self.media.fetch(uri, task_id)

@@ -58,12 +58,9 @@ def rectangle_results(
     return results
 
 
-def prediction(
-    results: list[dict[str, Any]], model_version: str, score: float | None = None
-) -> dict[str, Any]:
-    """A task's answer; the task score defaults to the mean region score (0 when empty)."""
-    if score is None:
-        score = sum(r["score"] for r in results) / len(results) if results else 0.0
+def prediction(results: list[dict[str, Any]], model_version: str, score: float) -> dict[str, Any]:
+    """A task's answer; its score is the image's uncertainty (backend.uncertainty), so
+    annotators sorting the Data Manager by prediction score see the doubtful ones first."""
     return {"result": results, "score": float(score), "model_version": model_version}
 
 

@@ -49,6 +49,7 @@ def build_backend(args: argparse.Namespace, tiling) -> Backend:
         label_mapping=read_mapping(args.label_mapping) if args.label_mapping else None,
         max_pixels=args.max_pixels,
         basic_auth=basic_auth_from_env(),
+        uncertainty=args.uncertainty,
     )
     return Backend(models, media, jobs, settings)
 
