@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel.add_argument("--download-timeout", type=float, default=30.0, help="seconds")
     prelabel.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     prelabel.add_argument("--limit", type=int, help="do at most this many images this run")
+    prelabel.add_argument("--only-unlabeled", action="store_true",
+                          help="--project: skip tasks someone annotated or skipped")
     prelabel.add_argument("--ray", metavar="ADDRESS",
                           help="run on a Ray cluster (`auto`, ray://host:10001, or `local`)")
     prelabel.add_argument("--ray-workers", type=int, default=None,

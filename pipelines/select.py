@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from backend.prelabel.retry import with_retry
+from backend.prelabel.sources import is_labeled
 from backend.registry import Registry, RegistryError
 
 from .coco import write_json
@@ -50,7 +52,7 @@ def candidates(tasks: list[dict[str, Any]], version: str, data_key: str):
     """Unlabeled tasks with this version's uncertainty, and those still without one."""
     found, missing = [], []
     for task in tasks:
-        if task.get("total_annotations") or task.get("is_labeled"):
+        if is_labeled(task):
             continue
         scores = [p.get("score") for p in task.get("predictions") or []
                   if p.get("model_version") == version and p.get("score") is not None]
@@ -79,6 +81,17 @@ def show_in_label_studio(client: Any, project: int, ids: list[int]) -> int:
     return client.views.create(project=project, data=data).id
 
 
+def _prelabel(project: int, params: dict[str, Any], sp: dict[str, Any]) -> None:
+    """Score the pool with the deployed model; unreadable images are reported, not fatal."""
+    from backend.cli import main as cli
+
+    output = Path(sp.get("output", "data/select/next.json"))
+    cli(["prelabel", "--project", str(project), "--registry", params["deploy"]["registry"],
+         "--only-unlabeled", "--uncertainty", sp.get("uncertainty", "least-confidence"),
+         "--device", sp.get("device", "auto"), "--tile-size", str(sp.get("tile_size", 800)),
+         "--report", str(output.with_name("prelabel.report.json"))])
+
+
 def main() -> None:
     params = load_params()
     sp, ls_params = params.get("select", {}), params.get("labelstudio", {})
@@ -97,11 +110,19 @@ def main() -> None:
 
     client = LabelStudio(base_url=url, api_key=api_key)
     data_key = parse_label_config(client.projects.get(id=project).label_config).controls[0].data_key
-    tasks = with_retry(
-        lambda: [t.model_dump() for t in client.tasks.list(project=project, fields="all")],
-        f"listing the tasks of project {project}",
-    )
+
+    def list_tasks() -> list[dict[str, Any]]:
+        return with_retry(
+            lambda: [t.model_dump() for t in client.tasks.list(project=project, fields="all")],
+            f"listing the tasks of project {project}",
+        )
+
+    tasks = list_tasks()
     found, missing = candidates(tasks, version, data_key)
+    if missing and sp.get("prelabel_missing", True):
+        _prelabel(project, params, sp)
+        tasks = list_tasks()
+        found, missing = candidates(tasks, version, data_key)
     batch = spread(found, int(sp.get("k", 20)))
     view = show_in_label_studio(client, project, [c["id"] for c in batch]) if (
         batch and sp.get("create_view", True)) else None
@@ -111,8 +132,8 @@ def main() -> None:
     })
     print(f"select: {len(batch)} of {len(found)} unlabeled tasks chosen (model {version}); "
           f"{len(missing)} without a prediction of {version}"
-          + (f": run `tridentloop prelabel --project {project} --registry "
-             f"{params['deploy']['registry']}`" if missing else ""))
+          + (f" (see {Path(sp.get('output', 'data/select/next.json')).parent}"
+             "/prelabel.report.json)" if missing else ""))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,10 @@ def loop(label_studio, tmp_path_factory):
         import_image(label_studio, project.id, f"scene{i:02d}.png", png_bytes(scene.image))
         scenes[f"scene{i:02d}.png"] = scene
     import_image(label_studio, project.id, "corrupt.png", b"\x89PNG\r\n\x1a\n truncated garbage")
+    for name in ("pool0.png", "pool1.png"):  # nobody labels these: the active-learning pool
+        pool_scene = survey_scene(rng, 320, 320, 5)
+        import_image(label_studio, project.id, name, png_bytes(pool_scene.image))
+    import_image(label_studio, project.id, "unreadable.png", b"not an image")
     tasks = {t.data["image"].rsplit("-", 1)[-1]: t.id for t in ls.tasks.list(project=project.id)}
     for name, scene in scenes.items():
         annotate(
@@ -132,6 +136,23 @@ def test_repro_exports_trains_evaluates_and_deploys(loop):
     assert json.loads((checkout / "deploy.json").read_text())["deployed"] is True
     assert (checkout / "dvclive/metrics.json").is_file()
     assert (checkout / "plots/pr.json").is_file()
+
+
+def test_repro_prelabels_the_pool_with_the_new_model_and_picks_the_next_batch(loop):
+    chosen = json.loads((loop["dir"] / "data/select/next.json").read_text())
+    tasks = {t.data["image"].rsplit("-", 1)[-1]: t
+             for t in loop["ls"].tasks.list(project=loop["project"], fields="all")}
+    assert chosen["model_version"] == "v0001"
+    pool = {tasks[name].id for name in ("pool0.png", "pool1.png")}
+    assert {t["id"] for t in chosen["tasks"]} == pool
+    assert chosen["without_prediction"] == [tasks["unreadable.png"].id]  # reported, not fatal
+    scores = [t["uncertainty"] for t in chosen["tasks"]]
+    assert scores == sorted(scores, reverse=True)
+    for task in chosen["tasks"]:
+        (prediction,) = tasks[task["image"].rsplit("-", 1)[-1]].predictions
+        assert prediction.model_version == "v0001"
+        assert prediction.score == pytest.approx(task["uncertainty"])
+    assert not tasks["scene00.png"].predictions  # labeled tasks are not pre-labelled again
 
 
 def test_second_repro_is_a_noop_after_export(loop):

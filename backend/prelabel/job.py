@@ -99,9 +99,8 @@ class LabelStudioProject:
         self.importer = PredictionImporter(self.client, self.project, args.chunk, args.retry_for)
 
     def todo(self) -> tuple[list[Item], int]:
-        return project_tasks(
-            self.client, self.project, self.data_key, self.version, self.args.retry_for
-        )
+        return project_tasks(self.client, self.project, self.data_key, self.version,
+                             self.args.retry_for, self.args.only_unlabeled)
 
     def save(self, item: Item, det: Detections, height: int, width: int, score: float) -> None:
         regions = []

@@ -70,10 +70,16 @@ class TaskLoader:
 
 
 def project_tasks(
-    client: Any, project: int, data_key: str, model_version: str, give_up_after: float
+    client: Any,
+    project: int,
+    data_key: str,
+    model_version: str,
+    give_up_after: float,
+    only_unlabeled: bool = False,
 ) -> tuple[list[Item], int]:
     """Tasks still to pre-label (no prediction of `model_version`), and how many already
-    have one: a rerun after a stop picks up where it left off."""
+    have one: a rerun after a stop picks up where it left off. `only_unlabeled` leaves out
+    tasks someone annotated or skipped: the active-learning pool."""
 
     def listing() -> list[dict[str, Any]]:
         pager = client.tasks.list(project=project, fields="all", request_options=ONE_TRY)
@@ -82,9 +88,17 @@ def project_tasks(
     tasks = with_retry(listing, f"listing the tasks of project {project}", give_up_after)
     todo, done = [], 0
     for task in tasks:
+        if only_unlabeled and is_labeled(task):
+            continue
         versions = {p.get("model_version") for p in task.get("predictions") or []}
         if model_version in versions:
             done += 1
         else:
             todo.append(Item(str((task.get("data") or {}).get(data_key, "")), task["id"]))
     return todo, done
+
+
+def is_labeled(task: dict[str, Any]) -> bool:
+    """Annotated or skipped by someone: no longer part of the pool to choose from."""
+    return bool(task.get("annotations") or task.get("total_annotations")
+                or task.get("cancelled_annotations") or task.get("is_labeled"))
