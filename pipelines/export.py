@@ -13,7 +13,6 @@ Outputs: `<dir>/annotations.json` and `<dir>/images/` (DVC-tracked) and `<dir>/m
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from backend.labelstudio.label_config import LabelConfigError, parse_label_confi
 from backend.labelstudio.media import MediaError, MediaFetcher, MediaSettings
 
 from .coco import content_name, write_json
-from .params import fail, load_params
+from .params import fail, label_studio_target, load_params
 
 
 def latest_accepted(
@@ -75,14 +74,7 @@ def main() -> None:
     params = load_params()
     ls_params = params.get("labelstudio", {})
     out = Path(params.get("dataset", {}).get("dir", "data/dataset"))
-    url = os.environ.get("LABEL_STUDIO_URL") or ls_params.get("url")
-    api_key = os.environ.get("LABEL_STUDIO_API_KEY")
-    project_id = int(os.environ.get("TRIDENTLOOP_LS_PROJECT") or ls_params.get("project") or 0)
-    if not url or not api_key or not project_id:
-        fail(
-            "export needs LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY and a project "
-            "(params.yaml labelstudio.project or TRIDENTLOOP_LS_PROJECT)"
-        )
+    url, api_key, project_id = label_studio_target(params, "export")
     from label_studio_sdk import LabelStudio
 
     client = LabelStudio(base_url=url, api_key=api_key)

@@ -24,3 +24,19 @@ def load_params(section: str | None = None) -> dict[str, Any]:
 def fail(message: str) -> None:
     """End a stage with a clear message and a non-zero exit, so `dvc repro` stops there."""
     raise SystemExit(f"error: {message}")
+
+
+def label_studio_target(params: dict[str, Any], stage: str) -> tuple[str, str, int]:
+    """(URL, API key, project id) of the Label Studio a stage talks to: the environment
+    (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, TRIDENTLOOP_LS_PROJECT set by the backend's
+    training job) over params.yaml's `labelstudio` section."""
+    section = params.get("labelstudio", {})
+    url = os.environ.get("LABEL_STUDIO_URL") or section.get("url")
+    api_key = os.environ.get("LABEL_STUDIO_API_KEY")
+    project = int(os.environ.get("TRIDENTLOOP_LS_PROJECT") or section.get("project") or 0)
+    if not url or not api_key or not project:
+        fail(
+            f"{stage} needs LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY and a project "
+            "(params.yaml labelstudio.project or TRIDENTLOOP_LS_PROJECT)"
+        )
+    return url, api_key, project

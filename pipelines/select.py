@@ -13,17 +13,16 @@ filtered to the batch and sorted by uncertainty.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from backend.prelabel.retry import with_retry
 from backend.prelabel.sources import is_labeled
-from backend.registry import Registry, RegistryError
+from backend.registry import Registry
 
 from .coco import write_json
-from .params import fail, load_params
+from .params import fail, label_studio_target, load_params
 
 VIEW_TITLE = "tridentloop: label next"
 
@@ -94,16 +93,11 @@ def _prelabel(project: int, params: dict[str, Any], sp: dict[str, Any]) -> None:
 
 def main() -> None:
     params = load_params()
-    sp, ls_params = params.get("select", {}), params.get("labelstudio", {})
-    url = os.environ.get("LABEL_STUDIO_URL") or ls_params.get("url")
-    api_key = os.environ.get("LABEL_STUDIO_API_KEY")
-    project = int(os.environ.get("TRIDENTLOOP_LS_PROJECT") or ls_params.get("project") or 0)
-    if not url or not api_key or not project:
-        fail("select needs LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY and a project")
-    try:
-        version = str(Registry(params.get("deploy", {}).get("registry")).current_name())
-    except RegistryError as exc:
-        fail(f"select ranks by the deployed model's predictions: {exc}")
+    sp = params.get("select", {})
+    url, api_key, project = label_studio_target(params, "select")
+    version = Registry(params["deploy"]["registry"]).current_name()
+    if version is None:
+        fail("select ranks by the deployed model's predictions, and no model is deployed yet")
     from label_studio_sdk import LabelStudio
 
     from backend.labelstudio.label_config import parse_label_config
