@@ -82,7 +82,7 @@ def test_folder_job_writes_results_coco_and_a_report_and_resumes(survey, tmp_pat
     records = [json.loads(line) for line in out.read_text().splitlines()]
     images = [r["image"] for r in records]
     assert sorted(images) == sorted(set(images)) and len(images) == 4
-    assert "3 already done" not in capsys.readouterr().err  # 2 done + the broken one retried
+    assert "3 image(s) to do, 2 already done" in capsys.readouterr().err  # broken: retried
     record = records[0]
     assert record["model_version"] == "survey-v1" and 0 <= record["uncertainty"] <= 1
     assert {"box", "score", "class_id", "label"} <= set(record["detections"][0])
