@@ -18,18 +18,15 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import torch
 from PIL import Image
 
-from .detection.config import bundled_config, dump_config, load_config
 from .detection.images import load_image
-from .detection.model import GeneralizedRCNN
 from .labelstudio.app import Backend, ServerSettings
 from .labelstudio.jobs import TrainingJobs
 from .labelstudio.media import MediaFetcher, MediaSettings
 from .labelstudio.model_source import ModelSource
 from .labelstudio.server import serve_in_thread
-from .model_dir import write_model_dir
+from .model_dir import untrained_model_dir
 from .synthetic import CLASSES, survey_scene
 
 LABEL_CONFIG = (
@@ -48,16 +45,7 @@ def run_serve_benchmark(args: argparse.Namespace) -> int:
     requests, per_request = args.requests, args.tasks_per_request
     with tempfile.TemporaryDirectory(prefix="tridentloop-serve-bench-") as tmp:
         root = Path(tmp)
-        torch.manual_seed(0)
-        config = bundled_config(args.serve_config)
-        model = GeneralizedRCNN(load_config(config))
-        write_model_dir(
-            root / "model",
-            dump_config(config),
-            model.state_dict(),
-            list(CLASSES),
-            {"version": "bench"},
-        )
+        untrained_model_dir(root / "model", args.serve_config, list(CLASSES))
         rng = np.random.default_rng(0)
         paths = []
         for i in range(requests * per_request):

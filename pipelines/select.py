@@ -17,8 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from backend.prelabel.retry import with_retry
-from backend.prelabel.sources import is_labeled
+from backend.prelabel.sources import is_labeled, list_tasks
 from backend.registry import Registry
 
 from .coco import write_json
@@ -80,20 +79,21 @@ def show_in_label_studio(client: Any, project: int, ids: list[int]) -> int:
     return client.views.create(project=project, data=data).id
 
 
-def _prelabel(project: int, params: dict[str, Any], sp: dict[str, Any]) -> None:
+def _prelabel(project: int, registry: str, sp: dict[str, Any], report: Path) -> None:
     """Score the pool with the deployed model; unreadable images are reported, not fatal."""
     from backend.cli import main as cli
 
-    output = Path(sp.get("output", "data/select/next.json"))
-    cli(["prelabel", "--project", str(project), "--registry", params["deploy"]["registry"],
-         "--only-unlabeled", "--uncertainty", sp.get("uncertainty", "least-confidence"),
+    cli(["prelabel", "--project", str(project), "--registry", registry, "--only-unlabeled",
+         "--uncertainty", sp.get("uncertainty", "least-confidence"),
          "--device", sp.get("device", "auto"), "--tile-size", str(sp.get("tile_size", 800)),
-         "--report", str(output.with_name("prelabel.report.json"))])
+         "--report", str(report)])
 
 
 def main() -> None:
     params = load_params()
     sp = params.get("select", {})
+    output = Path(sp.get("output", "data/select/next.json"))
+    report = output.with_name("prelabel.report.json")
     url, api_key, project = label_studio_target(params, "select")
     version = Registry(params["deploy"]["registry"]).current_name()
     if version is None:
@@ -104,30 +104,20 @@ def main() -> None:
 
     client = LabelStudio(base_url=url, api_key=api_key)
     data_key = parse_label_config(client.projects.get(id=project).label_config).controls[0].data_key
-
-    def list_tasks() -> list[dict[str, Any]]:
-        return with_retry(
-            lambda: [t.model_dump() for t in client.tasks.list(project=project, fields="all")],
-            f"listing the tasks of project {project}",
-        )
-
-    tasks = list_tasks()
-    found, missing = candidates(tasks, version, data_key)
+    found, missing = candidates(list_tasks(client, project), version, data_key)
     if missing and sp.get("prelabel_missing", True):
-        _prelabel(project, params, sp)
-        tasks = list_tasks()
-        found, missing = candidates(tasks, version, data_key)
+        _prelabel(project, params["deploy"]["registry"], sp, report)
+        found, missing = candidates(list_tasks(client, project), version, data_key)
     batch = spread(found, int(sp.get("k", 20)))
     view = show_in_label_studio(client, project, [c["id"] for c in batch]) if (
         batch and sp.get("create_view", True)) else None
-    write_json(sp.get("output", "data/select/next.json"), {
+    write_json(output, {
         "model_version": version, "project": project, "view": view, "candidates": len(found),
         "without_prediction": missing, "tasks": batch,
     })
     print(f"select: {len(batch)} of {len(found)} unlabeled tasks chosen (model {version}); "
           f"{len(missing)} without a prediction of {version}"
-          + (f" (see {Path(sp.get('output', 'data/select/next.json')).parent}"
-             "/prelabel.report.json)" if missing else ""))
+          + (f" (see {report})" if missing else ""))
 
 
 if __name__ == "__main__":

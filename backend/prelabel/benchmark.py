@@ -12,31 +12,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..detection.config import bundled_config
-from ..synthetic import survey_scene
+from ..model_dir import untrained_model_dir
+from ..synthetic import CLASSES, survey_scene
 
 
 def _survey(root: Path, images: int) -> None:
     rng = np.random.default_rng(0)
     for i in range(images):
         Image.fromarray(survey_scene(rng, 960, 1280, 20).image).save(root / f"s{i:03d}.png")
-
-
-def _tiny_model(dest: Path) -> Path:
-    """The bundled demo TridentNet with random weights: throughput needs no training."""
-    import torch
-
-    from ..detection.config import dump_config, load_config
-    from ..detection.model import GeneralizedRCNN
-    from ..model_dir import write_model_dir
-
-    torch.manual_seed(0)
-    config = bundled_config("tiny_tridentnet")
-    model = GeneralizedRCNN(load_config(config))
-    names = [f"class{i}" for i in range(model.cfg.roi_heads.num_classes)]
-    write_model_dir(dest, dump_config(config), model.state_dict(), names,
-                    {"version": "bench"})
-    return dest
 
 
 def run_prelabel_benchmark(args: argparse.Namespace) -> int:
@@ -46,7 +29,7 @@ def run_prelabel_benchmark(args: argparse.Namespace) -> int:
         root = Path(tmp)
         (root / "survey").mkdir()
         _survey(root / "survey", args.survey_bench_images)
-        model = _tiny_model(root / "model")
+        model = untrained_model_dir(root / "model", "tiny_tridentnet", list(CLASSES)).path
         runs = [("single", None), ("ray", 1), ("ray", 2)]
         single = None
         for runner, workers in runs:

@@ -80,14 +80,8 @@ def project_tasks(
     """Tasks still to pre-label (no prediction of `model_version`), and how many already
     have one: a rerun after a stop picks up where it left off. `only_unlabeled` leaves out
     tasks someone annotated or skipped: the active-learning pool."""
-
-    def listing() -> list[dict[str, Any]]:
-        pager = client.tasks.list(project=project, fields="all", request_options=ONE_TRY)
-        return [t if isinstance(t, dict) else t.model_dump() for t in pager]
-
-    tasks = with_retry(listing, f"listing the tasks of project {project}", give_up_after)
     todo, done = [], 0
-    for task in tasks:
+    for task in list_tasks(client, project, give_up_after):
         if only_unlabeled and is_labeled(task):
             continue
         versions = {p.get("model_version") for p in task.get("predictions") or []}
@@ -96,6 +90,16 @@ def project_tasks(
         else:
             todo.append(Item(str((task.get("data") or {}).get(data_key, "")), task["id"]))
     return todo, done
+
+
+def list_tasks(client: Any, project: int, give_up_after: float = 600.0) -> list[dict[str, Any]]:
+    """Every task of a project with its annotations and predictions, through an outage."""
+
+    def listing() -> list[dict[str, Any]]:
+        pager = client.tasks.list(project=project, fields="all", request_options=ONE_TRY)
+        return [t.model_dump() for t in pager]
+
+    return with_retry(listing, f"listing the tasks of project {project}", give_up_after)
 
 
 def is_labeled(task: dict[str, Any]) -> bool:
