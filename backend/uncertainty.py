@@ -9,11 +9,11 @@ are exactly those below the display threshold.
 - `entropy`: the total binary entropy H (bits) of the box scores, as 1 - 2^-H: several
   doubtful boxes outrank one, which `least-confidence` cannot tell apart (one coin flip
   scores 0.5, two 0.75).
-
-Every score lies in [0, 1]: Label Studio silently drops a prediction scored above 1.
 - `disagreement` (TridentNet): 1 - the score-weighted agreement between the fast branch's
   and all branches' detections (same class, IoU >= 0.5): 0 when the two views agree box for
   box, 1 when they share nothing.
+
+Every score lies in [0, 1]: Label Studio silently drops a prediction scored above 1.
 """
 
 from __future__ import annotations

@@ -157,8 +157,8 @@ def open_model(args: argparse.Namespace) -> tuple[ModelDir, str]:
     if args.model is not None:
         model = ModelDir.open(args.model)
         return model, model.version
-    registry = Registry(args.registry)
-    return registry.current(), str(registry.current_name())
+    model = Registry(args.registry).current()  # one read of `current`: a switch mid-way
+    return model, model.path.name               # cannot pair one model with another's name
 
 
 def run_prelabel(args: argparse.Namespace, tiling: TilingOptions | None) -> int:

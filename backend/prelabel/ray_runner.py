@@ -57,17 +57,15 @@ class _Replica:
         self.tiling = tiling
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows = [{"index": int(i), "image": im, "error": e}
-                for i, im, e in zip(batch["index"], batch["image"], batch["error"], strict=True)]
-        ready = [r for r in rows if not r["error"]]
+        rows = list(zip(batch["index"].tolist(), batch["image"], batch["error"], strict=True))
+        images = {i: image for i, image, error in rows if not error}
+        results = [ImageResult(i, error=error) for i, _, error in rows if error]
+        results += detect_stream(list(images), images.__getitem__, self.predictors,
+                                 self.tiling, workers=1)
         out: dict[str, list] = {k: [] for k in ("index", "error", "height", "width", "crops",
                                                 "detections")}
-        results = [ImageResult(r["index"], error=r["error"]) for r in rows if r["error"]]
-        results += detect_stream(ready, lambda r: r["image"], self.predictors, self.tiling,
-                                 workers=1)
         for result in results:
-            index = result.item if isinstance(result.item, int) else result.item["index"]
-            out["index"].append(index)
+            out["index"].append(result.item)
             out["error"].append(result.error or "")
             out["height"].append(result.height)
             out["width"].append(result.width)
