@@ -21,7 +21,14 @@ def _add_device_args(parser: argparse.ArgumentParser) -> None:
         "--precision",
         default="fp32",
         choices=["fp32", "fp16", "bf16"],
-        help="autocast precision on CUDA (CPU always runs fp32)",
+        help="autocast precision of the network (boxes, scores and NMS stay fp32); "
+        "bf16/fp16 run on CPU too",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NHWC activations (default: on for CUDA, off for CPU)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
@@ -295,7 +302,11 @@ def _predict(args: argparse.Namespace) -> int:
     from .predict import run_predict
 
     overrides = _parse_opts(args.opt)
-    device = {"device": args.device, "precision": args.precision}
+    device = {
+        "device": args.device,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+    }
     if args.model is not None:
         model_dir = ModelDir.open(args.model)
         predictor = model_dir.predictor(overrides, **device)

@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from backend.detection.checkpoint import load_weights
 from backend.detection.config import bundled_config, dump_config, load_config
+from backend.detection.device import resolve_device
 from backend.detection.model import GeneralizedRCNN
-from backend.detection.predictor import resolve_device
 from backend.detection.training import TrainOptions, init_from_scratch, train
 from backend.model_dir import write_model_dir
 from backend.registry import Registry, RegistryError
@@ -40,6 +40,7 @@ OPTION_KEYS = (
     "seed",
     "weight_decay",
     "momentum",
+    "precision",
 )
 
 
@@ -132,13 +133,19 @@ def main() -> None:
                 live.log_metric(f"train/{name}", value)
             live.next_step()
 
-    def on_checkpoint(done: int, opt: torch.optim.Optimizer) -> None:
+    def on_checkpoint(done: int, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
         if rank != 0:
             return
         work.mkdir(parents=True, exist_ok=True)
         tmp = checkpoint.with_suffix(".tmp")
         torch.save(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": done}, tmp
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict(),
+                "iteration": done,
+            },
+            tmp,
         )
         tmp.replace(checkpoint)
 
@@ -153,6 +160,7 @@ def main() -> None:
         on_checkpoint=on_checkpoint,
         rank=rank,
         world_size=world,
+        scaler_state=state.get("scaler") if state is not None else None,
     )
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)

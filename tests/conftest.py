@@ -14,7 +14,10 @@ from PIL import Image
 from backend.labelstudio.local_server import local_label_studio
 
 REPO = Path(__file__).resolve().parents[1]
-D2_FIXTURES = REPO.parent / "shared" / "fixtures" / "detectron2"
+# `make gpu-check` runs from a copy of the tree alone and names the fixtures' folder.
+D2_FIXTURES = Path(
+    os.environ.get("TRIDENTLOOP_D2_FIXTURES") or REPO.parent / "shared" / "fixtures" / "detectron2"
+)
 FIXTURE_MODELS = (
     "tridentnet_fast_R_50_C4_1x",
     "tridentnet_3branch_R_50_C4_1x",
@@ -29,6 +32,18 @@ def fixture_dir(name: str) -> Path:
     path = D2_FIXTURES / name
     if not path.is_dir():
         pytest.fail(f"detectron2 reference fixtures missing at {path} (shared/ beside the repo)")
+    return path
+
+
+def fixture_weights(name: str) -> Path:
+    """The fixture's checkpoint. The 3-branch fixture's is a symbolic link to the fast
+    one's; where a copy or a checkout without symlinks (git's core.symlinks=false) turned it
+    into a small file holding the link's target, the target is followed."""
+    path = fixture_dir(name) / "model_final.pth"
+    if path.stat().st_size < 1024:
+        target = path.parent / path.read_text().strip()
+        if target.is_file():
+            return target
     return path
 
 
@@ -48,17 +63,18 @@ def fpn_predictor():
     """The narrow R50-FPN fixture model on CPU: the quickest real detectron2 model."""
     from backend.detection.predictor import Predictor
 
-    d = fixture_dir("faster_rcnn_R_50_FPN_1x")
-    return Predictor.from_files(d / "config.yaml", d / "model_final.pth", device="cpu")
+    name = "faster_rcnn_R_50_FPN_1x"
+    return Predictor.from_files(
+        fixture_dir(name) / "config.yaml", fixture_weights(name), device="cpu"
+    )
 
 
 def run_predict_cli(model: str, out: Path, *images: Path, extra: tuple[str, ...] = ()) -> int:
     """`tridentloop predict` with a fixture model's config and weights, on the CPU."""
     from backend.cli import main
 
-    d = fixture_dir(model)
-    return main(["predict", "--config", str(d / "config.yaml"), "--weights",
-                 str(d / "model_final.pth"), "--device", "cpu", "--output", str(out),
+    return main(["predict", "--config", str(fixture_dir(model) / "config.yaml"), "--weights",
+                 str(fixture_weights(model)), "--device", "cpu", "--output", str(out),
                  *extra, *map(str, images)])
 
 

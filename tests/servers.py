@@ -11,7 +11,7 @@ import httpx
 from backend.labelstudio.local_server import wait_for
 from backend.labelstudio.server import free_port, serve_in_thread
 
-from .conftest import fixture_dir
+from .conftest import fixture_dir, fixture_weights
 
 __all__ = [
     "ANIMAL_CONFIG", "FlakyProxy", "free_port", "make_model_dir", "serve_in_thread", "wait_for"
@@ -35,7 +35,7 @@ def make_model_dir(
     dest.mkdir(parents=True)
     src = fixture_dir(fixture)
     shutil.copy(src / "config.yaml", dest / "config.yaml")
-    shutil.copy(src / "model_final.pth", dest / "model_final.pth")
+    shutil.copy(fixture_weights(fixture), dest / "model_final.pth")
     (dest / "labels.txt").write_text("\n".join(LABELS) + "\n")
     if version:
         (dest / "model.json").write_text(f'{{"version": "{version}"}}\n')

@@ -15,7 +15,7 @@ from backend.detection.config import bundled_config, load_config
 from backend.detection.model import GeneralizedRCNN
 from backend.detection.predictor import Predictor
 
-from .conftest import fixture_dir
+from .conftest import fixture_dir, fixture_weights
 
 FPN = "faster_rcnn_R_50_FPN_1x"
 
@@ -25,7 +25,7 @@ def _fixture_model(name: str = FPN, **overrides) -> GeneralizedRCNN:
 
 
 def _state(name: str = FPN) -> dict[str, torch.Tensor]:
-    return torch.load(fixture_dir(name) / "model_final.pth", weights_only=True)["model"]
+    return torch.load(fixture_weights(name), weights_only=True)["model"]
 
 
 def _detections(model: GeneralizedRCNN, image):
@@ -35,7 +35,7 @@ def _detections(model: GeneralizedRCNN, image):
 @pytest.fixture(scope="module")
 def reference(fixture_image):
     model = _fixture_model()
-    load_weights(model, fixture_dir(FPN) / "model_final.pth", for_inference=True)
+    load_weights(model, fixture_weights(FPN), for_inference=True)
     return _detections(model, fixture_image)
 
 
@@ -122,7 +122,7 @@ def test_torchvision_imagenet_resnet_starts_the_backbone(tmp_path):
 def test_other_class_count_reinitialises_the_box_predictor_for_fine_tuning(caplog):
     model = _fixture_model(**{"MODEL.ROI_HEADS.NUM_CLASSES": 5})
     with caplog.at_level(logging.WARNING):
-        report = load_weights(model, fixture_dir(FPN) / "model_final.pth", for_inference=False)
+        report = load_weights(model, fixture_weights(FPN), for_inference=False)
     assert sorted(report.reinitialised) == [
         "roi_heads.box_predictor.bbox_pred.bias",
         "roi_heads.box_predictor.bbox_pred.weight",
@@ -139,7 +139,7 @@ def test_other_class_count_reinitialises_the_box_predictor_for_fine_tuning(caplo
 def test_inference_refuses_a_checkpoint_that_does_not_fit():
     model = _fixture_model(**{"MODEL.ROI_HEADS.NUM_CLASSES": 5})
     with pytest.raises(CheckpointError, match=r"cls_score\.weight \(4, 256\) vs model \(6, 256\)"):
-        load_weights(model, fixture_dir(FPN) / "model_final.pth", for_inference=True)
+        load_weights(model, fixture_weights(FPN), for_inference=True)
 
 
 def test_inference_refuses_missing_weights(tmp_path):
@@ -155,7 +155,7 @@ def test_wrong_depth_is_refused_with_the_keys(tmp_path):
         load_config(fixture_dir(FPN) / "config.yaml", {"MODEL.RESNETS.DEPTH": 101})
     )
     with pytest.raises(CheckpointError, match=r"missing .*res4\.6"):
-        load_weights(model, fixture_dir(FPN) / "model_final.pth", for_inference=True)
+        load_weights(model, fixture_weights(FPN), for_inference=True)
 
 
 def test_unreadable_files_are_clear_errors(tmp_path):

@@ -68,14 +68,18 @@ class BoxCoder:
         return boxes.reshape(deltas.shape)
 
 
-def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Clamp (N, 4) boxes into an image of the given size."""
+def clip_boxes(
+    boxes: torch.Tensor, height: int | torch.Tensor, width: int | torch.Tensor
+) -> torch.Tensor:
+    """Clamp (N, 4) boxes into an image of the given size, or each row into its own image
+    when `height` and `width` are (N,) tensors (a whole batch at once)."""
+    lower = boxes.clamp(min=0)
     return torch.stack(
         (
-            boxes[:, 0].clamp(min=0, max=width),
-            boxes[:, 1].clamp(min=0, max=height),
-            boxes[:, 2].clamp(min=0, max=width),
-            boxes[:, 3].clamp(min=0, max=height),
+            torch.minimum(lower[:, 0], torch.as_tensor(width, dtype=boxes.dtype)),
+            torch.minimum(lower[:, 1], torch.as_tensor(height, dtype=boxes.dtype)),
+            torch.minimum(lower[:, 2], torch.as_tensor(width, dtype=boxes.dtype)),
+            torch.minimum(lower[:, 3], torch.as_tensor(height, dtype=boxes.dtype)),
         ),
         dim=-1,
     )
@@ -104,8 +108,33 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def batched_nms(
     boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float
 ) -> torch.Tensor:
-    """Per-group NMS, in float32 (half precision lacks the range for the offset trick)."""
-    return _tv_batched_nms(boxes.float(), scores, groups, iou_threshold)
+    """Per-group NMS, in float32 whatever the autocast dtype: half precision lacks the range
+    for the offset trick, and bf16 scores tie where fp32 ones do not."""
+    return _tv_batched_nms(boxes.float(), scores.float(), groups, iou_threshold)
+
+
+def nms_per_image(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    images: torch.Tensor,
+    num_groups: int,
+    iou_threshold: float,
+    topk: int,
+) -> torch.Tensor:
+    """Indices kept by NMS within each (image, class) group and then the first `topk` of
+    each image (all if negative), ordered by image, then by descending score. One NMS for a
+    whole batch: the same boxes as NMS image by image, with no per-image host round trip.
+    `classes` must be < `num_groups`."""
+    keep = batched_nms(boxes, scores, images * num_groups + classes, iou_threshold)
+    keep = keep[torch.sort(images[keep], stable=True).indices]
+    if topk < 0 or len(keep) == 0:
+        return keep
+    owner = images[keep]
+    counts = torch.bincount(owner)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(keep), device=keep.device) - first[owner]
+    return keep[rank < topk]
 
 
 class Matcher:

@@ -15,7 +15,7 @@ from .fpn import FPN
 from .resnet import ResNet
 from .roi_heads import Res5ROIHeads, StandardROIHeads
 from .rpn import RPN
-from .structures import Detections, ImageBatch, Targets
+from .structures import BatchDetections, Detections, ImageBatch, Targets
 from .trident import active_branches, merge_branches
 
 
@@ -56,11 +56,18 @@ class GeneralizedRCNN(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def preprocess(self, images: list[torch.Tensor]) -> ImageBatch:
-        """Normalise each image, then pad them into one batch (padding is 0 after
+    def preprocess(
+        self,
+        images: list[torch.Tensor],
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> ImageBatch:
+        """Normalise each (C, H, W) image (any dtype: uint8 crosses to the device at a
+        quarter of float's bytes), then pad them into one batch (padding is 0 after
         normalisation, as in detectron2)."""
-        normalized = [(im.to(self.device) - self.pixel_mean) / self.pixel_std for im in images]
-        return ImageBatch.from_images(normalized, self.backbone.size_divisibility)
+        normalized = [
+            (im.to(self.device).float() - self.pixel_mean) / self.pixel_std for im in images
+        ]
+        return ImageBatch.from_images(normalized, self.backbone.size_divisibility, memory_format)
 
     def forward(
         self, images: list[torch.Tensor], targets: list[Targets] | None = None
@@ -72,14 +79,24 @@ class GeneralizedRCNN(nn.Module):
 
     def inference(self, images: list[torch.Tensor]) -> list[Detections]:
         batch = self.preprocess(images)
+        return self.detect(batch).split(batch.sizes)
+
+    def detect(self, batch: ImageBatch) -> BatchDetections:
+        """Detections of a padded batch, in its (resized) pixels, grouped by image."""
         features = self.backbone(batch.tensor)
         branches = active_branches(self.cfg.trident, self.training)
         sizes = batch.sizes * branches
         proposals, _ = self.proposal_generator(features, sizes)
         detections, _ = self.roi_heads(features, proposals, sizes)
         heads = self.cfg.roi_heads
+        if branches == 1:
+            return detections
         return merge_branches(
-            detections, branches, heads.nms_thresh_test, heads.detections_per_image
+            detections,
+            len(batch.sizes),
+            heads.num_classes,
+            heads.nms_thresh_test,
+            heads.detections_per_image,
         )
 
     def losses(self, images: list[torch.Tensor], targets: list[Targets]) -> dict[str, torch.Tensor]:

@@ -1,14 +1,16 @@
 """detectron2 DefaultPredictor's contract on batches: RGB uint8 images in, detections in
 original-image pixels out.
 
-Each image is flipped to the model's channel order, resized so its short side is
-MIN_SIZE_TEST (long side at most MAX_SIZE_TEST) with PIL's bilinear filter on uint8, run
-through the model, and its boxes are scaled back and clipped to the original size.
+Each image is flipped to the model's channel order and resized so its short side is
+MIN_SIZE_TEST (long side at most MAX_SIZE_TEST) with PIL's bilinear filter on uint8, on the
+CPU threads that prepare images. It crosses to the device still uint8 (a quarter of
+float's bytes, from pinned memory when asked) and becomes float there. A batch runs as one
+forward pass, its detections are scaled back and clipped to each original size by single
+tensor ops, and they come back to the host in one copy.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,21 +23,10 @@ from PIL import Image
 from .boxes import clip_boxes, nonempty
 from .checkpoint import load_weights
 from .config import DetectorConfig, load_config
+from .device import DeviceOptions
 from .model import GeneralizedRCNN
-from .structures import Detections
+from .structures import BatchDetections, Detections
 from .tiling import TilingOptions, predict_tiled
-
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` picks CUDA when present; asking for CUDA without one is a clear error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: CUDA is not available on this machine")
-    return resolved
 
 
 def resized_shape(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
@@ -56,8 +47,13 @@ def resized_shape(height: int, width: int, short: int, max_size: int) -> tuple[i
 
 @dataclass
 class PreparedImage:
-    tensor: torch.Tensor  # (3, h, w) float32, model channel order, resized
+    tensor: torch.Tensor  # (h, w, 3) uint8, model channel order, resized; pinned if asked
     original_size: tuple[int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The network input's (h, w): prepared images of one shape batch without padding."""
+        return int(self.tensor.shape[0]), int(self.tensor.shape[1])
 
 
 class Predictor:
@@ -69,20 +65,23 @@ class Predictor:
         device: str | torch.device = "auto",
         precision: str = "fp32",
         channels_last: bool | None = None,
+        pin_memory: bool | None = None,
+        batch_size: int | None = None,
     ) -> None:
-        self.device = resolve_device(device) if isinstance(device, str) else device
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not one of {sorted(PRECISIONS)}")
-        on_cuda = self.device.type == "cuda"
-        self.precision = precision
-        self.autocast_dtype = PRECISIONS[precision] if on_cuda else None
-        self.channels_last = on_cuda if channels_last is None else channels_last
-        self.model = model.eval().to(self.device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.options = DeviceOptions.create(
+            device, precision, channels_last, pin_memory, batch_size
+        )
+        self.options.apply_backend_flags()
+        self.model = model.eval().to(self.device, memory_format=self.options.memory_format)
         self.cfg: DetectorConfig = model.cfg
-        # Measured: on CPU, batches beyond 2 images cost more per image; GPUs want them full.
-        self.preferred_batch = 8 if on_cuda else 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.options.device
+
+    @property
+    def preferred_batch(self) -> int:
+        return self.options.batch_size
 
     @classmethod
     def from_files(
@@ -102,10 +101,19 @@ class Predictor:
         say) over these very weight tensors: no second copy in memory."""
         model = GeneralizedRCNN(cfg)
         model.load_state_dict(self.model.state_dict(), assign=True)
-        return Predictor(model, self.device, self.precision, self.channels_last)
+        options = self.options
+        return Predictor(
+            model,
+            options.device,
+            options.precision,
+            options.channels_last,
+            options.pin_memory,
+            options.batch_size,
+        )
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
-        """RGB uint8 (H, W, 3) -> resized float tensor in the model's channel order."""
+        """RGB uint8 (H, W, 3) -> resized uint8 tensor in the model's channel order, ready to
+        cross to the device (CPU work: call it from the threads that decode images)."""
         height, width = image.shape[:2]
         if self.cfg.input_format == "BGR":
             image = image[:, :, ::-1]
@@ -115,8 +123,8 @@ class Predictor:
                 (new_w, new_h), Image.Resampling.BILINEAR
             )
             image = np.asarray(resized)
-        tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
-        return PreparedImage(tensor, (height, width))
+        tensor = torch.from_numpy(np.require(image, requirements=("C", "W")))
+        return PreparedImage(self.options.to_host_staging(tensor), (height, width))
 
     def __call__(self, image: np.ndarray) -> Detections:
         return self.predict([image])[0]
@@ -132,31 +140,40 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_prepared(self, prepared: Sequence[PreparedImage]) -> list[Detections]:
-        """One batched forward pass; detections come back on the CPU in original pixels."""
+        """One batched forward pass (images of different shapes are zero-padded to a common
+        one, as detectron2 batches them); detections come back on the CPU in original
+        pixels, in one device-to-host copy."""
         if not prepared:
             return []
-        tensors = [p.tensor.to(self.device, non_blocking=True) for p in prepared]
-        with self._autocast():
-            if self.channels_last:
-                tensors = [t.contiguous(memory_format=torch.channels_last) for t in tensors]
-            outputs = self.model.inference(tensors)
-        return [
-            to_original_size(det, p.original_size).to("cpu")
-            for det, p in zip(outputs, prepared, strict=True)
-        ]
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        options = self.options
+        tensors = [options.to_device(p.tensor).permute(2, 0, 1) for p in prepared]
+        with options.autocast():
+            batch = self.model.preprocess(tensors, options.memory_format)
+            found = self.model.detect(batch)
+        return to_original_sizes(found, batch.sizes, [p.original_size for p in prepared])
 
 
-def to_original_size(det: Detections, original_size: tuple[int, int]) -> Detections:
-    """Scale boxes from the resized input back to the original image, clip, drop empties."""
-    height, width = original_size
-    boxes = det.boxes.float().clone()
-    boxes[:, 0::2] *= width / det.image_size[1]
-    boxes[:, 1::2] *= height / det.image_size[0]
-    boxes = clip_boxes(boxes, height, width)
-    keep = nonempty(boxes)
-    return Detections(boxes[keep], det.scores[keep].float(), det.classes[keep], original_size)
+def to_original_sizes(
+    found: BatchDetections,
+    input_sizes: list[tuple[int, int]],
+    original_sizes: list[tuple[int, int]],
+) -> list[Detections]:
+    """Scale each image's boxes from its network input back to its original size, clip,
+    bring the batch to the host in one copy, drop empty boxes, split per image."""
+    device = found.boxes.device
+    pairs = zip(input_sizes, original_sizes, strict=True)
+    scale = torch.tensor(
+        [[ow / iw, oh / ih] for (ih, iw), (oh, ow) in pairs], dtype=torch.float32, device=device
+    )[found.images]
+    bounds = torch.tensor(original_sizes, dtype=torch.float32, device=device)[found.images]
+    boxes = found.boxes.float() * scale.repeat(1, 2)
+    boxes = clip_boxes(boxes, bounds[:, 0], bounds[:, 1])
+    packed = torch.cat(
+        [boxes, found.scores.float()[:, None], found.classes[:, None].float(),
+         found.images[:, None].float()],
+        dim=1,
+    ).cpu()
+    host = BatchDetections(
+        packed[:, :4], packed[:, 4], packed[:, 5].long(), packed[:, 6].long()
+    )
+    return host.select(nonempty(host.boxes)).split(original_sizes)

@@ -17,9 +17,9 @@ from torchvision.ops import roi_align
 from .boxes import (
     BoxCoder,
     Matcher,
-    batched_nms,
     box_area,
     clip_boxes,
+    nms_per_image,
     pairwise_iou,
     smooth_l1_sum,
     subsample_labels,
@@ -27,7 +27,7 @@ from .boxes import (
 from .config import ResNetConfig, ROIHeadsConfig
 from .layers import c2_xavier_init
 from .resnet import make_stage, stage_widths
-from .structures import Detections, Targets
+from .structures import BatchDetections, Proposals, Targets
 
 
 class ROIPooler(nn.Module):
@@ -45,11 +45,14 @@ class ROIPooler(nn.Module):
         self.min_level = int(-math.log2(scales[0]))
         self.max_level = int(-math.log2(scales[-1]))
 
-    def forward(self, features: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
-        rois = _pooler_format(boxes, features[0].dtype)
+    def forward(
+        self, features: list[torch.Tensor], boxes: torch.Tensor, images: torch.Tensor
+    ) -> torch.Tensor:
+        """Pooled features of each box (P, 4) of image `images[i]`, in the features' dtype."""
+        rois = torch.cat([images[:, None].to(torch.float32), boxes.float()], dim=1)
         if len(features) == 1:
             return self._align(features[0], rois, self.scales[0])
-        levels = self._assign_levels(torch.cat(boxes))
+        levels = self._assign_levels(boxes)
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
         for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
             index = torch.nonzero(levels == level, as_tuple=True)[0]
@@ -57,30 +60,17 @@ class ROIPooler(nn.Module):
         return out
 
     def _align(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
-        return roi_align(
-            feature,
-            rois.to(feature.dtype),
-            self.output_size,
-            scale,
-            self.sampling_ratio,
-            self.aligned,
+        """ROIAlign in fp32: in bf16, box coordinates of 512-1023 px fall on 4 px steps."""
+        pooled = roi_align(
+            feature.float(), rois, self.output_size, scale, self.sampling_ratio, self.aligned
         )
+        return pooled.to(feature.dtype)
 
     def _assign_levels(self, boxes: torch.Tensor) -> torch.Tensor:
         sizes = torch.sqrt(box_area(boxes))
         levels = torch.floor(4 + torch.log2(sizes / 224 + 1e-8))
         levels = torch.clamp(levels, min=self.min_level, max=self.max_level)
         return levels.to(torch.int64) - self.min_level
-
-
-def _pooler_format(boxes: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """(K, 5) rows of [image index, x0, y0, x1, y1], as roi_align takes them."""
-    cat = torch.cat(boxes).to(dtype)
-    counts = torch.tensor([len(b) for b in boxes], device=cat.device)
-    index = torch.repeat_interleave(
-        torch.arange(len(boxes), dtype=dtype, device=cat.device), counts
-    )
-    return torch.cat([index[:, None], cat], dim=1)
 
 
 class BoxPredictor(nn.Module):
@@ -110,35 +100,37 @@ class BoxPredictor(nn.Module):
         self,
         scores: torch.Tensor,
         deltas: torch.Tensor,
-        proposals: list[torch.Tensor],
+        proposals: Proposals,
         image_sizes: list[tuple[int, int]],
-    ) -> list[Detections]:
-        counts = [len(p) for p in proposals]
-        boxes = self.box_coder.decode(deltas, torch.cat(proposals)).split(counts)
-        probs = F.softmax(scores, dim=-1).split(counts)
-        return [
-            self._inference_one(b, p, size)
-            for b, p, size in zip(boxes, probs, image_sizes, strict=True)
-        ]
-
-    def _inference_one(
-        self, boxes: torch.Tensor, probs: torch.Tensor, image_size: tuple[int, int]
-    ) -> Detections:
-        """Score threshold per (box, class), class-aware NMS, top-k: detectron2's order."""
+    ) -> BatchDetections:
+        """Score threshold per (box, class), class-aware NMS, top-k per image: detectron2's
+        order, for the whole batch at once. Deltas and scores are decoded in fp32."""
+        boxes = self.box_coder.decode(deltas, proposals.boxes)
+        probs = F.softmax(scores.float(), dim=-1)
         finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)
-        if not finite.all():
-            boxes, probs = boxes[finite], probs[finite]
         probs = probs[:, :-1]
         reg_classes = boxes.shape[1] // 4
-        boxes = clip_boxes(boxes.reshape(-1, 4), *image_size).view(-1, reg_classes, 4)
-        keep_mask = probs > self.cfg.score_thresh_test
-        indices = keep_mask.nonzero()
-        boxes = boxes[indices[:, 0], 0] if reg_classes == 1 else boxes[keep_mask]
-        scores = probs[keep_mask]
-        keep = batched_nms(boxes, scores, indices[:, 1], self.cfg.nms_thresh_test)
-        if self.cfg.detections_per_image >= 0:
-            keep = keep[: self.cfg.detections_per_image]
-        return Detections(boxes[keep], scores[keep], indices[keep, 1], image_size)
+        sizes = torch.tensor(image_sizes, dtype=torch.float32, device=boxes.device)
+        bounds = sizes[proposals.images].repeat_interleave(reg_classes, dim=0)
+        boxes = clip_boxes(boxes.reshape(-1, 4), bounds[:, 0], bounds[:, 1])
+        boxes = boxes.view(-1, reg_classes, 4)
+        rows, classes = torch.nonzero((probs > self.cfg.score_thresh_test) & finite[:, None]).T
+        candidates = BatchDetections(
+            boxes[rows, 0] if reg_classes == 1 else boxes[rows, classes],
+            probs[rows, classes],
+            classes,
+            proposals.images[rows],
+        )
+        keep = nms_per_image(
+            candidates.boxes,
+            candidates.scores,
+            candidates.classes,
+            candidates.images,
+            self.num_classes,
+            self.cfg.nms_thresh_test,
+            self.cfg.detections_per_image,
+        )
+        return candidates.select(keep)
 
     def losses(
         self,
@@ -174,27 +166,32 @@ class ROIHeads(nn.Module):
         self.matcher = Matcher(cfg.iou_thresholds, cfg.iou_labels, allow_low_quality_matches=False)
 
     def box_features(
-        self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor]
+        self, features: dict[str, torch.Tensor], boxes: torch.Tensor, images: torch.Tensor
     ) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(
         self,
         features: dict[str, torch.Tensor],
-        proposals: list[torch.Tensor],
+        proposals: Proposals,
         image_sizes: list[tuple[int, int]],
         targets: list[Targets] | None = None,
-    ) -> tuple[list[Detections], dict[str, torch.Tensor]]:
+    ) -> tuple[BatchDetections | None, dict[str, torch.Tensor]]:
         if targets is None:
-            scores, deltas = self.box_predictor(self.box_features(features, proposals))
+            scores, deltas = self.box_predictor(
+                self.box_features(features, proposals.boxes, proposals.images)
+            )
             return self.box_predictor.inference(scores, deltas, proposals, image_sizes), {}
-        samples = [self._sample(p, t) for p, t in zip(proposals, targets, strict=True)]
-        boxes = [s[0] for s in samples]
-        scores, deltas = self.box_predictor(self.box_features(features, boxes))
-        return [], self.box_predictor.losses(
+        samples = [self._sample(proposals.of_image(n), t) for n, t in enumerate(targets)]
+        boxes = torch.cat([s[0] for s in samples])
+        images = torch.cat(
+            [torch.full((len(s[0]),), n, device=boxes.device) for n, s in enumerate(samples)]
+        )
+        scores, deltas = self.box_predictor(self.box_features(features, boxes, images))
+        return None, self.box_predictor.losses(
             scores,
             deltas,
-            torch.cat(boxes),
+            boxes,
             torch.cat([s[1] for s in samples]),
             torch.cat([s[2] for s in samples]),
         )
@@ -242,9 +239,9 @@ class Res5ROIHeads(ROIHeads):
         self.box_predictor = BoxPredictor(out_ch, cfg)
 
     def box_features(
-        self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor]
+        self, features: dict[str, torch.Tensor], boxes: torch.Tensor, images: torch.Tensor
     ) -> torch.Tensor:
-        pooled = self.pooler([features[self.in_feature]], boxes)
+        pooled = self.pooler([features[self.in_feature]], boxes, images)
         return self.res5(pooled).mean(dim=[2, 3])
 
 
@@ -283,6 +280,7 @@ class StandardROIHeads(ROIHeads):
         self.box_predictor = BoxPredictor(cfg.fc_dim, cfg)
 
     def box_features(
-        self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor]
+        self, features: dict[str, torch.Tensor], boxes: torch.Tensor, images: torch.Tensor
     ) -> torch.Tensor:
-        return self.box_head(self.pooler([features[f] for f in self.cfg.in_features], boxes))
+        pooled = self.pooler([features[f] for f in self.cfg.in_features], boxes, images)
+        return self.box_head(pooled)

@@ -11,15 +11,15 @@ from torch import nn
 from .boxes import (
     BoxCoder,
     Matcher,
-    batched_nms,
     clip_boxes,
+    nms_per_image,
     nonempty,
     pairwise_iou,
     smooth_l1_sum,
     subsample_labels,
 )
 from .config import AnchorConfig, RPNConfig
-from .structures import Targets
+from .structures import Proposals, Targets
 
 
 def _per_level(params: tuple[tuple[float, ...], ...], levels: int) -> tuple[tuple[float, ...], ...]:
@@ -115,8 +115,9 @@ class RPN(nn.Module):
         features: dict[str, torch.Tensor],
         image_sizes: list[tuple[int, int]],
         targets: list[Targets] | None = None,
-    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """Proposal boxes per image (sorted by objectness) and, given targets, the losses."""
+    ) -> tuple[Proposals, dict[str, torch.Tensor]]:
+        """Proposal boxes of the batch (by image, then objectness) and, given targets, the
+        losses."""
         feats = [features[f] for f in self.cfg.in_features]
         anchors = self.anchor_generator(feats)
         raw_logits, raw_deltas = self.rpn_head(feats)
@@ -141,46 +142,51 @@ class RPN(nn.Module):
         logits: list[torch.Tensor],
         deltas: list[torch.Tensor],
         image_sizes: list[tuple[int, int]],
-    ) -> list[torch.Tensor]:
-        """Top-k anchors per level by objectness, decoded, clipped, NMS'd within each level."""
+    ) -> Proposals:
+        """Top-k anchors per image and level by objectness, decoded, clipped, NMS'd within
+        each level, then the best `post_nms_topk` per image: detectron2's selection, done
+        for the whole batch at once (fp32 coordinates and scores whatever the autocast)."""
         phase = 0 if self.training else 1
         pre_nms, post_nms = self.cfg.pre_nms_topk[phase], self.cfg.post_nms_topk[phase]
         num_images = len(image_sizes)
         device = logits[0].device
-        batch_idx = torch.arange(num_images, device=device)[:, None]
-        top_boxes, top_scores, level_ids = [], [], []
+        rows = torch.arange(num_images, device=device)[:, None]
+        boxes, scores, levels = [], [], []
         for level, (anchors_i, logits_i, deltas_i) in enumerate(
             zip(anchors, logits, deltas, strict=True)
         ):
-            boxes_i = self.box_coder.decode(
-                deltas_i.reshape(-1, 4),
-                anchors_i.unsqueeze(0).expand(num_images, -1, -1).reshape(-1, 4),
-            ).view(num_images, -1, 4)
             k = min(pre_nms, logits_i.shape[1])
-            scores_i, idx = logits_i.topk(k, dim=1)
-            top_boxes.append(boxes_i[batch_idx, idx])
-            top_scores.append(scores_i)
-            level_ids.append(torch.full((k,), level, dtype=torch.int64, device=device))
-        all_boxes = torch.cat(top_boxes, dim=1)
-        all_scores = torch.cat(top_scores, dim=1)
-        all_levels = torch.cat(level_ids)
-        proposals = []
-        for n, (height, width) in enumerate(image_sizes):
-            boxes, scores, levels = all_boxes[n], all_scores[n], all_levels
-            finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
-            if not finite.all():
-                if self.training:
-                    raise FloatingPointError(
-                        "RPN predicted non-finite boxes or scores: the training has diverged"
-                    )
-                boxes, scores, levels = boxes[finite], scores[finite], levels[finite]
-            boxes = clip_boxes(boxes, height, width)
-            keep = nonempty(boxes, self.cfg.min_box_size)
-            if not keep.all():
-                boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
-            keep = batched_nms(boxes, scores, levels, self.cfg.nms_thresh)[:post_nms]
-            proposals.append(boxes[keep])
-        return proposals
+            top_scores, idx = logits_i.float().topk(k, dim=1)
+            decoded = self.box_coder.decode(
+                deltas_i[rows, idx].reshape(-1, 4), anchors_i[idx].reshape(-1, 4)
+            )
+            boxes.append(decoded.view(num_images, k, 4))
+            scores.append(top_scores)
+            levels.append(torch.full((num_images, k), level, dtype=torch.int64, device=device))
+        flat_boxes = torch.cat(boxes, dim=1).flatten(0, 1)
+        flat_scores = torch.cat(scores, dim=1).flatten()
+        flat_levels = torch.cat(levels, dim=1).flatten()
+        images = rows.expand(-1, flat_levels.numel() // num_images).flatten()
+        finite = torch.isfinite(flat_boxes).all(dim=1) & torch.isfinite(flat_scores)
+        if self.training and not finite.all():
+            raise FloatingPointError(
+                "RPN predicted non-finite boxes or scores: the training has diverged"
+            )
+        sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device)[images]
+        flat_boxes = clip_boxes(flat_boxes, sizes[:, 0], sizes[:, 1])
+        valid = torch.nonzero(finite & nonempty(flat_boxes, self.cfg.min_box_size))[:, 0]
+        keep = valid[
+            nms_per_image(
+                flat_boxes[valid],
+                flat_scores[valid],
+                flat_levels[valid],
+                images[valid],
+                len(anchors),
+                self.cfg.nms_thresh,
+                post_nms,
+            )
+        ]
+        return Proposals(flat_boxes[keep], images[keep])
 
     def losses(
         self,

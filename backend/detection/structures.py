@@ -15,16 +15,26 @@ class ImageBatch:
     sizes: list[tuple[int, int]]
 
     @staticmethod
-    def from_images(images: list[torch.Tensor], size_divisibility: int) -> ImageBatch:
+    def from_images(
+        images: list[torch.Tensor],
+        size_divisibility: int,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> ImageBatch:
         """Pad to a common size (a multiple of `size_divisibility`, zeros to the right and
-        bottom), as detectron2's ImageList does."""
+        bottom), as detectron2's ImageList does, in the memory format the network runs in."""
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         max_h = max(h for h, _ in sizes)
         max_w = max(w for _, w in sizes)
         if size_divisibility > 1:
             max_h = (max_h + size_divisibility - 1) // size_divisibility * size_divisibility
             max_w = (max_w + size_divisibility - 1) // size_divisibility * size_divisibility
-        batch = images[0].new_zeros((len(images), images[0].shape[0], max_h, max_w))
+        first = images[0]
+        batch = torch.empty(
+            (len(images), first.shape[0], max_h, max_w),
+            dtype=first.dtype,
+            device=first.device,
+            memory_format=memory_format,
+        ).zero_()
         for pad, im in zip(batch, images, strict=True):
             pad[:, : im.shape[-2], : im.shape[-1]].copy_(im)
         return ImageBatch(batch, sizes)
@@ -66,6 +76,47 @@ class Detections:
         return Detections(
             torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), image_size
         )
+
+
+@dataclass
+class Proposals:
+    """Region proposals of a whole batch: boxes (P, 4) and the image each belongs to (P,),
+    grouped by image in descending objectness."""
+
+    boxes: torch.Tensor
+    images: torch.Tensor
+
+    def of_image(self, index: int) -> torch.Tensor:
+        return self.boxes[self.images == index]
+
+
+@dataclass
+class BatchDetections:
+    """A whole batch's detections as flat tensors, each row tagged with its image and rows
+    grouped by image in descending score: a batch is post-processed by single tensor ops,
+    with no per-image round trip to the host."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    classes: torch.Tensor
+    images: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> BatchDetections:
+        return BatchDetections(
+            self.boxes[index], self.scores[index], self.classes[index], self.images[index]
+        )
+
+    def split(self, image_sizes: list[tuple[int, int]]) -> list[Detections]:
+        """Per-image Detections (rows must be grouped by image)."""
+        counts = torch.bincount(self.images, minlength=len(image_sizes)).tolist()
+        parts = zip(
+            self.boxes.split(counts),
+            self.scores.split(counts),
+            self.classes.split(counts),
+            image_sizes,
+            strict=True,
+        )
+        return [Detections(b, s, c, size) for b, s, c, size in parts]
 
 
 @dataclass

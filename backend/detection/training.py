@@ -12,12 +12,14 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from .device import training_dtype
 from .model import GeneralizedRCNN
 from .structures import Targets
 
@@ -46,7 +48,7 @@ class TrainOptions:
     colour_jitter: float = 0.2
     min_visible: float = 0.6  # a box cut by the crop is kept if this much of it remains
     clip_grad_norm: float = 10.0
-    amp: bool = True  # mixed precision on CUDA
+    precision: str = "auto"  # auto: fp16 AMP on CUDA, fp32 on CPU; or fp32, fp16, bf16
     seed: int = 0
     checkpoint_period: int = 0  # iterations between checkpoints; 0: only at the end
 
@@ -116,7 +118,7 @@ def lr_at(iteration: int, options: TrainOptions) -> float:
 
 
 StepCallback = Callable[[int, dict[str, float]], None]
-CheckpointCallback = Callable[[int, torch.optim.Optimizer], None]
+CheckpointCallback = Callable[[int, torch.optim.Optimizer, torch.amp.GradScaler], None]
 
 
 def _seed(*parts: int) -> int:
@@ -134,13 +136,15 @@ def train(
     on_checkpoint: CheckpointCallback | None = None,
     rank: int = 0,
     world_size: int = 1,
+    scaler_state: dict[str, Any] | None = None,
 ) -> torch.optim.Optimizer:
     """Run iterations [start_iteration, options.iterations).
 
     Every image of every step draws its crop and its sampling from seeds of (seed, step,
     position in the batch) and runs its own forward/backward; the batch gradient is their
     mean. So a resumed run equals an uninterrupted one, and N DistributedDataParallel
-    processes (`model` wrapped, each taking every N-th image) equal one process.
+    processes (`model` wrapped, each taking every N-th image) equal one process. With fp16
+    the loss scaler's state is part of a checkpoint (`scaler_state` resumes it).
     """
     if not samples:
         raise ValueError("no training samples")
@@ -152,8 +156,10 @@ def train(
     model.train()
     optimizer = optimizer or make_optimizer(core, options)
     device = core.device
-    use_amp = options.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    dtype = training_dtype(options.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if scaler_state:
+        scaler.load_state_dict(scaler_state)
     for iteration in range(start_iteration, options.iterations):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(iteration, options)
@@ -176,7 +182,7 @@ def train(
                 else model.no_sync()
             )
             with sync:
-                with torch.autocast(device.type, enabled=use_amp):
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     losses = model([image], [target])
                     total = sum(losses.values())
                 if not torch.isfinite(total):
@@ -198,6 +204,6 @@ def train(
             done == options.iterations
             or (options.checkpoint_period and done % options.checkpoint_period == 0)
         ):
-            on_checkpoint(done, optimizer)
+            on_checkpoint(done, optimizer, scaler)
     model.eval()
     return optimizer

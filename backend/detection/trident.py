@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .boxes import batched_nms
+from .boxes import nms_per_image
 from .config import TridentConfig
-from .structures import Detections
+from .structures import BatchDetections
 
 
 def active_branches(trident: TridentConfig | None, training: bool) -> int:
@@ -51,16 +51,10 @@ class TridentStage(nn.Sequential):
 
 
 def merge_branches(
-    per_branch: list[Detections], num_branch: int, nms_thresh: float, topk: int
-) -> list[Detections]:
-    """Join each image's detections from all branches, then class-aware NMS and top-k."""
-    if num_branch == 1:
-        return per_branch
-    batch = len(per_branch) // num_branch
-    merged = []
-    for i in range(batch):
-        parts = [per_branch[i + batch * j] for j in range(num_branch)]
-        joined = Detections.cat(parts)
-        keep = batched_nms(joined.boxes, joined.scores, joined.classes, nms_thresh)[:topk]
-        merged.append(joined.select(keep))
-    return merged
+    det: BatchDetections, num_images: int, num_classes: int, nms_thresh: float, topk: int
+) -> BatchDetections:
+    """Join each image's detections from all branches (rows of "image" i + N*j belong to
+    image i, branch j), then class-aware NMS and top-k per image."""
+    images = det.images % num_images
+    keep = nms_per_image(det.boxes, det.scores, det.classes, images, num_classes, nms_thresh, topk)
+    return BatchDetections(det.boxes[keep], det.scores[keep], det.classes[keep], images[keep])

@@ -31,6 +31,7 @@ def build_backend(args: argparse.Namespace, tiling) -> Backend:
         registry=Registry(args.registry) if args.registry else None,
         device=args.device,
         precision=args.precision,
+        channels_last=args.channels_last,
     )
     media = MediaFetcher(
         MediaSettings(

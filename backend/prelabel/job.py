@@ -213,7 +213,9 @@ def _results(
             ) from exc
 
         return ray_detect_stream(args, model, tiling, destination.load, items)
-    predictor = model.predictor(device=args.device, precision=args.precision)
+    predictor = model.predictor(
+        device=args.device, precision=args.precision, channels_last=args.channels_last
+    )
     predictors = [predictor, *uncertainty.counterparts(args.uncertainty, predictor)]
     return detect_stream(
         items, destination.load, predictors, tiling, args.workers, args.batch_size

@@ -46,13 +46,13 @@ class _Decode:
 class _Replica:
     """One model on one device, fed decoded images by Ray Data."""
 
-    def __init__(self, model: str, device: str, precision: str, method: str,
-                 tiling: TilingOptions | None, threads: int | None) -> None:
+    def __init__(self, model: str, device: str, precision: str, channels_last: bool | None,
+                 method: str, tiling: TilingOptions | None, threads: int | None) -> None:
         if threads:
             torch.set_num_threads(threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        predictor = ModelDir.open(model).predictor(device=device, precision=precision)
+        predictor = ModelDir.open(model).predictor(
+            device=device, precision=precision, channels_last=channels_last
+        )
         self.predictors = [predictor, *uncertainty.counterparts(method, predictor)]
         self.tiling = tiling
 
@@ -113,7 +113,8 @@ def ray_detect_stream(
             _Replica,
             fn_constructor_kwargs={
                 "model": str(model.path.resolve()), "device": args.device,
-                "precision": args.precision, "method": args.uncertainty, "tiling": tiling,
+                "precision": args.precision, "channels_last": args.channels_last,
+                "method": args.uncertainty, "tiling": tiling,
                 # The driver's thread count: CPU replicas then compute exactly what it would.
                 "threads": None if gpus else (args.threads or torch.get_num_threads()),
             },

@@ -1,0 +1,130 @@
+"""Where the engine runs and how: device, precision, memory format, host copies, batch size.
+
+CUDA changes only the *defaults* here (channels-last, pinned copies, batches of 8,
+cuDNN autotuning); every one of them is an option the CPU can take as well, through the
+same code. So CI, which has no GPU, runs every path a GPU runs. This is the one module of
+the engine that asks whether a device is CUDA (tests/test_device.py keeps it so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA without one is a clear error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: CUDA is not available on this machine")
+    return resolved
+
+
+def is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """How a predictor runs. Build it with `DeviceOptions.create`, which fills what is left
+    as None with the device's measured best."""
+
+    device: torch.device
+    precision: str = "fp32"  # autocast dtype of the network; boxes and scores stay fp32
+    channels_last: bool = False  # NHWC activations (tensor cores want them)
+    pin_memory: bool = False  # page-locked host tensors, copied without blocking
+    batch_size: int = 1  # images (tiles) per forward pass
+    cudnn_benchmark: bool = False  # autotune convolutions for fixed tile shapes
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {sorted(PRECISIONS)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size {self.batch_size} must be at least 1")
+
+    @classmethod
+    def create(
+        cls,
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+        channels_last: bool | None = None,
+        pin_memory: bool | None = None,
+        batch_size: int | None = None,
+    ) -> DeviceOptions:
+        """Defaults measured per device: on CPU, batches beyond 2 images cost more per image
+        and NHWC gains nothing; a GPU wants full batches, NHWC and pinned copies."""
+        resolved = resolve_device(device)
+        cuda = is_cuda(resolved)
+        return cls(
+            resolved,
+            precision,
+            cuda if channels_last is None else channels_last,
+            cuda if pin_memory is None else pin_memory,
+            (8 if cuda else 1) if batch_size is None else batch_size,
+            cuda,
+        )
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.precision]
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The network's reduced precision (CPU autocast takes bf16 and fp16 too)."""
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def apply_backend_flags(self) -> None:
+        """cuDNN autotuning pays off when every batch has the tile's shape; a no-op flag on
+        CPU."""
+        if self.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+
+    def to_host_staging(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor ready to cross to the device: page-locked when `pin_memory`, so the
+        copy runs asynchronously. Called on the CPU threads that prepare images."""
+        return tensor.pin_memory() if self.pin_memory else tensor
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=True)
+
+
+def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype training runs in; `auto` is detectron2's AMP on CUDA (fp16 with
+    loss scaling) and fp32 on CPU, where both reduced precisions can still be asked for."""
+    if precision == "auto":
+        precision = "fp16" if is_cuda(device) else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"training precision {precision!r} is not one of {['auto', *sorted(PRECISIONS)]}"
+        )
+    return PRECISIONS[precision]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (timing); nothing to wait for on the CPU."""
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if is_cuda(device):
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
