@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from backend.detection.checkpoint import load_weights
 from backend.detection.config import bundled_config, dump_config, load_config
-from backend.detection.device import resolve_device
+from backend.detection.device import distributed_setup, resolve_device
 from backend.detection.model import GeneralizedRCNN
 from backend.detection.training import TrainOptions, init_from_scratch, train
 from backend.model_dir import write_model_dir
@@ -85,13 +85,12 @@ def main() -> None:
     out = Path(tp.get("output", "models/candidate"))
     work = Path(tp.get("checkpoints", "models/checkpoints"))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = resolve_device(tp.get("device", "auto"))
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend, device = distributed_setup(device, int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
-    device = resolve_device(tp.get("device", "auto"))
-    if device.type == "cuda" and distributed:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
     coco = read_coco(split_dir / "train.json")
     labels = category_names(coco)

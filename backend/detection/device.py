@@ -118,6 +118,14 @@ def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return PRECISIONS[precision]
 
 
+def distributed_setup(device: torch.device, local_rank: int) -> tuple[str, torch.device]:
+    """The process group backend and this process's device under torchrun: NCCL and one GPU
+    per process where there are GPUs, else gloo on the CPU (the pair CI tests)."""
+    if is_cuda(device):
+        return "nccl", torch.device("cuda", local_rank)
+    return "gloo", device
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work (timing); nothing to wait for on the CPU."""
     if is_cuda(device):
