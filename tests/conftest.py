@@ -11,8 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.labelstudio.local_server import local_label_studio
-
 REPO = Path(__file__).resolve().parents[1]
 # `make gpu-check` runs from a copy of the tree alone and names the fixtures' folder.
 D2_FIXTURES = Path(
@@ -110,5 +108,7 @@ def survey(tmp_path_factory):
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory):
     """A real Label Studio server for the whole test session (first start ~50 s)."""
+    from backend.labelstudio.local_server import local_label_studio
+
     with local_label_studio(tmp_path_factory.mktemp("label-studio")) as server:
         yield server

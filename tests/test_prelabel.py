@@ -55,6 +55,33 @@ def test_stream_gives_each_image_the_engines_tiled_detections(fpn_predictor, sur
         assert (result.height, result.width) == image.shape[:2]
 
 
+def test_single_tile_images_share_batches_across_images(fpn_predictor, monkeypatch):
+    """Camera-trap photos are one crop each: crops of one shape from different images fill
+    a batch together instead of running one by one."""
+    predictor = Predictor(fpn_predictor.model, "cpu", batch_size=4)
+    rng = np.random.default_rng(5)
+    images = [survey_scene(rng, 320, 400, 5).image for _ in range(6)]
+    batches: list[int] = []
+    run = predictor.predict_prepared
+
+    def recording(prepared):
+        batches.append(len(prepared))
+        return run(prepared)
+
+    monkeypatch.setattr(predictor, "predict_prepared", recording)
+    results = list(detect_stream(range(6), images.__getitem__, [predictor], None, workers=2))
+    assert sum(batches) == 6 and max(batches) > 1
+    for result in results:
+        # Boxes of exactly equal score may come in either order, as NMS leaves them.
+        alone = fpn_predictor(images[result.item])
+        assert np.allclose(_canonical(result.detections[0]), _canonical(alone), atol=1e-2)
+
+
+def _canonical(det: Detections) -> np.ndarray:
+    rows = np.column_stack([det.scores.numpy(), det.classes.numpy(), det.boxes.numpy()])
+    return rows[np.lexsort(rows.T[::-1])]
+
+
 def test_stream_stops_its_workers_when_closed(fpn_predictor, survey):
     items = [Item(f) for f in image_files(str(survey["root"]))] * 50
     stream = detect_stream(items, FileLoader(), [fpn_predictor], TILING, workers=2)

@@ -132,6 +132,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def release_cached_memory(device: torch.device) -> None:
+    """Give cached blocks back after an out-of-memory error, so the next case starts clean."""
+    if is_cuda(device):
+        torch.cuda.empty_cache()
+
+
 def device_name(device: torch.device) -> str:
     if is_cuda(device):
         return torch.cuda.get_device_name(device)

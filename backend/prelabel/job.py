@@ -176,8 +176,8 @@ def run_prelabel(args: argparse.Namespace, tiling: TilingOptions | None) -> int:
     report_path = args.report or _default_report(args)
     print(f"prelabel: {len(items)} image(s) to do, {already} already done, model {version}",
           file=sys.stderr)
-    started = time.monotonic()
     results = _results(args, model, tiling, destination, items)
+    started = time.monotonic()  # the model is loaded: the rate is the survey's, not start-up's
     progress = tqdm(total=len(items), desc="prelabel", unit="img", mininterval=1.0)
     try:
         for result in results:

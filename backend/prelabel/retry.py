@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import httpx
-from label_studio_sdk.core.api_error import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +26,9 @@ def transient(exc: BaseException) -> bool:
     """Worth retrying: the server is down, restarting or overloaded, not refusing us."""
     if isinstance(exc, httpx.TransportError):
         return True
+    # Imported here: a folder-only run (`prelabel --images`) needs no Label Studio client.
+    from label_studio_sdk.core.api_error import ApiError
+
     status = getattr(exc, "status_code", None)
     return isinstance(exc, ApiError) and (status is None or status >= 500 or status == 429)
 

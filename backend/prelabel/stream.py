@@ -1,10 +1,15 @@
 """The batch job's engine: images stream in, detections stream out.
 
-CPU worker threads fetch and decode each image, cut it into the crops of its `TilePlan` and
-prepare them (channel order, resize, float tensor); the calling thread only runs batches of
-prepared crops on the device and merges each image's detections. So the GPU never waits for
-a JPEG decoder, and at most `workers` images plus a bounded queue of prepared batches are in
-memory at once, however large the survey.
+Three kinds of threads, so that the device never waits:
+- CPU workers fetch and decode each image, cut it into the crops of its `TilePlan` and
+  prepare them (channel order, resize, uint8 tensor, pinned where the device wants it);
+- one device thread runs batches of prepared crops. Crops of one shape share a batch
+  whichever image they come from, so single-tile camera-trap photos run in full batches
+  too; a batch is run when full, or at once when no crop is waiting (never held back);
+- the caller's thread merges each image's crops and gets its result, then does whatever
+  it does with it (uncertainty, sinks) while the device runs the next batches.
+At most `workers` images plus bounded queues of crops and outputs are in memory at once,
+however large the survey.
 
 Every predictor given sees the same prepared crops (the first is the served model; the others
 are uncertainty counterparts sharing its preprocessing).
@@ -50,15 +55,25 @@ class _Planned(Generic[T]):
 
 
 @dataclass
-class _Crops:
+class _Crop:
+    index: int  # the image's
+    position: int  # in its plan's crops
+    prepared: PreparedImage
+
+
+@dataclass
+class _Outputs:
+    """Detections of some of one image's crops, per predictor."""
+
     index: int
-    prepared: list[PreparedImage]
+    positions: list[int]
+    detections: list[list[Detections]]
 
 
 @dataclass
 class _Failed(Generic[T]):
     index: int
-    item: T
+    item: T | None  # None when the device thread reports it: the caller knows the item
     error: str
 
 
@@ -75,72 +90,157 @@ def detect_stream(
 ) -> Iterator[ImageResult[T]]:
     """Results in the order images finish (each carries its item). An image that cannot be
     loaded or run comes back with `error` set; the stream goes on. Closing the iterator
-    (Ctrl-C, `break`) stops the workers."""
+    (Ctrl-C, `break`) stops the threads."""
     size = batch_size or (tiling.batch_size if tiling else None) or predictors[0].preferred_batch
-    out: queue.Queue = queue.Queue(maxsize=2 * workers + 2)
+    crops: queue.Queue = queue.Queue(maxsize=4 * size + 2 * workers)
+    outputs: queue.Queue = queue.Queue(maxsize=4 * size + 2 * workers)
     stop = threading.Event()
     source = _Numbered(items)
-    threads = [
+    decoders = [
         threading.Thread(
-            target=_work,
-            args=(source, load, predictors[0], tiling, size, out, stop),
+            target=_decode,
+            args=(source, load, predictors[0], tiling, crops, stop),
             name=f"prelabel-decode-{i}",
             daemon=True,
         )
         for i in range(workers)
     ]
-    for thread in threads:
+    device = threading.Thread(
+        target=_DeviceLoop(predictors, size, crops, outputs, stop, workers).run,
+        name="prelabel-device",
+        daemon=True,
+    )
+    for thread in (*decoders, device):
         thread.start()
-    pending: dict[int, tuple[_Planned, list[list[Detections]]]] = {}
-    running = workers
+    pending: dict[int, tuple[_Planned, list[list[Detections | None]], int]] = {}
     try:
-        while running:
-            message = out.get()
-            if message is _DONE:
-                running -= 1
-            elif isinstance(message, _Failed):
-                pending.pop(message.index, None)
-                yield ImageResult(message.item, error=message.error)
-            elif isinstance(message, _Planned):
-                pending[message.index] = (message, [[] for _ in predictors])
-            else:
-                finished = _run_crops(message, pending, predictors)
-                if finished is not None:
-                    yield finished
+        while (message := outputs.get()) is not _DONE:
+            result = _collect(message, pending, len(predictors))
+            if result is not None:
+                yield result
     finally:
         stop.set()
-        while any(t.is_alive() for t in threads):  # unblock workers waiting on a full queue
-            with contextlib.suppress(queue.Empty):
-                out.get(timeout=0.1)
+        for q, threads in ((outputs, [device]), (crops, decoders)):
+            while any(t.is_alive() for t in threads):  # unblock threads on a full queue
+                with contextlib.suppress(queue.Empty):
+                    q.get(timeout=0.1)
 
 
-def _run_crops(
-    message: _Crops,
-    pending: dict[int, tuple[_Planned, list[list[Detections]]]],
-    predictors: Sequence[Predictor],
+def _collect(
+    message: _Planned | _Outputs | _Failed,
+    pending: dict[int, tuple[_Planned, list[list[Detections | None]], int]],
+    num_predictors: int,
 ) -> ImageResult | None:
-    """Run one batch of an image's crops; the image's result once its last batch is done."""
+    """Fold one message into the per-image state; an image's result once it is complete."""
+    if isinstance(message, _Planned):
+        slots = [[None] * len(message.plan.crops) for _ in range(num_predictors)]
+        pending[message.index] = (message, slots, 0)
+        return None
+    if isinstance(message, _Failed):
+        planned = pending.pop(message.index, None)
+        item = message.item if message.item is not None else planned.item if planned else None
+        return ImageResult(item, error=message.error)
     if message.index not in pending:  # the image already failed
         return None
-    planned, outputs = pending[message.index]
-    try:
-        for predictor, done in zip(predictors, outputs, strict=True):
-            done += predictor.predict_prepared(message.prepared)
-    except Exception as exc:  # one bad image (out of memory, say) must not end the survey
-        log.exception("prelabel: inference failed for %s", planned.item)
-        del pending[message.index]
-        return ImageResult(planned.item, error=f"inference failed: {exc}")
+    planned, slots, done = pending[message.index]
+    for per_predictor, found in zip(slots, message.detections, strict=True):
+        for position, det in zip(message.positions, found, strict=True):
+            per_predictor[position] = det
+    done += len(message.positions)
     plan = planned.plan
-    if len(outputs[0]) < len(plan.crops):
+    if done < len(plan.crops):
+        pending[message.index] = (planned, slots, done)
         return None
     del pending[message.index]
-    return ImageResult(
-        planned.item,
-        [plan.merge(done) for done in outputs],
-        plan.height,
-        plan.width,
-        len(plan.crops),
-    )
+    merged = [plan.merge(list(per_predictor)) for per_predictor in slots]
+    return ImageResult(planned.item, merged, plan.height, plan.width, len(plan.crops))
+
+
+class _DeviceLoop:
+    """The one thread that runs the model: gathers crops into same-shape batches across
+    images and passes their detections on, in the order the caller needs them."""
+
+    def __init__(
+        self,
+        predictors: Sequence[Predictor],
+        size: int,
+        crops: queue.Queue,
+        outputs: queue.Queue,
+        stop: threading.Event,
+        workers: int,
+    ) -> None:
+        self.predictors = predictors
+        self.size = size
+        self.crops = crops
+        self.outputs = outputs
+        self.stop = stop
+        self.running = workers
+        self.buckets: dict[tuple[int, int], list[_Crop]] = {}
+        self.failed: set[int] = set()
+
+    def run(self) -> None:
+        try:
+            while self.running and not self.stop.is_set():
+                self._take(self.crops.get())
+                while self.running and not self.stop.is_set():
+                    try:
+                        self._take(self.crops.get_nowait())
+                    except queue.Empty:
+                        break
+                self._run_fullest()  # nothing else waiting: run what there is
+            while self.buckets and not self.stop.is_set():
+                self._run_fullest()
+        finally:
+            self.outputs.put(_DONE)
+
+    def _take(self, message: object) -> None:
+        if message is _DONE:
+            self.running -= 1
+        elif isinstance(message, _Crop):
+            if message.index not in self.failed:
+                bucket = self.buckets.setdefault(message.prepared.shape, [])
+                bucket.append(message)
+                if len(bucket) == self.size:
+                    self._run(self.buckets.pop(message.prepared.shape))
+        else:  # _Planned and _Failed go on in order, ahead of the image's outputs
+            if isinstance(message, _Failed):
+                self._forget(message.index)
+            self.outputs.put(message)
+
+    def _forget(self, index: int) -> None:
+        """An image that failed: its crops still waiting are dropped, later ones ignored."""
+        self.failed.add(index)
+        for shape in list(self.buckets):
+            self.buckets[shape] = [c for c in self.buckets[shape] if c.index != index]
+            if not self.buckets[shape]:
+                del self.buckets[shape]
+
+    def _run_fullest(self) -> None:
+        if self.buckets:
+            shape = max(self.buckets, key=lambda s: len(self.buckets[s]))
+            self._run(self.buckets.pop(shape))
+
+    def _run(self, batch: list[_Crop]) -> None:
+        prepared = [c.prepared for c in batch]
+        try:
+            found = [p.predict_prepared(prepared) for p in self.predictors]
+        except Exception as exc:  # one bad batch (out of memory, say) must not end the survey
+            log.exception("prelabel: inference failed for a batch of %d crop(s)", len(batch))
+            for index in dict.fromkeys(c.index for c in batch):
+                self._forget(index)
+                self.outputs.put(_Failed(index, None, f"inference failed: {exc}"))
+            return
+        by_image: dict[int, list[int]] = {}
+        for row, c in enumerate(batch):
+            by_image.setdefault(c.index, []).append(row)
+        for index, rows in by_image.items():
+            self.outputs.put(
+                _Outputs(
+                    index,
+                    [batch[r].position for r in rows],
+                    [[per_predictor[r] for r in rows] for per_predictor in found],
+                )
+            )
 
 
 class _Numbered(Generic[T]):
@@ -155,12 +255,11 @@ class _Numbered(Generic[T]):
             return next(self._items, None)
 
 
-def _work(
+def _decode(
     source: _Numbered,
     load: Callable,
     predictor: Predictor,
     tiling: TilingOptions | None,
-    size: int,
     out: queue.Queue,
     stop: threading.Event,
 ) -> None:
@@ -171,10 +270,10 @@ def _work(
                 image = load(item)
                 plan = TilePlan.for_image(*image.shape[:2], tiling)
                 out.put(_Planned(index, item, plan))
-                for batch in plan.batches(size):
+                for position, tile in enumerate(plan.crops):
                     if stop.is_set():
                         return
-                    out.put(_Crops(index, [predictor.prepare(crop(image, t)) for t in batch]))
+                    out.put(_Crop(index, position, predictor.prepare(crop(image, tile))))
             except Exception as exc:  # reported per image, never fatal to the run
                 out.put(_Failed(index, item, str(exc) or type(exc).__name__))
     finally:
