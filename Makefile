@@ -10,7 +10,14 @@ LS_VENV := .venv-ls
 LS_STAMP := $(LS_VENV)/.installed
 LABEL_STUDIO_VERSION := 1.23.2
 
-.PHONY: setup setup-ls demo test lint bench clean
+# `make gpu-check` runs on a GPU machine with torch installed and no package index: no venv,
+# the source tree on PYTHONPATH. Where ../shared is absent, name a copy of the fixtures:
+#   make gpu-check D2_FIXTURES=.gpu-fixtures
+GPU_PYTHON ?= python3
+D2_FIXTURES ?= ../shared/fixtures/detectron2
+GPU_REPORT ?= gpu-check.jsonl
+
+.PHONY: setup setup-ls demo test lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -22,11 +29,12 @@ $(LS_STAMP):
 	$(LS_VENV)/bin/python -m pip install --quiet label-studio==$(LABEL_STUDIO_VERSION)
 	touch $(LS_STAMP)
 
-# Re-install only when the dependency list changes; a second `make setup` is a no-op.
-$(STAMP): pyproject.toml
+# Re-install only when the dependencies change; a second `make setup` is a no-op. The package
+# declares ranges; constraints.txt pins the versions we test with.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP) $(LS_STAMP)
@@ -43,5 +51,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/tridentloop bench
 
+# One JSON Lines report of the CUDA tests and GPU benchmarks; fails loudly without CUDA.
+gpu-check:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m backend.bench.gpu_check \
+		--fixtures $(D2_FIXTURES) --report $(GPU_REPORT)
+
 clean:
-	rm -rf $(VENV) $(LS_VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) demo-output .pytest_cache $(GPU_REPORT)

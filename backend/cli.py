@@ -128,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(predict)
     _add_tiling_args(predict)
 
-    bench = sub.add_parser("bench", help="ms per 800x800 tile vs torchvision's Faster R-CNN")
+    bench = sub.add_parser(
+        "bench",
+        help="tiles/s vs torchvision's Faster R-CNN (or --prelabel, --serve, --training)",
+    )
     bench.add_argument(
         "--models", nargs="+", default=None, help="cases to run (default: all); see --list"
     )
@@ -139,7 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="full",
         help="full-size ResNet-50 or the fixtures' narrow widths",
     )
-    bench.add_argument("--tiles", type=int, default=4, help="tiles per timed batch")
+    bench.add_argument(
+        "--precisions", nargs="+", choices=["fp32", "fp16", "bf16"], default=None,
+        help="several precisions in one run (default: --precision)",
+    )
+    bench.add_argument(
+        "--batch-sizes", nargs="+", type=int, default=None,
+        help="tiles per forward pass (default: 4; --prelabel: the device's default)",
+    )
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument(
         "--baseline",
@@ -148,29 +158,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time torchvision's fasterrcnn_resnet50_fpn",
     )
     bench.add_argument(
-        "--serve",
-        action="store_true",
-        help="load-test a live backend instead: concurrent /predict requests",
-    )
-    bench.add_argument("--requests", type=int, default=16, help="concurrent requests (--serve)")
-    bench.add_argument("--tasks-per-request", type=int, default=4)
-    bench.add_argument(
-        "--serve-config",
-        default="tiny_tridentnet",
-        help="bundled config of the served model (--serve)",
-    )
-    bench.add_argument(
         "--survey", action="store_true", help="also report hours and cost for a whole survey"
     )
-    bench.add_argument(
-        "--prelabel",
-        action="store_true",
-        help="batch-job throughput: one process vs Ray with 1 and 2 replicas",
-    )
-    bench.add_argument("--survey-bench-images", type=int, default=8, help="images (--prelabel)")
     bench.add_argument("--survey-images", type=int, default=100_000)
     bench.add_argument("--tiles-per-image", type=int, default=54)
     bench.add_argument("--price-per-hour", type=float, default=3.0, help="GPU price, $/h")
+    bench.add_argument(
+        "--config", default=None,
+        help="model of --prelabel/--serve/--training (a bundled config name or a file)",
+    )
+    jobs = bench.add_mutually_exclusive_group()
+    jobs.add_argument(
+        "--prelabel", action="store_true",
+        help="the survey batch job (decode included) vs the bare engine",
+    )
+    jobs.add_argument(
+        "--serve", action="store_true", help="concurrent /predict load on a live backend"
+    )
+    jobs.add_argument(
+        "--training", action="store_true", help="training images/s vs torchvision's"
+    )
+    bench.add_argument("--survey-bench-images", type=int, default=8, help="images (--prelabel)")
+    bench.add_argument("--image-size", type=int, nargs=2, default=[6000, 4000],
+                       metavar=("WIDTH", "HEIGHT"), help="generated frames (--prelabel)")
+    bench.add_argument("--prelabel-ray", action="store_true",
+                       help="--prelabel: also on a local Ray instance with 1 and 2 replicas")
+    bench.add_argument("--requests", type=int, default=16, help="concurrent requests (--serve)")
+    bench.add_argument("--tasks-per-request", type=int, default=4)
+    bench.add_argument("--tile-size", type=int, default=800, help="--prelabel")
+    bench.add_argument("--tile-overlap", type=float, default=0.15,
+                       help="--prelabel (0.15: 54 tiles on a 6000x4000 frame)")
+    bench.add_argument("--train-batch", type=int, default=8, help="images per step (--training)")
+    bench.add_argument("--train-iterations", type=int, default=6, help="timed steps (--training)")
+    bench.add_argument("--train-precision", default="auto",
+                       choices=["auto", "fp32", "fp16", "bf16"],
+                       help="--training: auto is fp16 AMP on CUDA, fp32 on CPU")
     _add_device_args(bench)
 
     serve = sub.add_parser("serve", help="Label Studio ML backend over HTTP")
@@ -342,17 +364,55 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from .bench.engine import (
+        CASES,
+        EngineBench,
+        SurveySettings,
+        print_records,
+        run_engine_benchmark,
+    )
+
+    if args.list:
+        print("\n".join(CASES))
+        return 0
     if args.prelabel:
-        from .prelabel.benchmark import run_prelabel_benchmark
+        from .bench.prelabel import PrelabelBench, run_prelabel_benchmark
 
-        return run_prelabel_benchmark(args)
+        width, height = args.image_size
+        return print_records(run_prelabel_benchmark(PrelabelBench(
+            config=args.config or "tridentnet_fast_R_50_C4", images=args.survey_bench_images,
+            height=height, width=width, tile_size=args.tile_size,
+            overlap=args.tile_overlap, device=args.device, precision=args.precision,
+            batch_size=args.batch_sizes[0] if args.batch_sizes else None,
+            ray=args.prelabel_ray,
+        )))
     if args.serve:
-        from .serve_benchmark import run_serve_benchmark
+        from .bench.serve import ServeBench, run_serve_benchmark
 
-        return run_serve_benchmark(args)
-    from .benchmark import run_benchmark
+        return print_records(run_serve_benchmark(ServeBench(
+            config=args.config or "tiny_tridentnet", requests=args.requests,
+            tasks_per_request=args.tasks_per_request, device=args.device,
+            precision=args.precision,
+        )))
+    if args.training:
+        from .bench.training import TrainingBench, run_training_benchmark
 
-    return run_benchmark(args)
+        return print_records(run_training_benchmark(TrainingBench(
+            config=args.config or "tridentnet_fast_R_50_C4", batch_size=args.train_batch,
+            iterations=args.train_iterations, device=args.device,
+            precision=args.train_precision,
+            baseline=args.baseline,
+        )))
+    survey = (
+        SurveySettings(args.survey_images, args.tiles_per_image, args.price_per_hour)
+        if args.survey
+        else None
+    )
+    return print_records(run_engine_benchmark(EngineBench(
+        cases=tuple(args.models or CASES), precisions=tuple(args.precisions or [args.precision]),
+        batch_sizes=tuple(args.batch_sizes or [4]), repeats=args.repeats, width=args.width,
+        device=args.device, baseline=args.baseline, survey=survey,
+    )))
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -94,16 +94,3 @@ def write_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ModelDir.open(dest)
-
-
-def untrained_model_dir(dest: str | Path, config: str, labels: list[str]) -> ModelDir:
-    """A bundled config with seeded random weights, as a model directory: benchmarks measure
-    speed, which needs no training."""
-    from .detection.config import bundled_config, dump_config, load_config
-    from .detection.model import GeneralizedRCNN
-
-    torch.manual_seed(0)
-    path = bundled_config(config)
-    model = GeneralizedRCNN(load_config(path))
-    return write_model_dir(dest, dump_config(path), model.state_dict(), labels,
-                           {"version": "bench"})

@@ -11,6 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from backend.detection.boxes import pairwise_iou
+from backend.detection.structures import Detections
+
 REPO = Path(__file__).resolve().parents[1]
 # `make gpu-check` runs from a copy of the tree alone and names the fixtures' folder.
 D2_FIXTURES = Path(
@@ -87,6 +90,26 @@ def assert_same_detections(
             f"detection {i}: box {g['box']} vs {e['box']}"
         )
         assert abs(g["score"] - e["score"]) <= score_tol, f"detection {i}: score {g} vs {e}"
+
+
+def twin_fraction(reference: Detections, other: Detections, min_score: float = 0.5) -> float:
+    """Agreement measure: the share of reference detections scoring above `min_score` that
+    have a twin in `other` (same class, IoU >= 0.95)."""
+    strong = reference.scores > min_score
+    if not strong.any():
+        return 1.0
+    iou = pairwise_iou(reference.boxes[strong], other.boxes)
+    iou[reference.classes[strong][:, None] != other.classes[None, :]] = 0
+    best = iou.max(dim=1).values if len(other) else torch.zeros(int(strong.sum()))
+    return float((best >= 0.95).float().mean())
+
+
+def as_detections(records: list[dict]) -> Detections:
+    return Detections(
+        torch.tensor([r["box"] for r in records]).reshape(-1, 4),
+        torch.tensor([r["score"] for r in records]),
+        torch.tensor([r["class_id"] for r in records], dtype=torch.int64),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -6,26 +6,29 @@ from __future__ import annotations
 
 import ast
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from backend.detection.boxes import batched_nms, nms_per_image, pairwise_iou
+from backend.detection.boxes import batched_nms, nms_per_image
 from backend.detection.device import DeviceOptions
 from backend.detection.predictor import Predictor
 from backend.detection.roi_heads import ROIPooler
-from backend.detection.structures import Detections
+from backend.labelstudio.inference_queue import InferenceQueue
 
 from .conftest import (
     D2_FIXTURES,
     FIXTURE_MODELS,
     REPO,
+    as_detections,
     expected_detections,
     fixture_dir,
     fixture_weights,
     run_predict_cli,
+    twin_fraction,
 )
 
 FAST = "tridentnet_fast_R_50_C4_1x"
@@ -34,26 +37,6 @@ FAST = "tridentnet_fast_R_50_C4_1x"
 def _predictor(name: str = FAST, **options) -> Predictor:
     return Predictor.from_files(
         fixture_dir(name) / "config.yaml", fixture_weights(name), device="cpu", **options
-    )
-
-
-def twin_fraction(reference: Detections, other: Detections, min_score: float = 0.5) -> float:
-    """Agreement measure: the share of reference detections scoring above `min_score` that
-    have a twin in `other` (same class, IoU >= 0.95)."""
-    strong = reference.scores > min_score
-    if not strong.any():
-        return 1.0
-    iou = pairwise_iou(reference.boxes[strong], other.boxes)
-    iou[reference.classes[strong][:, None] != other.classes[None, :]] = 0
-    best = iou.max(dim=1).values if len(other) else torch.zeros(int(strong.sum()))
-    return float((best >= 0.95).float().mean())
-
-
-def _as_detections(records: list[dict]) -> Detections:
-    return Detections(
-        torch.tensor([r["box"] for r in records]).reshape(-1, 4),
-        torch.tensor([r["score"] for r in records]),
-        torch.tensor([r["class_id"] for r in records], dtype=torch.int64),
     )
 
 
@@ -88,14 +71,14 @@ def test_bf16_channels_last_cli_agrees_with_detectron2_fp32(name, tmp_path):
         extra=("--no-tiling", "--precision", "bf16", "--channels-last"),
     )
     assert rc == 0
-    got = _as_detections(json.loads(out.read_text())["detections"])
-    reference = _as_detections(expected_detections(name)["detections"])
+    got = as_detections(json.loads(out.read_text())["detections"])
+    reference = as_detections(expected_detections(name)["detections"])
     assert got.boxes.dtype == torch.float32
     assert twin_fraction(reference, got) >= BF16_TWINS.get(name, BF16_TWINS_OTHERS)
 
 
 def test_fp16_on_cpu_agrees_with_fp32(fixture_image):
-    reference = _as_detections(expected_detections(FAST)["detections"])
+    reference = as_detections(expected_detections(FAST)["detections"])
     got = _predictor(precision="fp16", channels_last=True)(fixture_image)
     assert twin_fraction(reference, got) == 1.0
     top = torch.argsort(reference.scores, descending=True)[:10]
@@ -145,6 +128,35 @@ def test_images_of_different_sizes_share_a_zero_padded_batch(fixture_image):
     assert twin_fraction(predictor(fixture_image), together[1], min_score=0.0) >= 0.8
 
 
+def test_server_queue_batches_requests_of_one_input_shape(monkeypatch, fixture_image):
+    """Photos of slightly different sizes that resize to the same network input share a
+    forward pass across requests; each request still gets its own image's detections."""
+    predictor = _predictor("faster_rcnn_R_50_FPN_1x", batch_size=4)
+    batches: list[int] = []
+    gate = threading.Event()
+    run = predictor.predict_prepared
+
+    def held_then_recorded(prepared):
+        gate.wait(30)  # the first batch waits while the other requests arrive
+        batches.append(len(prepared))
+        return run(prepared)
+
+    monkeypatch.setattr(predictor, "predict_prepared", held_then_recorded)
+    photos = [np.ascontiguousarray(fixture_image[:600, :800]),  # both resize to 800 x 1067
+              np.ascontiguousarray(fixture_image[:450, :600])]
+    photos += [np.ascontiguousarray(p[:, ::-1]) for p in photos]
+    queue = InferenceQueue(max_batch=4)
+    futures = [queue.submit(predictor, photo, None) for photo in photos]
+    gate.set()
+    results = [f.result(timeout=120) for f in futures]
+    queue.close()
+    assert max(batches) > 1
+    plain = _predictor("faster_rcnn_R_50_FPN_1x")
+    for photo, det in zip(photos, results, strict=True):
+        assert det.image_size == photo.shape[:2]
+        assert twin_fraction(plain(photo), det, min_score=0.0) >= 0.95
+
+
 def test_one_batched_nms_equals_nms_image_by_image():
     gen = torch.Generator().manual_seed(0)
     images, classes, topk = 3, 4, 7
@@ -178,7 +190,11 @@ def test_roi_coordinates_keep_fp32_precision_under_bf16():
     assert (rounded - exact).abs().max() > 5 * quantisation  # what rounding boxes would do
 
 
-CUDA_SITES_ALLOWED = {"backend/detection/device.py"}
+CUDA_SITES_ALLOWED = {
+    "backend/detection/device.py": "CUDA picks defaults the CPU can take (tests above)",
+    "backend/bench/gpu_check.py": "the GPU check asks for CUDA by name; without it, it "
+    "fails loudly (tests/test_bench.py runs that path)",
+}
 
 
 def _cuda_sites(path: Path) -> list[int]:

@@ -8,26 +8,26 @@ cost next to nothing beside the model). Peak memory shows the queue stays bounde
 
 from __future__ import annotations
 
-import argparse
-import json
-import resource
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
 
-from .detection.images import load_image
-from .labelstudio.app import Backend, ServerSettings
-from .labelstudio.jobs import TrainingJobs
-from .labelstudio.media import MediaFetcher, MediaSettings
-from .labelstudio.model_source import ModelSource
-from .labelstudio.server import serve_in_thread
-from .model_dir import untrained_model_dir
-from .synthetic import CLASSES, survey_scene
+from ..detection.images import load_image
+from ..labelstudio.app import Backend, ServerSettings
+from ..labelstudio.jobs import TrainingJobs
+from ..labelstudio.media import MediaFetcher, MediaSettings
+from ..labelstudio.model_source import ModelSource
+from ..labelstudio.server import serve_in_thread
+from ..synthetic import CLASSES, survey_scene
+from .timing import peak_rss_mb
+from .workload import conditioned_model_dir
 
 LABEL_CONFIG = (
     "<View><Image name='image' value='$image'/><RectangleLabels name='label' "
@@ -37,15 +37,20 @@ LABEL_CONFIG = (
 )
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+@dataclass(frozen=True)
+class ServeBench:
+    config: str = "tiny_tridentnet"
+    requests: int = 16
+    tasks_per_request: int = 4
+    device: str = "auto"
+    precision: str = "fp32"
 
 
-def run_serve_benchmark(args: argparse.Namespace) -> int:
-    requests, per_request = args.requests, args.tasks_per_request
+def run_serve_benchmark(bench: ServeBench) -> Iterator[dict]:
+    requests, per_request = bench.requests, bench.tasks_per_request
     with tempfile.TemporaryDirectory(prefix="tridentloop-serve-bench-") as tmp:
         root = Path(tmp)
-        untrained_model_dir(root / "model", args.serve_config, list(CLASSES))
+        conditioned_model_dir(root / "model", bench.config)
         rng = np.random.default_rng(0)
         paths = []
         for i in range(requests * per_request):
@@ -53,7 +58,7 @@ def run_serve_benchmark(args: argparse.Namespace) -> int:
             Image.fromarray(survey_scene(rng, 480, 640, 12).image).save(path)
             paths.append(path)
         backend = Backend(
-            ModelSource(model_dir=root / "model", device=args.device, precision=args.precision),
+            ModelSource(model_dir=root / "model", device=bench.device, precision=bench.precision),
             MediaFetcher(MediaSettings(local_roots=[root])),
             TrainingJobs("true", root, root / "jobs"),
             ServerSettings(score_threshold=0.5),
@@ -64,7 +69,7 @@ def run_serve_benchmark(args: argparse.Namespace) -> int:
         for path in paths:
             predictor.detect(load_image(path), backend.settings.tiling)
         engine_s = time.perf_counter() - start
-        rss_before = _peak_rss_mb()
+        rss_before = peak_rss_mb()
         with serve_in_thread(backend) as url:
             bodies = [
                 {
@@ -87,22 +92,16 @@ def run_serve_benchmark(args: argparse.Namespace) -> int:
         empty = sum(
             not r["result"] for a in answers if a.status_code == 200 for r in a.json()["results"]
         )
-        print(
-            json.dumps(
-                {
-                    "case": f"serve:{args.serve_config}",
-                    "device": str(predictor.device),
-                    "requests": requests,
-                    "tasks_per_request": per_request,
-                    "engine_s": round(engine_s, 3),
-                    "server_s": round(server_s, 3),
-                    "overhead_ratio": round(server_s / engine_s, 3),
-                    "errors": errors,
-                    "empty_results": empty,
-                    "peak_rss_mb": round(_peak_rss_mb(), 1),
-                    "rss_growth_under_load_mb": round(_peak_rss_mb() - rss_before, 1),
-                }
-            ),
-            flush=True,
-        )
-    return 1 if errors else 0
+        yield {
+            "case": f"serve:{bench.config}",
+            "device": str(predictor.device),
+            "requests": requests,
+            "tasks_per_request": per_request,
+            "engine_s": round(engine_s, 3),
+            "server_s": round(server_s, 3),
+            "overhead_ratio": round(server_s / engine_s, 3),
+            "errors": errors,
+            "empty_results": empty,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "rss_growth_under_load_mb": round(peak_rss_mb() - rss_before, 1),
+        }

@@ -25,9 +25,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from .. import uncertainty
-from ..detection.batching import InferenceQueue, QueueFull
 from ..detection.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from ..detection.tiling import TilingOptions
+from .inference_queue import InferenceQueue, QueueFull
 from .jobs import TrainingJobs
 from .label_config import LabelConfig, LabelConfigError, parse_label_config
 from .media import MediaError, MediaFetcher

@@ -1,8 +1,11 @@
 """One worker thread owns the device; requests hand it images through a bounded queue.
 
-Images that fit in one tile and share a shape are batched across requests into a single
-forward pass; larger images go through tiled inference. A full queue refuses new work at
-once (the server answers 503) instead of letting memory grow.
+Images that run in one pass are prepared (resized, uint8 tensor, pinned where the device
+wants it) in the request's own thread, and those of one network input shape are batched
+across requests into a single forward pass: two camera-trap photos of slightly different
+sizes that resize to the same input share it. Larger images go through tiled inference,
+their tiles batched together. A full queue refuses new work at once (the server answers
+503) instead of letting memory grow.
 """
 
 from __future__ import annotations
@@ -10,14 +13,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .predictor import Predictor
-from .structures import Detections
-from .tiling import TilePlan, TilingOptions
+from ..detection.predictor import Predictor, PreparedImage
+from ..detection.structures import Detections
+from ..detection.tiling import TilePlan, TilingOptions
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +33,10 @@ class QueueFull(RuntimeError):
 @dataclass
 class _Job:
     predictor: Predictor
-    image: np.ndarray
+    image: np.ndarray | None  # a tiled image; None once prepared for one pass
     tiling: TilingOptions | None
+    prepared: PreparedImage | None = None
     future: Future = field(default_factory=Future)
-
-    def single_pass(self) -> bool:
-        return TilePlan.for_image(*self.image.shape[:2], self.tiling).single_pass
 
 
 class InferenceQueue:
@@ -47,7 +49,12 @@ class InferenceQueue:
     def submit(
         self, predictor: Predictor, image: np.ndarray, tiling: TilingOptions | None
     ) -> Future:
-        job = _Job(predictor, image, tiling)
+        if self._queue.full():  # refuse before spending a resize on it
+            raise QueueFull(f"inference queue is full ({self._queue.maxsize} images)")
+        if TilePlan.for_image(*image.shape[:2], tiling).single_pass:
+            job = _Job(predictor, None, tiling, predictor.prepare(image))
+        else:
+            job = _Job(predictor, image, tiling)
         try:
             self._queue.put_nowait(job)
         except queue.Full as exc:
@@ -81,20 +88,23 @@ class InferenceQueue:
     def _process(self, batch: list[_Job]) -> None:
         groups: dict[tuple, list[_Job]] = {}
         for job in batch:
-            if job.single_pass():
-                groups.setdefault((id(job.predictor), job.image.shape), []).append(job)
+            if job.prepared is not None:
+                groups.setdefault((id(job.predictor), job.prepared.shape), []).append(job)
             else:
                 self._settle([job], lambda j=job: [j.predictor.detect(j.image, j.tiling)])
         for jobs in groups.values():
             size = jobs[0].predictor.preferred_batch
             for start in range(0, len(jobs), size):
                 chunk = jobs[start : start + size]
-                self._settle(chunk, lambda c=chunk: c[0].predictor.predict([j.image for j in c]))
+                self._settle(
+                    chunk,
+                    lambda c=chunk: c[0].predictor.predict_prepared([j.prepared for j in c]),
+                )
 
     @staticmethod
-    def _settle(jobs: list[_Job], run) -> None:
+    def _settle(jobs: list[_Job], run: Callable[[], list[Detections]]) -> None:
         try:
-            results: list[Detections] = run()
+            results = run()
         except Exception as exc:  # the worker must survive any bad input
             log.exception("inference failed for %d image(s)", len(jobs))
             for job in jobs:

@@ -1,0 +1,150 @@
+"""`make gpu-check`: what only a GPU can show, in one run and one JSON Lines report.
+
+Runs on a CUDA machine with torch already installed and no network, from the source tree
+(`PYTHONPATH=.`), in under 8 minutes on an H100:
+1. the CUDA tests (`pytest -m cuda`: fidelity, reduced precision, tiling, the prelabel
+   stream, the server's queue, AMP training), one report line per test;
+2. the engine benchmark: every case at fp32 / bf16 / fp16 and batches 1, 4, 8, 16, each
+   beside torchvision's Faster R-CNN R50-FPN in the same process, and what the fastest
+   TridentNet-Fast rate means for a 100,000-image survey;
+3. the survey batch job on generated 6000x4000 frames (54 tiles each) vs the bare engine;
+4. training: full-size TridentNet R50-C4 with AMP beside torchvision's training step.
+Without CUDA it fails at once, loudly: a check that skips would pass where nothing ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TextIO
+
+import torch
+import torchvision
+
+from ..detection.device import device_name, resolve_device
+from .engine import EngineBench, SurveySettings, run_engine_benchmark
+from .prelabel import PrelabelBench, run_prelabel_benchmark
+from .training import TrainingBench, run_training_benchmark
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Report:
+    """One JSON object per line, flushed at once: a run cut short keeps what it measured."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.failures = 0
+
+    def write(self, check: str, record: dict) -> None:
+        failed = record.get("ok") is False or "error" in record or record.get("outcome") in (
+            "failed",
+            "error",
+        )
+        self.failures += failed
+        line = json.dumps({"check": check, **record})
+        self.stream.write(line + "\n")
+        self.stream.flush()
+        print(line, flush=True)
+
+    def extend(self, check: str, records: Iterable[dict]) -> list[dict]:
+        kept = []
+        for record in records:
+            self.write(check, record)
+            kept.append(record)
+        return kept
+
+
+def run_cuda_tests(report: Report, fixtures: Path | None) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if fixtures is not None:
+        env["TRIDENTLOOP_D2_FIXTURES"] = str(fixtures.resolve())
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "cuda.xml"
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+             f"--junitxml={junit}", "tests/test_cuda.py"],
+            cwd=REPO, env=env, capture_output=True, text=True,
+        )
+        if not junit.is_file():
+            report.write("tests", {"ok": False, "error": (proc.stdout + proc.stderr)[-2000:]})
+            return
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            problem = next(iter(case), None)
+            outcome = "passed" if problem is None else problem.tag
+            record = {"name": case.get("name"), "outcome": outcome,
+                      "seconds": float(case.get("time", 0))}
+            if problem is not None:
+                record["message"] = (problem.get("message") or "")[:500]
+            report.write("test", record)
+
+
+def _engine(report: Report, repeats: int) -> None:
+    records = report.extend("engine", run_engine_benchmark(EngineBench(
+        precisions=("fp32", "bf16", "fp16"), batch_sizes=(1, 4, 8, 16),
+        repeats=repeats, device="cuda", survey=SurveySettings(),
+    )))
+    fast = [r for r in records if r["case"] == "tridentnet_fast_R_50_C4" and "tiles_per_s" in r]
+    if fast:
+        best = max(fast, key=lambda r: r["tiles_per_s"])
+        report.write("survey", {k: best[k] for k in ("case", "precision", "batch", "tiles_per_s",
+                                                     "survey")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--report", type=Path, default=Path("gpu-check.jsonl"))
+    parser.add_argument("--fixtures", type=Path, default=None,
+                        help="detectron2 fixtures folder (default: ../shared/fixtures/detectron2)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["tests", "engine", "prelabel", "training"])
+    args = parser.parse_args(argv)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    with args.report.open("w") as stream:
+        report = Report(stream)
+        try:
+            device = resolve_device("cuda")
+        except RuntimeError as exc:
+            report.write("cuda", {"ok": False, "error": str(exc)})
+            print(f"gpu-check: FAILED: {exc}; nothing was measured", file=sys.stderr)
+            return 2
+        started = time.monotonic()
+        report.write("environment", {
+            "device": device_name(device), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "python": platform.python_version(),
+            "cpu_threads": torch.get_num_threads(),
+        })
+        sections = {
+            "tests": lambda: run_cuda_tests(report, args.fixtures),
+            "engine": lambda: _engine(report, args.repeats),
+            "prelabel": lambda: report.extend("prelabel", run_prelabel_benchmark(PrelabelBench(
+                images=16, device="cuda", precision="bf16", batch_size=16, workers=8,
+            ))),
+            "training": lambda: report.extend(
+                "training", run_training_benchmark(TrainingBench(device="cuda"))
+            ),
+        }
+        for name, section in sections.items():
+            if name in args.skip:
+                continue
+            try:
+                section()
+            except Exception as exc:  # report it and measure the rest
+                report.write(name, {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:1000]})
+        report.write("done", {"seconds": round(time.monotonic() - started, 1),
+                              "failures": report.failures})
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

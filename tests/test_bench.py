@@ -1,0 +1,97 @@
+"""Benchmarks measure a trained model's workload and print the JSON they promise. (Their
+figures are read, never asserted: speed is not a test.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from backend.bench.engine import EngineBench, build_case, run_engine_benchmark
+from backend.bench.prelabel import PrelabelBench, run_prelabel_benchmark
+from backend.bench.training import TrainingBench, run_training_benchmark
+from backend.bench.workload import WorkloadCounter
+from backend.detection.predictor import Predictor
+from backend.synthetic import survey_scene
+
+from .conftest import REPO
+
+
+@pytest.mark.parametrize("case", ["tridentnet_fast_R_50_C4", "faster_rcnn_R_50_FPN"])
+def test_conditioned_random_weights_carry_a_trained_models_workload(case):
+    """Unconditioned random weights keep a few dozen proposals; conditioned ones keep
+    POST_NMS_TOPK_TEST and return DETECTIONS_PER_IMAGE, as a trained model on a busy tile."""
+    model = build_case(case, "narrow")
+    counter = WorkloadCounter()
+    stop = counter.watch_ours(model)
+    tile = survey_scene(np.random.default_rng(7), 800, 800, 30).image
+    found = Predictor(model, device="cpu")(tile)
+    stop()
+    counter.add_outputs(1, len(found))
+    assert counter.per_image() == {
+        "proposals_per_image": float(model.cfg.rpn.post_nms_topk[1]),
+        "detections_per_image": float(model.cfg.roi_heads.detections_per_image),
+    }
+
+
+def test_engine_bench_reports_ours_and_torchvision_side_by_side():
+    (record,) = run_engine_benchmark(
+        EngineBench(cases=("faster_rcnn_R_50_FPN",), batch_sizes=(1,), repeats=1,
+                    width="narrow", device="cpu")
+    )
+    assert record["proposals_per_image"] == record["torchvision_proposals_per_image"] == 1000
+    assert record["detections_per_image"] == record["torchvision_detections_per_image"] == 100
+    assert record["ratio_vs_torchvision"] == pytest.approx(
+        record["ms_per_tile"] / record["torchvision_frcnn_r50_fpn_ms_per_tile"], rel=0.01
+    )
+
+
+def test_prelabel_bench_compares_the_whole_job_with_the_engine():
+    records = list(run_prelabel_benchmark(
+        PrelabelBench(config="tiny_tridentnet", images=2, height=480, width=640,
+                      tile_size=320, overlap=0.2, device="cpu", workers=2)
+    ))
+    assert [r["runner"] for r in records] == ["engine", "single"]
+    job = records[1]
+    assert job["failed"] == 0 and job["tiles_per_image"] == 6
+    assert job["ratio_vs_engine"] == pytest.approx(
+        job["tiles_per_s"] / records[0]["tiles_per_s"], rel=0.01
+    )
+
+
+def test_training_bench_reports_images_per_second_and_the_loss():
+    (record,) = run_training_benchmark(
+        TrainingBench(config="tiny_tridentnet", batch_size=2, iterations=2, warmup=1,
+                      crop_size=320, device="cpu", baseline=False)
+    )
+    assert record["images_per_s"] > 0
+    assert len(record["losses"]) == 3 and record["loss_finite"]
+
+
+def test_bench_cli_lists_cases_and_refuses_unknown_ones():
+    listed = subprocess.run([sys.executable, "-m", "backend.cli", "bench", "--list"],
+                            capture_output=True, text=True, check=True, cwd=REPO)
+    assert "tridentnet_fast_R_50_C4" in listed.stdout.split()
+    bad = subprocess.run([sys.executable, "-m", "backend.cli", "bench", "--models", "yolo",
+                          "--device", "cpu"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "unknown benchmark case(s) ['yolo']" in bad.stderr
+
+
+def test_gpu_check_fails_loudly_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run for real")
+    report = tmp_path / "gpu.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "backend.bench.gpu_check", "--report", str(report)],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "CUDA is not available" in proc.stderr
+    (line,) = report.read_text().splitlines()
+    record = json.loads(line)
+    assert (record["check"], record["ok"]) == ("cuda", False)
+    assert "CUDA is not available" in record["error"]

@@ -1,0 +1,142 @@
+"""What only a GPU can show: the engine on CUDA against detectron2's fp32 outputs, reduced
+precision, tiling, the prelabel stream and the server's queue with batches, AMP training.
+
+Run by `make gpu-check` (`pytest -m cuda`); deselected in CI, which has no GPU. Without CUDA
+every test here fails: a GPU check that skips would pass where nothing ran.
+
+Agreement is measured as in tests/test_device.py: the share of reference detections above
+0.5 with a twin (same class, IoU >= 0.95). CUDA fp32 runs convolutions in TF32 by default
+(PyTorch's setting, detectron2's too), 10 bits of mantissa like fp16: TridentNet-Fast keeps
+every twin at fp16 on the CPU, so it must on CUDA; the other fixtures' near-tied random heads
+reorder NMS under any rounding (measured on CPU: fp16 98-99%, bf16 86-92%).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from backend.detection.predictor import Predictor
+from backend.detection.tiling import TilingOptions
+from backend.detection.training import Sample, TrainOptions, init_from_scratch, train
+from backend.labelstudio.inference_queue import InferenceQueue
+from backend.prelabel.stream import detect_stream
+from backend.synthetic import survey_scene
+
+from .conftest import (
+    FIXTURE_MODELS,
+    as_detections,
+    expected_detections,
+    fixture_dir,
+    fixture_weights,
+    twin_fraction,
+)
+from .test_device import FAST
+
+pytestmark = pytest.mark.cuda
+
+TWINS = {
+    "fp32": {FAST: 1.0, "others": 0.9},
+    "fp16": {FAST: 1.0, "others": 0.9},
+    "bf16": {FAST: 1.0, "others": 0.8},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.fail("CUDA is not available: the GPU checks cannot run here")
+    return torch.device("cuda")
+
+
+def _on_cuda(name: str, **options) -> Predictor:
+    return Predictor.from_files(
+        fixture_dir(name) / "config.yaml", fixture_weights(name), device="cuda", **options
+    )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", FIXTURE_MODELS)
+def test_detectron2_fixtures_on_cuda(name, precision, fixture_image):
+    predictor = _on_cuda(name, precision=precision)
+    assert predictor.options.channels_last and predictor.options.pin_memory
+    got = predictor(fixture_image)
+    reference = as_detections(expected_detections(name)["detections"])
+    bound = TWINS[precision].get(name, TWINS[precision]["others"])
+    measured = twin_fraction(reference, got)
+    assert measured >= bound, f"{name} {precision}: twins {measured:.3f} < {bound}"
+
+
+def test_prepared_images_are_pinned_and_cross_as_uint8(fixture_image):
+    prepared = _on_cuda(FAST).prepare(fixture_image)
+    assert prepared.tensor.is_pinned() and prepared.tensor.dtype == torch.uint8
+
+
+def test_tiling_on_cuda_matches_the_cpu(fixture_image):
+    survey = np.ascontiguousarray(np.concatenate([fixture_image, fixture_image[:, :600]], axis=1))
+    tiling = TilingOptions(tile_size=512, overlap=0.2)
+    name = "faster_rcnn_R_50_FPN_1x"
+    on_cpu = Predictor.from_files(
+        fixture_dir(name) / "config.yaml", fixture_weights(name), device="cpu"
+    ).detect(survey, tiling)
+    on_gpu = _on_cuda(name).detect(survey, tiling)
+    assert on_gpu.image_size == (800, 1400)
+    assert twin_fraction(on_cpu, on_gpu) >= 0.9
+
+
+def test_prelabel_stream_batches_across_images_on_cuda():
+    predictor = _on_cuda(FAST, precision="bf16", batch_size=8)
+    rng = np.random.default_rng(0)
+    images = [survey_scene(rng, 600, 800, 12).image for _ in range(12)]
+    results = list(detect_stream(range(12), images.__getitem__, [predictor], None, workers=4))
+    assert sorted(r.item for r in results) == list(range(12))
+    for result in results:
+        alone = predictor(images[result.item])
+        assert twin_fraction(alone, result.detections[0], min_score=0.0) >= 0.9
+
+
+def test_server_queue_batches_concurrent_requests_on_cuda(fixture_image):
+    predictor = _on_cuda(FAST, precision="bf16", batch_size=8)
+    gate = threading.Event()
+    batches: list[int] = []
+    run = predictor.predict_prepared
+
+    def held(prepared):
+        gate.wait(30)
+        batches.append(len(prepared))
+        return run(prepared)
+
+    predictor.predict_prepared = held
+    photos = [np.ascontiguousarray(np.roll(fixture_image, 37 * i, axis=1)) for i in range(8)]
+    queue = InferenceQueue(max_batch=8)
+    futures = [queue.submit(predictor, photo, None) for photo in photos]
+    gate.set()
+    results = [f.result(timeout=120) for f in futures]
+    queue.close()
+    assert max(batches) > 1
+    predictor.predict_prepared = run
+    for photo, det in zip(photos, results, strict=True):
+        assert twin_fraction(predictor(photo), det, min_score=0.0) >= 0.9
+
+
+def test_amp_training_on_cuda_keeps_the_loss_finite_and_falling():
+    from backend.detection.config import bundled_config, load_config
+    from backend.detection.model import GeneralizedRCNN
+
+    torch.manual_seed(0)
+    model = GeneralizedRCNN(load_config(bundled_config("tiny_tridentnet")))
+    init_from_scratch(model)
+    model.to("cuda")
+    rng = np.random.default_rng(0)
+    scenes = [survey_scene(rng, 320, 320, 8) for _ in range(2)]
+    samples = [Sample(s.image, s.boxes, s.classes) for s in scenes]
+    history: list[float] = []
+    train(model, samples,
+          TrainOptions(iterations=30, batch_size=2, lr=0.02, warmup_iters=4, crop_size=320,
+                       scale_jitter=(1, 1), colour_jitter=0.0),  # precision auto: fp16 AMP
+          on_step=lambda i, losses: history.append(losses["total_loss"]))
+    assert all(np.isfinite(history))
+    assert np.mean(history[-5:]) < 0.8 * np.mean(history[:5])
