@@ -416,7 +416,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .labelstudio.server import run_server
+    from .serving.server import run_server
 
     return run_server(args, tiling_from_args(args))
 

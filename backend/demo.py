@@ -31,14 +31,14 @@ from PIL import Image
 
 from .detection.boxes import pairwise_iou
 from .detection.tiling import TilingOptions
-from .labelstudio.app import Backend, ServerSettings
-from .labelstudio.jobs import TrainingJobs
-from .labelstudio.local_server import LocalLabelStudio, import_image, local_label_studio
-from .labelstudio.media import MediaFetcher, MediaSettings
-from .labelstudio.model_source import ModelSource
-from .labelstudio.results import rectangle_region
-from .labelstudio.server import serve_in_thread
+from .local_label_studio import LocalLabelStudio, import_image, local_label_studio
 from .registry import Registry
+from .serving.app import Backend, ServerSettings
+from .serving.jobs import TrainingJobs
+from .serving.media import MediaFetcher, MediaSettings
+from .serving.model_source import ModelSource
+from .serving.results import rectangle_region
+from .serving.server import serve_in_thread
 from .synthetic import CLASSES, Scene, png_bytes, survey_scene
 
 MARKER = ".tridentloop-demo"

@@ -21,8 +21,8 @@ from typing import Any
 from tqdm import tqdm
 
 from backend.detection.images import ImageError, load_image
-from backend.labelstudio.label_config import LabelConfigError, parse_label_config
-from backend.labelstudio.media import MediaError, MediaFetcher, MediaSettings
+from backend.serving.label_config import LabelConfigError, parse_label_config
+from backend.serving.media import MediaError, MediaFetcher, MediaSettings
 
 from .coco import content_name, write_json
 from .params import fail, label_studio_target, load_params

@@ -100,7 +100,7 @@ def main() -> None:
         fail("select ranks by the deployed model's predictions, and no model is deployed yet")
     from label_studio_sdk import LabelStudio
 
-    from backend.labelstudio.label_config import parse_label_config
+    from backend.serving.label_config import parse_label_config
 
     client = LabelStudio(base_url=url, api_key=api_key)
     data_key = parse_label_config(client.projects.get(id=project).label_config).controls[0].data_key

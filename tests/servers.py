@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from backend.labelstudio.local_server import wait_for
-from backend.labelstudio.server import free_port, serve_in_thread
+from backend.local_label_studio import wait_for
+from backend.serving.server import free_port, serve_in_thread
 
 from .conftest import fixture_dir, fixture_weights
 

@@ -18,12 +18,12 @@ from PIL import Image
 
 from backend.detection.images import load_image
 from backend.detection.tiling import TilingOptions
-from backend.labelstudio.app import Backend, ServerSettings
-from backend.labelstudio.jobs import TrainingJobs
-from backend.labelstudio.media import MediaFetcher, MediaSettings
-from backend.labelstudio.model_source import ModelSource
 from backend.model_dir import ModelDir
 from backend.registry import Registry
+from backend.serving.app import Backend, ServerSettings
+from backend.serving.jobs import TrainingJobs
+from backend.serving.media import MediaFetcher, MediaSettings
+from backend.serving.model_source import ModelSource
 
 from .servers import ANIMAL_CONFIG as CONFIG
 from .servers import make_model_dir, serve_in_thread

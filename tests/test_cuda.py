@@ -22,8 +22,8 @@ import torch
 from backend.detection.predictor import Predictor
 from backend.detection.tiling import TilingOptions
 from backend.detection.training import Sample, TrainOptions, init_from_scratch, train
-from backend.labelstudio.inference_queue import InferenceQueue
 from backend.prelabel.stream import detect_stream
+from backend.serving.inference_queue import InferenceQueue
 from backend.synthetic import survey_scene
 
 from .conftest import (

@@ -17,7 +17,7 @@ from backend.detection.boxes import batched_nms, nms_per_image
 from backend.detection.device import DeviceOptions
 from backend.detection.predictor import Predictor
 from backend.detection.roi_heads import ROIPooler
-from backend.labelstudio.inference_queue import InferenceQueue
+from backend.serving.inference_queue import InferenceQueue
 
 from .conftest import (
     D2_FIXTURES,

@@ -21,7 +21,7 @@ from label_studio_sdk import LabelStudio
 from PIL import Image
 
 from backend.cli import main as cli
-from backend.labelstudio.local_server import import_image, stop_process
+from backend.local_label_studio import import_image, stop_process
 from backend.registry import Registry
 
 from .conftest import REPO

@@ -18,9 +18,9 @@ import torch
 import yaml
 from label_studio_sdk import LabelStudio
 
-from backend.labelstudio.local_server import import_image
-from backend.labelstudio.results import rectangle_region
+from backend.local_label_studio import import_image
 from backend.registry import Registry
+from backend.serving.results import rectangle_region
 from backend.synthetic import CLASSES, png_bytes, survey_scene
 from pipelines.deploy import gate
 from pipelines.workspace import create_loop_project
@@ -304,11 +304,11 @@ def test_start_training_webhook_runs_dvc_repro_in_the_checkout(loop, tmp_path, m
     """What Label Studio's Train button triggers: one `dvc repro` run, its log kept."""
     import httpx
 
-    from backend.labelstudio.app import Backend, ServerSettings
-    from backend.labelstudio.jobs import TrainingJobs
-    from backend.labelstudio.media import MediaFetcher, MediaSettings
-    from backend.labelstudio.model_source import ModelSource
-    from backend.labelstudio.server import serve_in_thread
+    from backend.serving.app import Backend, ServerSettings
+    from backend.serving.jobs import TrainingJobs
+    from backend.serving.media import MediaFetcher, MediaSettings
+    from backend.serving.model_source import ModelSource
+    from backend.serving.server import serve_in_thread
 
     for key in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
         monkeypatch.setenv(key, loop["env"][key])

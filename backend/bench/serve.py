@@ -20,11 +20,11 @@ import numpy as np
 from PIL import Image
 
 from ..detection.images import load_image
-from ..labelstudio.app import Backend, ServerSettings
-from ..labelstudio.jobs import TrainingJobs
-from ..labelstudio.media import MediaFetcher, MediaSettings
-from ..labelstudio.model_source import ModelSource
-from ..labelstudio.server import serve_in_thread
+from ..serving.app import Backend, ServerSettings
+from ..serving.jobs import TrainingJobs
+from ..serving.media import MediaFetcher, MediaSettings
+from ..serving.model_source import ModelSource
+from ..serving.server import serve_in_thread
 from ..synthetic import CLASSES, survey_scene
 from .timing import peak_rss_mb
 from .workload import conditioned_model_dir

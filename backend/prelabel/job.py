@@ -27,12 +27,12 @@ from tqdm import tqdm
 from .. import uncertainty
 from ..detection.structures import Detections
 from ..detection.tiling import TilingOptions
-from ..labelstudio.label_config import parse_label_config, read_mapping
-from ..labelstudio.media import MediaSettings
-from ..labelstudio.results import prediction, rectangle_results, validate
 from ..model_dir import ModelDir
 from ..predict import detection_records
 from ..registry import Registry
+from ..serving.label_config import parse_label_config, read_mapping
+from ..serving.media import MediaSettings
+from ..serving.results import prediction, rectangle_results, validate
 from .sinks import JsonLinesSink, PredictionImporter, write_coco_results
 from .sources import FileLoader, Item, TaskLoader, image_files, project_tasks
 from .stream import ImageResult, detect_stream

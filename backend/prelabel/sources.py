@@ -12,7 +12,7 @@ import fsspec
 import numpy as np
 
 from ..detection.images import DEFAULT_MAX_PIXELS, load_image
-from ..labelstudio.media import MediaFetcher, MediaSettings
+from ..serving.media import MediaFetcher, MediaSettings
 from .retry import ONE_TRY, with_retry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")

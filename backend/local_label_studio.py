@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from .server import free_port
+from .serving.server import free_port
 
 CHECKOUT_BIN = Path(__file__).resolve().parents[2] / ".venv-ls" / "bin" / "label-studio"
 
@@ -94,7 +94,9 @@ def local_label_studio(home: Path, timeout: float = 240) -> Iterator[LocalLabelS
                 "--no-browser",
                 "--port",
                 str(port),
-                "--host",
+                # --host only names the URL Label Studio writes into tasks; the address it
+                # listens on is --internal-host (default 0.0.0.0: every interface).
+                "--internal-host",
                 "127.0.0.1",
                 "--data-dir",
                 str(home / "data"),
