@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--prelabel: also on a local Ray instance with 1 and 2 replicas")
     bench.add_argument("--requests", type=int, default=16, help="concurrent requests (--serve)")
     bench.add_argument("--tasks-per-request", type=int, default=4)
+    bench.add_argument("--concurrency", nargs="+", type=int, default=[16, 64],
+                       help="--serve: concurrent requests, 1 in 10 with a URL that never answers")
+    bench.add_argument("--request-deadline", type=float, default=30.0, help="--serve: seconds")
     bench.add_argument("--tile-size", type=int, default=800, help="--prelabel")
     bench.add_argument("--tile-overlap", type=float, default=0.15,
                        help="--prelabel (0.15: 54 tiles on a 6000x4000 frame)")
@@ -201,7 +204,38 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--registry", type=Path, help="a model registry: serve its current version, hot-reloaded"
     )
-    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; beyond loopback needs BASIC_AUTH_USER/BASIC_AUTH_PASS "
+        "(or --insecure-no-auth)",
+    )
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="listen beyond loopback without basic auth (a trusted network only)",
+    )
+    serve.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="let task images come from loopback/private/link-local addresses (your own "
+        "network); Label Studio's own URL is always allowed",
+    )
+    serve.add_argument(
+        "--allow-cloud",
+        nargs="+",
+        default=[],
+        choices=["s3", "gs", "az"],
+        help="task images may be s3:// (gs://, az://) URIs: through Label Studio's presign "
+        "endpoint, or the backend's own credentials without Label Studio",
+    )
+    serve.add_argument(
+        "--request-deadline",
+        type=float,
+        default=80.0,
+        help="seconds a /predict request may take; what finished is returned (Label Studio "
+        "gives up at 100)",
+    )
     serve.add_argument("--port", type=int, default=9090)
     serve.add_argument(
         "--score-threshold",
@@ -268,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel.add_argument("--retry-for", type=float, default=600.0,
                           help="seconds to keep retrying while Label Studio is unreachable")
     prelabel.add_argument("--download-timeout", type=float, default=30.0, help="seconds")
+    prelabel.add_argument("--allow-private-urls", action="store_true",
+                          help="--project: task images may come from your own network")
+    prelabel.add_argument("--allow-cloud", nargs="+", default=[], choices=["s3", "gs", "az"],
+                          help="--project: task images may be s3:// (gs://, az://) URIs")
     prelabel.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     prelabel.add_argument("--limit", type=int, help="do at most this many images this run")
     prelabel.add_argument("--only-unlabeled", action="store_true",
@@ -391,7 +429,8 @@ def _bench(args: argparse.Namespace) -> int:
 
         return print_records(run_serve_benchmark(ServeBench(
             config=args.config or "tiny_tridentnet", requests=args.requests,
-            tasks_per_request=args.tasks_per_request, device=args.device,
+            tasks_per_request=args.tasks_per_request, concurrency=tuple(args.concurrency),
+            request_deadline=args.request_deadline, device=args.device,
             precision=args.precision,
         )))
     if args.training:

@@ -1,14 +1,21 @@
-"""`tridentloop bench --serve`: concurrent /predict load on a live backend.
+"""`tridentloop bench --serve`: a live backend under concurrent /predict load.
 
-16 concurrent requests of 4 tasks each hit the server over loopback HTTP; the same images run
-through the engine alone, one after another, in the same process. The ratio of the two wall
-times is the server's overhead (target <= 1.05: fetching, decoding, queueing and JSON must
-cost next to nothing beside the model). Peak memory shows the queue stays bounded.
+1. Overhead: `requests` concurrent requests of `tasks_per_request` tasks over loopback HTTP
+   against the same images through the engine alone, one after another, in the same
+   process. The ratio of the two wall times is the server's overhead (fetching, decoding,
+   queueing, JSON).
+2. Fairness: at each concurrency level (16 and 64 requests at once), one request in ten
+   carries a URL that never answers. Reported: latency p50/p95 of the other requests,
+   errors, healthy tasks that came back empty (target 0), and /health latency p99 measured
+   throughout (target < 1 s: Label Studio gives up on /health after 1 s). The score
+   threshold is 0, so every healthy task has boxes and an empty one is a failure.
 """
 
 from __future__ import annotations
 
+import http.server
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ..detection.images import load_image
-from ..serving.app import Backend, ServerSettings
+from ..serving.backend import Backend, ServerSettings
 from ..serving.jobs import TrainingJobs
 from ..serving.media import MediaFetcher, MediaSettings
 from ..serving.model_source import ModelSource
@@ -42,66 +49,162 @@ class ServeBench:
     config: str = "tiny_tridentnet"
     requests: int = 16
     tasks_per_request: int = 4
+    concurrency: tuple[int, ...] = (16, 64)
+    hang_every: int = 10  # one request in this many carries a URL that never answers
+    request_deadline: float = 30.0
     device: str = "auto"
     precision: str = "fp32"
 
 
+class _NeverAnswers:
+    """A loopback HTTP server whose every request hangs until the bench ends."""
+
+    def __init__(self) -> None:
+        stop = self.stop = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                stop.wait(600)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hang"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 3) if values else 0.0
+
+
+def _body(uris: list[str]) -> dict:
+    tasks = [{"id": i, "data": {"image": uri}} for i, uri in enumerate(uris)]
+    return {"tasks": tasks, "project": "1.0", "label_config": LABEL_CONFIG}
+
+
 def run_serve_benchmark(bench: ServeBench) -> Iterator[dict]:
-    requests, per_request = bench.requests, bench.tasks_per_request
+    per_request = bench.tasks_per_request
     with tempfile.TemporaryDirectory(prefix="tridentloop-serve-bench-") as tmp:
         root = Path(tmp)
         conditioned_model_dir(root / "model", bench.config)
         rng = np.random.default_rng(0)
         paths = []
-        for i in range(requests * per_request):
+        for i in range(bench.requests * per_request):
             path = root / f"img{i:03d}.png"
             Image.fromarray(survey_scene(rng, 480, 640, 12).image).save(path)
-            paths.append(path)
+            paths.append(str(path))
+        hanging = _NeverAnswers()
         backend = Backend(
             ModelSource(model_dir=root / "model", device=bench.device, precision=bench.precision),
-            MediaFetcher(MediaSettings(local_roots=[root])),
+            MediaFetcher(MediaSettings(local_roots=[root], allow_private_urls=True)),
             TrainingJobs("true", root, root / "jobs"),
-            ServerSettings(score_threshold=0.5),
+            ServerSettings(score_threshold=0.0, request_deadline=bench.request_deadline),
         )
-        predictor = backend.models.get().predictor
-        predictor.detect(load_image(paths[0]), backend.settings.tiling)  # warm-up
+        try:
+            with serve_in_thread(backend) as url:
+                yield _overhead(bench, backend, url, paths)
+                for concurrency in bench.concurrency:
+                    yield _fairness(bench, url, paths, hanging.url, concurrency)
+        finally:
+            hanging.close()
+
+
+def _overhead(bench: ServeBench, backend: Backend, url: str, paths: list[str]) -> dict:
+    predictor = backend.models.get().predictor
+    tiling = backend.settings.tiling
+    predictor.detect(load_image(paths[0]), tiling)  # warm-up
+    start = time.perf_counter()
+    for path in paths:
+        predictor.detect(load_image(path), tiling)
+    engine_s = time.perf_counter() - start
+    per = bench.tasks_per_request
+    bodies = [_body(paths[i * per : (i + 1) * per]) for i in range(bench.requests)]
+    rss_before = peak_rss_mb()
+    with httpx.Client(base_url=url, timeout=300) as client:
+        client.post("/predict", json=bodies[0])  # warm-up
         start = time.perf_counter()
-        for path in paths:
-            predictor.detect(load_image(path), backend.settings.tiling)
-        engine_s = time.perf_counter() - start
-        rss_before = peak_rss_mb()
-        with serve_in_thread(backend) as url:
-            bodies = [
-                {
-                    "tasks": [
-                        {"id": j, "data": {"image": str(p)}}
-                        for j, p in enumerate(paths[i * per_request : (i + 1) * per_request])
-                    ],
-                    "project": "1.0",
-                    "label_config": LABEL_CONFIG,
-                }
-                for i in range(requests)
-            ]
-            with httpx.Client(base_url=url, timeout=300) as client:
-                client.post("/predict", json=bodies[0])  # warm-up
+        with ThreadPoolExecutor(bench.requests) as pool:
+            answers = list(pool.map(lambda b: client.post("/predict", json=b), bodies))
+        server_s = time.perf_counter() - start
+    return {
+        "case": f"serve:{bench.config}",
+        "device": str(predictor.device),
+        "requests": bench.requests,
+        "tasks_per_request": per,
+        "engine_s": round(engine_s, 3),
+        "server_s": round(server_s, 3),
+        "overhead_ratio": round(server_s / engine_s, 3),
+        "errors": sum(a.status_code != 200 for a in answers),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "rss_growth_under_load_mb": round(peak_rss_mb() - rss_before, 1),
+    }
+
+
+def _failed_healthy(outcome: tuple[float, int, list[int], bool], per: int) -> int:
+    """Tasks with a real image that came back without boxes (the hanging URL is last)."""
+    _, status, boxes, hangs = outcome
+    healthy = per - 1 if hangs else per
+    if status != 200:
+        return healthy
+    return sum(count == 0 for count in boxes[:healthy])
+
+
+def _fairness(
+    bench: ServeBench, url: str, paths: list[str], hang_url: str, concurrency: int
+) -> dict:
+    per = bench.tasks_per_request
+    plans = []
+    for i in range(concurrency):
+        uris = [paths[(i * per + j) % len(paths)] for j in range(per)]
+        hangs = i % bench.hang_every == 0
+        if hangs:
+            uris[-1] = f"{hang_url}?{i}"
+        plans.append((uris, hangs))
+    health: list[float] = []
+    done = threading.Event()
+
+    def poll_health() -> None:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            while not done.is_set():
                 start = time.perf_counter()
-                with ThreadPoolExecutor(requests) as pool:
-                    answers = list(pool.map(lambda b: client.post("/predict", json=b), bodies))
-                server_s = time.perf_counter() - start
-        errors = sum(a.status_code != 200 for a in answers)
-        empty = sum(
-            not r["result"] for a in answers if a.status_code == 200 for r in a.json()["results"]
-        )
-        yield {
-            "case": f"serve:{bench.config}",
-            "device": str(predictor.device),
-            "requests": requests,
-            "tasks_per_request": per_request,
-            "engine_s": round(engine_s, 3),
-            "server_s": round(server_s, 3),
-            "overhead_ratio": round(server_s / engine_s, 3),
-            "errors": errors,
-            "empty_results": empty,
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "rss_growth_under_load_mb": round(peak_rss_mb() - rss_before, 1),
-        }
+                client.get("/health")
+                health.append(time.perf_counter() - start)
+                time.sleep(0.05)
+
+    def send(plan: tuple[list[str], bool]) -> tuple[float, int, list[int], bool]:
+        uris, hangs = plan
+        start = time.perf_counter()
+        with httpx.Client(base_url=url, timeout=bench.request_deadline + 60) as client:
+            answer = client.post("/predict", json=_body(uris))
+        boxes = ([len(r["result"]) for r in answer.json()["results"]]
+                 if answer.status_code == 200 else [])
+        return time.perf_counter() - start, answer.status_code, boxes, hangs
+
+    poller = threading.Thread(target=poll_health, daemon=True)
+    poller.start()
+    with ThreadPoolExecutor(concurrency) as pool:
+        outcomes = list(pool.map(send, plans))
+    done.set()
+    poller.join()
+    healthy = [o for o in outcomes if not o[3]]
+    return {
+        "case": "serve:fairness",
+        "concurrency": concurrency,
+        "tasks_per_request": per,
+        "hanging_requests": sum(o[3] for o in outcomes),
+        "request_deadline_s": bench.request_deadline,
+        "p50_s": _percentile([o[0] for o in healthy], 50),
+        "p95_s": _percentile([o[0] for o in healthy], 95),
+        "hanging_request_max_s": round(max((o[0] for o in outcomes if o[3]), default=0.0), 3),
+        "errors": sum(o[1] != 200 for o in outcomes),
+        "failed_healthy_tasks": sum(_failed_healthy(o, per) for o in outcomes),
+        "health_p99_s": _percentile(health, 99),
+        "health_max_s": round(max(health, default=0.0), 3),
+    }
