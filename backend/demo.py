@@ -33,7 +33,7 @@ from .detection.boxes import pairwise_iou
 from .detection.tiling import TilingOptions
 from .local_label_studio import LocalLabelStudio, import_image, local_label_studio
 from .registry import Registry
-from .serving.app import Backend, ServerSettings
+from .serving.backend import Backend, ServerSettings
 from .serving.jobs import TrainingJobs
 from .serving.media import MediaFetcher, MediaSettings
 from .serving.model_source import ModelSource

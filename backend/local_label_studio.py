@@ -21,7 +21,7 @@ import httpx
 
 from .serving.server import free_port
 
-CHECKOUT_BIN = Path(__file__).resolve().parents[2] / ".venv-ls" / "bin" / "label-studio"
+CHECKOUT_BIN = Path(__file__).resolve().parents[1] / ".venv-ls" / "bin" / "label-studio"
 
 
 @dataclass(frozen=True)

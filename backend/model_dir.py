@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .detection.predictor import Predictor
@@ -20,6 +21,11 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model_final.pth"
 LABELS_FILE = "labels.txt"
 METADATA_FILE = "model.json"
+
+
+# A forward pass that proves the weights load and run, at a fraction of a full tile's cost.
+_SMOKE_TEST = {"INPUT.MIN_SIZE_TEST": 64, "INPUT.MAX_SIZE_TEST": 64,
+               "MODEL.RPN.POST_NMS_TOPK_TEST": 8}
 
 
 class ModelDirError(ValueError):
@@ -68,6 +74,12 @@ class ModelDir:
                 f"has MODEL.ROI_HEADS.NUM_CLASSES={num_classes}"
             )
         return predictor
+
+    def validate(self) -> None:
+        """Raise unless the config, weights and labels load together and a forward pass on a
+        generated image runs: what a server needs before it may switch to this model."""
+        predictor = self.predictor(_SMOKE_TEST, device="cpu")
+        predictor.predict([np.full((64, 64, 3), 127, np.uint8)])
 
 
 def write_model_dir(

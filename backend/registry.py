@@ -90,11 +90,13 @@ class Registry:
         return name
 
     def switch(self, name: str, reason: str = "switch") -> None:
-        """Point `current` at `name`: readers see the old or the new name, never a mix."""
+        """Point `current` at `name` once it is shown to serve (config, weights and labels
+        load, one forward pass runs): readers see the old or the new name, never a mix, and
+        never a version that would fail the server or its next restart."""
         try:
-            self.open(name)
-        except ModelDirError as exc:
-            raise RegistryError(f"version {name!r} is not a complete model: {exc}") from exc
+            self.open(name).validate()
+        except Exception as exc:  # a torch.load or forward-pass error is as fatal as a gap
+            raise RegistryError(f"version {name!r} cannot be served: {exc}") from exc
         previous = self.current_name()
         tmp = self.root / f".{CURRENT}.{os.getpid()}.tmp"
         tmp.write_text(name + "\n")

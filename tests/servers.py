@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from backend.local_label_studio import wait_for
+from backend.local_label_studio import stop_process, wait_for
 from backend.serving.server import free_port, serve_in_thread
 
-from .conftest import fixture_dir, fixture_weights
+from .conftest import REPO, fixture_dir, fixture_weights
 
 __all__ = [
-    "ANIMAL_CONFIG", "FlakyProxy", "free_port", "make_model_dir", "serve_in_thread", "wait_for"
+    "ANIMAL_CONFIG", "BackendProcess", "FlakyProxy", "ImageHost", "backend_process", "free_port",
+    "make_model_dir", "serve_in_thread", "wait_for",
 ]
 
 LABELS = ["Elephant", "zebra", "BIRD"]
@@ -90,3 +98,109 @@ class FlakyProxy:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@dataclass
+class BackendProcess:
+    url: str
+    log: Path
+    process: subprocess.Popen
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def backend_process(
+    args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> Iterator[BackendProcess]:
+    """`tridentloop serve ARGS` as a real process on a free loopback port."""
+    port = free_port()
+    out = log.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port",
+         str(port), "--device", "cpu", *args],
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url + "/health", timeout=timeout)
+        yield BackendProcess(url, log, process)
+    finally:
+        if process.poll() is None:
+            stop_process(process)
+        out.close()
+
+
+class ImageHost:
+    """A real HTTP server on loopback with the routes the media tests need: an image, a
+    text file, a large non-image, a redirect, a URL that never answers; it records the
+    headers each request carried."""
+
+    def __init__(self, image: bytes) -> None:
+        import http.server
+        from urllib.parse import parse_qs, urlsplit
+
+        self.image = image
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        self.stop = threading.Event()
+        host = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                host.seen.append((self.path, dict(self.headers.items())))
+                route = urlsplit(self.path)
+                if route.path == "/hang":
+                    host.stop.wait(300)
+                    return
+                if route.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("location", parse_qs(route.query)["to"][0])
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
+                if route.path == "/big":
+                    size = int(parse_qs(route.query)["mb"][0]) * 1024**2
+                    self.send_response(200)
+                    self.send_header("content-length", str(size))
+                    self.end_headers()
+                    chunk = b"x" * (1 << 20)
+                    for _ in range(size >> 20):
+                        try:
+                            self.wfile.write(chunk)
+                        except OSError:
+                            return
+                    return
+                body = host.image if route.path.endswith(".png") else b"just some text"
+                self.send_response(200 if route.path != "/missing.png" else 404)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> ImageHost:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout:.0f} s")
+        time.sleep(0.2)

@@ -20,7 +20,8 @@ from backend.detection.images import load_image
 from backend.detection.tiling import TilingOptions
 from backend.model_dir import ModelDir
 from backend.registry import Registry
-from backend.serving.app import Backend, ServerSettings
+from backend.serving.auth import BasicAuth
+from backend.serving.backend import Backend, ServerSettings
 from backend.serving.jobs import TrainingJobs
 from backend.serving.media import MediaFetcher, MediaSettings
 from backend.serving.model_source import ModelSource
@@ -53,7 +54,7 @@ def world(tmp_path_factory, fixture_image):
         ModelSource(registry=registry, device="cpu"),
         MediaFetcher(MediaSettings(local_roots=[images], cache_dir=root / "cache")),
         TrainingJobs(command, root, root / "jobs"),
-        ServerSettings(score_threshold=0.5, basic_auth=("annotator", "s3cret")),
+        ServerSettings(score_threshold=0.5, basic_auth=BasicAuth(b"annotator", b"s3cret")),
     )
     with serve_in_thread(backend) as url:
         yield {
@@ -137,14 +138,14 @@ def test_setup_answers_the_model_version(world):
     [
         (
             "<View><Image name='i' value='$image'/><Choices name='c' toName='i'/></View>",
-            "no <RectangleLabels> bound to an <Image>",
+            "no <RectangleLabels>",
         ),
         (
             "<View><Image name='i' value='$image'/><RectangleLabels name='r' toName='i'>"
             "<Label value='Car'/></RectangleLabels></View>",
             "none of the model's classes",
         ),
-        ("<View><Image", "not valid XML"),
+        ("<View><Image", "label config is not valid"),
     ],
 )
 def test_setup_rejects_configs_it_cannot_serve(world, schema, message):
@@ -298,3 +299,47 @@ def test_basic_auth_header_is_parsed_strictly(world):
 
 def test_health_body_is_json(world):
     assert json.loads(httpx.get(world["url"] + "/health").text)["status"] == "UP"
+
+
+PAIRED_CONFIG = """<View>
+  <Image name="photo" value="$image"/>
+  <Rectangle name="box" toName="photo"/>
+  <Labels name="kind" toName="photo">
+    <Label value="Elephant"/><Label value="Avian" predicted_values="bird"/>
+  </Labels>
+  <RectangleLabels name="zebras" toName="photo"><Label value="Zebra"/></RectangleLabels>
+</View>"""
+
+
+def test_labels_beside_a_rectangle_and_several_controls_get_their_own_regions(world):
+    """Label Studio's own reading of the config (label_studio_sdk): a Labels control beside
+    a Rectangle receives merged `rectanglelabels` regions; each control gets only its
+    classes; results pass Label Studio's validation."""
+    r = predict(world, [task(1, str(world["images"] / "small.png"))], label_config=PAIRED_CONFIG)
+    regions = r.json()["results"][0]["result"]
+    by_control = {}
+    for region in regions:
+        assert region["type"] == "rectanglelabels" and region["to_name"] == "photo"
+        by_control.setdefault(region["from_name"], set()).update(
+            region["value"]["rectanglelabels"]
+        )
+    expected = {w["label"] for w in expected_regions(world["images"] / "small.png")}
+    assert set(by_control) <= {"kind", "zebras"} and by_control
+    assert by_control.get("zebras", set()) <= {"Zebra"}
+    assert by_control.get("kind", set()) <= {"Elephant", "Avian"}
+    assert set().union(*by_control.values()) == expected
+
+
+def test_setup_state_stays_bounded(tmp_path, world):
+    """Distinct projects and configs cannot grow the server's memory without bound: the
+    least recently set up project is forgotten (it must send its config again)."""
+    from backend.serving.backend import HTTPError
+
+    backend = Backend(world["backend"].models, world["backend"].media,
+                      TrainingJobs("true", tmp_path, tmp_path / "jobs"),
+                      ServerSettings(max_projects=3, max_configs=2))
+    for project in range(10):
+        backend.setup({"project": f"{project}.1", "schema": CONFIG.replace("Zebra", f"Z{project}")})
+    assert backend.predict({"tasks": [], "project": "9.1"}) == {"results": []}
+    with pytest.raises(HTTPError, match="no label config for project 0"):
+        backend.predict({"tasks": [], "project": "0.1"})

@@ -245,3 +245,29 @@ def test_cuda_defaults_are_options_the_cpu_takes():
         DeviceOptions.create("cpu", "fp8")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         DeviceOptions.create("cuda")
+
+
+def test_the_queue_skips_work_whose_request_gave_up(fixture_image):
+    """A request past its deadline cancels its queued image: the device never runs it, and
+    the worker survives to serve the next request."""
+    predictor = _predictor("faster_rcnn_R_50_FPN_1x")
+    gate = threading.Event()
+    run = predictor.predict_prepared
+    ran: list[int] = []
+
+    def held(prepared):
+        gate.wait(30)
+        ran.append(len(prepared))
+        return run(prepared)
+
+    predictor.predict_prepared = held
+    queue = InferenceQueue(max_batch=1)
+    photo = np.ascontiguousarray(fixture_image[:320, :320])
+    first = queue.submit(predictor, photo, None)  # holds the worker at the gate
+    abandoned = queue.submit(predictor, photo, None)
+    assert abandoned.cancel()
+    gate.set()
+    first.result(timeout=60)
+    after = queue.submit(predictor, photo, None).result(timeout=60)
+    queue.close()
+    assert len(after) > 0 and ran == [1, 1]  # the abandoned image never ran

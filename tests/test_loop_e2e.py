@@ -123,7 +123,7 @@ def test_repro_exports_trains_evaluates_and_deploys(loop):
     manifest = json.loads((checkout / "data/dataset/manifest.json").read_text())
     assert manifest["images"] == 9  # 10 annotated scenes, one of them a skip (was_cancelled)
     (corrupt,) = manifest["skipped"]  # the corrupt upload: reported, not fatal
-    assert corrupt["image"].endswith("corrupt.png") and "cannot be decoded" in corrupt["reason"]
+    assert corrupt["image"].endswith("corrupt.png") and "not an image file" in corrupt["reason"]
     assert sum(manifest["boxes_per_class"].values()) == manifest["boxes"] > 0
     metrics = json.loads((checkout / "metrics.json").read_text())
     assert {"ap", "ap50", "ap75", "ap_small", "per_class_ap"} <= set(metrics)
@@ -304,7 +304,8 @@ def test_start_training_webhook_runs_dvc_repro_in_the_checkout(loop, tmp_path, m
     """What Label Studio's Train button triggers: one `dvc repro` run, its log kept."""
     import httpx
 
-    from backend.serving.app import Backend, ServerSettings
+    from backend.serving.auth import BasicAuth
+    from backend.serving.backend import Backend, ServerSettings
     from backend.serving.jobs import TrainingJobs
     from backend.serving.media import MediaFetcher, MediaSettings
     from backend.serving.model_source import ModelSource
@@ -317,17 +318,22 @@ def test_start_training_webhook_runs_dvc_repro_in_the_checkout(loop, tmp_path, m
         ModelSource(registry=Registry(checkout / "models/registry"), device="cpu"),
         MediaFetcher(MediaSettings()),
         TrainingJobs("dvc repro", checkout, tmp_path / "jobs"),
-        ServerSettings(),
+        ServerSettings(basic_auth=BasicAuth(b"trainer", b"pass")),  # training always needs it
     )
+    auth = ("trainer", "pass")
     with serve_in_thread(backend) as url:
         answer = httpx.post(
             url + "/webhook",
             timeout=1,
+            auth=auth,
             json={"action": "START_TRAINING", "project": {"id": loop["project"]}},
         )
         job = answer.json()["job"]
         deadline = time.monotonic() + 600
-        while (status := httpx.get(f"{url}/jobs/{job}").json())["status"] in ("queued", "running"):
+        while (status := httpx.get(f"{url}/jobs/{job}", auth=auth).json())["status"] in (
+            "queued",
+            "running",
+        ):
             assert time.monotonic() < deadline
             time.sleep(1)
     assert status["status"] == "succeeded", status["log_tail"]

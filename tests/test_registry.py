@@ -58,7 +58,7 @@ def test_unknown_or_duplicate_versions_are_refused(registry, tmp_path):
 
 def test_incomplete_version_cannot_become_current(registry):
     (registry.versions_dir / "v0002" / "model_final.pth").unlink()
-    with pytest.raises(RegistryError, match="not a complete model"):
+    with pytest.raises(RegistryError, match=r"cannot be served: .* has no model_final\.pth"):
         registry.switch("v0002")
     assert registry.current_name() is None
 

@@ -85,6 +85,7 @@ class LabelStudioProject:
         self.version = version
         self.project = args.project
         config = parse_label_config(self.client.projects.get(id=self.project).label_config)
+        self.config = config
         mapping = read_mapping(args.label_mapping) if args.label_mapping else None
         usable = config.usable(labels, mapping)
         if not usable:
@@ -94,8 +95,10 @@ class LabelStudioProject:
             )
         self.data_key = usable[0][0].data_key  # one image per task: the first image's controls
         self.usable = [(c, m) for c, m in usable if c.data_key == self.data_key]
-        self.load = TaskLoader(MediaSettings(url, key, timeout=args.download_timeout),
-                               args.max_pixels)
+        media = MediaSettings(url, key, timeout=args.download_timeout,
+                              cloud_schemes=frozenset(args.allow_cloud),
+                              allow_private_urls=args.allow_private_urls)
+        self.load = TaskLoader(media, args.max_pixels)
         self.importer = PredictionImporter(self.client, self.project, args.chunk, args.retry_for)
 
     def todo(self) -> tuple[list[Item], int]:
@@ -108,7 +111,7 @@ class LabelStudioProject:
             regions += rectangle_results(
                 det, width, height, control, class_map, self.args.score_threshold
             )
-        validate(regions, tuple(c for c, _ in self.usable))
+        validate(regions, self.config)
         assert item.task_id is not None
         self.importer.add(item.task_id, prediction(regions, self.version, score))
 

@@ -86,6 +86,9 @@ class InferenceQueue:
             self._process(batch)
 
     def _process(self, batch: list[_Job]) -> None:
+        # A request that gave up (its deadline passed) cancelled its job: skip it. A job
+        # marked running can no longer be cancelled, so its result can always be set.
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
         groups: dict[tuple, list[_Job]] = {}
         for job in batch:
             if job.prepared is not None:

@@ -1,17 +1,19 @@
-"""The project's labeling XML: which RectangleLabels controls draw on which Image, and which
-label each model class becomes.
+"""The project's labeling config, read by label_studio_sdk's LabelInterface as Label Studio
+reads it: which box controls draw on which Image, and which label each model class becomes.
 
-A class maps to a label, in order of precedence: through an explicit mapping file, through a
-`<Label predicted_values="...">` that lists it, or by equal names (case-insensitive). A
-class with no label is dropped.
+Box controls are `<RectangleLabels toName="img">`, and `<Labels toName="img">` beside a
+`<Rectangle toName="img">` (Label Studio merges the two into `rectanglelabels` regions whose
+from_name is the Labels control). A class maps to a label, in order of precedence: through
+an explicit mapping file, through a `<Label predicted_values="a,b">` that lists it, or by
+equal names (case-insensitive). A class with no label is dropped.
 """
 
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 class LabelConfigError(ValueError):
@@ -20,7 +22,7 @@ class LabelConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RectangleControl:
-    """One `<RectangleLabels name=from_name toName=to_name>` bound to `<Image value=$key>`."""
+    """One box control bound to `<Image name=to_name value=$data_key>`."""
 
     from_name: str
     to_name: str
@@ -50,6 +52,7 @@ class RectangleControl:
 @dataclass(frozen=True)
 class LabelConfig:
     controls: tuple[RectangleControl, ...]
+    interface: Any = field(compare=False, repr=False)  # label_studio_sdk LabelInterface
 
     def usable(
         self, class_names: list[str], mapping: dict[str, str] | None = None
@@ -58,41 +61,54 @@ class LabelConfig:
         pairs = [(c, c.class_map(class_names, mapping)) for c in self.controls]
         return [(c, m) for c, m in pairs if m]
 
+    def problems(self, regions: list[dict[str, Any]]) -> list[str]:
+        """What Label Studio would find wrong with these prediction regions (none: [])."""
+        return list(self.interface.validate_prediction({"result": regions}, return_errors=True))
 
-def parse_label_config(xml: str) -> LabelConfig:
-    """Every RectangleLabels bound to an Image; raises if there is none."""
+
+def parse_label_config(xml: object) -> LabelConfig:
+    """Every box control bound to an Image; raises LabelConfigError if there is none."""
+    # Imported here: runs that never see a Label Studio (the batch job on files, the GPU
+    # check) do not need the SDK installed.
+    from label_studio_sdk.label_interface import LabelInterface
+
+    if not isinstance(xml, str) or not xml.strip():
+        raise LabelConfigError("the label config must be a non-empty XML string")
     try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        raise LabelConfigError(f"label config is not valid XML: {exc}") from exc
-    images = {el.get("name"): el.get("value", "") for el in root.iter("Image") if el.get("name")}
+        interface = LabelInterface(xml)
+    except Exception as exc:  # the SDK raises its own XML, schema and lookup errors
+        raise LabelConfigError(f"label config is not valid: {exc}") from exc
+    images = {o.name: o.value for o in interface.objects if o.tag == "Image"}
+    geometry = {t for c in interface.controls if c.tag == "Rectangle" for t in c.to_name}
     controls = []
-    for el in root.iter("RectangleLabels"):
-        to_name = el.get("toName", "")
-        if to_name not in images:
-            continue
-        value = images[to_name]
-        labels = tuple(lbl.get("value", "") for lbl in el.iter("Label") if lbl.get("value"))
-        predicted = {}
-        for lbl in el.iter("Label"):
-            for alias in (lbl.get("predicted_values") or "").split(","):
-                if alias.strip():
-                    predicted[alias.strip().lower()] = lbl.get("value", "")
-        controls.append(
-            RectangleControl(
-                from_name=el.get("name", ""),
-                to_name=to_name,
-                data_key=value[1:] if value.startswith("$") else value,
-                labels=labels,
-                predicted_values=predicted,
+    for control in interface.controls:
+        for to_name in control.to_name or []:
+            boxes = control.tag == "RectangleLabels" or (
+                control.tag == "Labels" and to_name in geometry
             )
-        )
+            if boxes and to_name in images:
+                controls.append(_control(control, to_name, images[to_name]))
     if not controls:
         raise LabelConfigError(
-            "label config has no <RectangleLabels> bound to an <Image> (toName must name an "
-            "Image tag); this backend pre-annotates bounding boxes only"
+            "label config has no <RectangleLabels> (or <Labels> beside a <Rectangle>) bound "
+            "to an <Image>; this backend pre-annotates bounding boxes only"
         )
-    return LabelConfig(tuple(controls))
+    return LabelConfig(tuple(controls), interface)
+
+
+def _control(control: Any, to_name: str, value: str) -> RectangleControl:
+    predicted: dict[str, str] = {}
+    for label, tag in (control.labels_attrs or {}).items():
+        for alias in str(tag.attr.get("predicted_values") or "").split(","):
+            if alias.strip():
+                predicted[alias.strip().lower()] = label
+    return RectangleControl(
+        from_name=control.name,
+        to_name=to_name,
+        data_key=value[1:] if value.startswith("$") else value,
+        labels=tuple(control.labels),
+        predicted_values=predicted,
+    )
 
 
 def read_mapping(path: str | Path) -> dict[str, str]:

@@ -1,9 +1,9 @@
 """The model a server answers with: one fixed model directory, or the registry's `current`
 version, hot-reloaded when the pointer changes.
 
-A reload happens in the request that notices the change; requests already running keep
-the model they started with, so a switch never fails a request. A version that does not
-load is logged and the previous one keeps serving.
+A reload happens in the request thread that notices the change (never on the event loop);
+requests already running keep the model they started with, so a switch never fails a
+request. A version that does not load is logged and the previous one keeps serving.
 """
 
 from __future__ import annotations
@@ -57,6 +57,11 @@ class ModelSource:
         version = name or model_dir.version
         log.info("serving model %s from %s", version, model_dir.path)
         return LoadedModel(version, predictor, model_dir.labels)
+
+    def current(self) -> LoadedModel:
+        """The model being served, without looking at the registry: never blocks, so the
+        event loop (/health) may call it."""
+        return self._current
 
     def get(self) -> LoadedModel:
         """The model to answer this request with, reloading first if the registry moved."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..detection.structures import Detections
-from .label_config import RectangleControl
+from .label_config import LabelConfig, RectangleControl
 
 _EPS = 1e-6
 
@@ -64,21 +64,14 @@ def prediction(results: list[dict[str, Any]], model_version: str, score: float) 
     return {"result": results, "score": float(score), "model_version": model_version}
 
 
-def validate(results: list[dict[str, Any]], controls: tuple[RectangleControl, ...]) -> None:
-    """Raise ResultError unless every region names a control, its image and its labels, and
-    lies inside the image."""
-    by_name = {c.from_name: c for c in controls}
+def validate(results: list[dict[str, Any]], config: LabelConfig) -> None:
+    """Raise ResultError unless Label Studio's own validation (label_studio_sdk) accepts
+    every region for the project's config and every box lies inside its image."""
+    problems = config.problems(results)
     for region in results:
-        control = by_name.get(region.get("from_name"))
-        if control is None or region.get("to_name") != control.to_name:
-            raise ResultError(
-                f"region for {region.get('from_name')!r}->{region.get('to_name')!r}"
-                " matches no RectangleLabels of the label config"
-            )
-        value = region["value"]
-        unknown = set(value["rectanglelabels"]) - set(control.labels)
-        if region["type"] != "rectanglelabels" or unknown:
-            raise ResultError(f"labels {sorted(unknown)} are not in {control.from_name!r}")
-        x, y, w, h = value["x"], value["y"], value["width"], value["height"]
+        value = region.get("value", {})
+        x, y, w, h = (value.get(k, 0) for k in ("x", "y", "width", "height"))
         if min(x, y) < -_EPS or w <= 0 or h <= 0 or x + w > 100 + _EPS or y + h > 100 + _EPS:
-            raise ResultError(f"box {x:.3f},{y:.3f} {w:.3f}x{h:.3f}% is outside the image")
+            problems.append(f"box {x:.3f},{y:.3f} {w:.3f}x{h:.3f}% is outside the image")
+    if problems:
+        raise ResultError("; ".join(problems[:3]))

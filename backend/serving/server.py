@@ -15,7 +15,9 @@ from pathlib import Path
 import uvicorn
 
 from ..registry import Registry
-from .app import Backend, ServerSettings, basic_auth_from_env, create_app, default_work_dir
+from .app import create_app
+from .auth import BasicAuth, check_bind
+from .backend import Backend, HTTPError, ServerSettings
 from .jobs import TrainingJobs
 from .label_config import read_mapping
 from .media import MediaFetcher, MediaSettings
@@ -24,7 +26,13 @@ from .model_source import ModelSource
 log = logging.getLogger(__name__)
 
 
+def default_work_dir() -> Path:
+    return Path(os.environ.get("TRIDENTLOOP_HOME", ".tridentloop"))
+
+
 def build_backend(args: argparse.Namespace, tiling) -> Backend:
+    auth = BasicAuth.from_env()
+    check_bind(args.host, auth, args.insecure_no_auth)
     work = Path(args.work_dir or default_work_dir())
     models = ModelSource(
         model_dir=args.model,
@@ -41,17 +49,23 @@ def build_backend(args: argparse.Namespace, tiling) -> Backend:
             cache_max_bytes=int(args.cache_gb * 1024**3),
             timeout=args.download_timeout,
             local_roots=[Path(p) for p in args.local_root],
+            cloud_schemes=frozenset(args.allow_cloud),
+            allow_private_urls=args.allow_private_urls,
         )
     )
     jobs = TrainingJobs(args.train_command, Path(args.project_dir), work / "jobs")
-    settings = ServerSettings(
-        score_threshold=args.score_threshold,
-        tiling=tiling,
-        label_mapping=read_mapping(args.label_mapping) if args.label_mapping else None,
-        max_pixels=args.max_pixels,
-        basic_auth=basic_auth_from_env(),
-        uncertainty=args.uncertainty,
-    )
+    try:
+        settings = ServerSettings(
+            score_threshold=args.score_threshold,
+            tiling=tiling,
+            label_mapping=read_mapping(args.label_mapping) if args.label_mapping else None,
+            max_pixels=args.max_pixels,
+            request_deadline=args.request_deadline,
+            basic_auth=auth,
+            uncertainty=args.uncertainty,
+        )
+    except HTTPError as exc:
+        raise ValueError(exc.message) from exc
     return Backend(models, media, jobs, settings)
 
 

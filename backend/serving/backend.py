@@ -1,0 +1,329 @@
+"""What the endpoints do: per-project setup, predictions under a deadline, the training
+webhook, versions. Routes and HTTP live in `app`.
+
+Fairness. One /predict request runs at most `tasks_in_flight_per_request` of its tasks at
+once on the shared fetcher pool, so one request full of hanging URLs cannot hold every
+fetcher; the pool serves requests' tasks in arrival order. Each request has one deadline
+(below Label Studio's 100 s): what has finished by then is returned, tasks not started are
+dropped, downloads and inference still running give up at the same deadline. A full
+inference queue or too many open requests answer 503 with Retry-After instead of empty
+predictions. Every other per-task failure (a bad URL, an unreadable image, a result that
+does not fit the config) is that task's empty prediction, with the reason logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import uncertainty
+from ..detection.images import DEFAULT_MAX_PIXELS, load_image
+from ..detection.tiling import TilingOptions
+from .auth import BasicAuth
+from .inference_queue import InferenceQueue, QueueFull
+from .jobs import TrainingJobs
+from .label_config import LabelConfig, LabelConfigError, RectangleControl, parse_label_config
+from .media import MediaFetcher
+from .model_source import LoadedModel, ModelSource
+from .results import prediction, rectangle_results, validate
+
+log = logging.getLogger(__name__)
+
+Usable = list[tuple[RectangleControl, dict[int, str]]]
+
+
+@dataclass
+class ServerSettings:
+    score_threshold: float = 0.5
+    tiling: TilingOptions | None = field(default_factory=TilingOptions)
+    label_mapping: dict[str, str] | None = None
+    max_request_bytes: int = 32 * 1024**2
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    request_deadline: float = 80.0  # s; Label Studio gives up on /predict after 100 s
+    tasks_in_flight_per_request: int = 4
+    fetch_workers: int = 32
+    max_open_requests: int = 256  # /predict requests at once; more get 503
+    retry_after: int = 5  # s, in 503 answers
+    basic_auth: BasicAuth | None = None
+    uncertainty: uncertainty.Method = "least-confidence"  # the task score; one pass only
+    max_projects: int = 1024  # /setup state kept, least recently used dropped
+    max_configs: int = 64  # parsed label configs kept
+
+    def __post_init__(self) -> None:
+        check_threshold(self.score_threshold, "--score-threshold")
+        if self.request_deadline <= 0 or self.tasks_in_flight_per_request < 1:
+            raise ValueError("the request deadline and tasks in flight must be positive")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+def check_threshold(value: object, name: str) -> float:
+    """A score threshold is a finite number in [0, 1]: NaN would drop every box silently."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise HTTPError(400, f"{name}={value!r} is not a number") from exc
+    if isinstance(value, bool) or not math.isfinite(number) or not 0.0 <= number <= 1.0:
+        raise HTTPError(400, f"{name}={value!r} must be a number between 0 and 1")
+    return number
+
+
+@dataclass
+class ProjectState:
+    schema: str | None = None
+    score_threshold: float | None = None
+
+
+class _Busy(Exception):
+    """The inference queue refused a task: the whole request is answered 503."""
+
+
+class Backend:
+    """Everything the endpoints share: the model, the queue, media, jobs, per-project setup."""
+
+    def __init__(
+        self,
+        models: ModelSource,
+        media: MediaFetcher,
+        jobs: TrainingJobs,
+        settings: ServerSettings,
+        queue: InferenceQueue | None = None,
+    ) -> None:
+        self.models = models
+        self.media = media
+        self.jobs = jobs
+        self.settings = settings
+        self.queue = queue or InferenceQueue()
+        self.events: Counter[str] = Counter()
+        self.fetchers = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="task")
+        self._projects: OrderedDict[str, ProjectState] = OrderedDict()
+        self._configs: OrderedDict[str, LabelConfig] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def label_config(self, schema: object) -> LabelConfig:
+        """The parsed config, from a small LRU cache (Label Studio resends it every time)."""
+        if not isinstance(schema, str):
+            raise HTTPError(400, "the label config must be an XML string")
+        with self._lock:
+            if schema in self._configs:
+                self._configs.move_to_end(schema)
+                return self._configs[schema]
+        try:
+            config = parse_label_config(schema)
+        except LabelConfigError as exc:
+            raise HTTPError(400, str(exc)) from exc
+        with self._lock:
+            self._configs[schema] = config
+            while len(self._configs) > self.settings.max_configs:
+                self._configs.popitem(last=False)
+        return config
+
+    def project(self, project: str) -> ProjectState:
+        with self._lock:
+            return self._projects.get(project) or ProjectState()
+
+    def setup(self, body: dict[str, Any]) -> dict[str, Any]:
+        project = _project_id(body.get("project"))
+        schema = body.get("schema")
+        if not isinstance(schema, str) or not schema.strip():
+            raise HTTPError(400, "/setup needs the project's labeling config in 'schema'")
+        model = self.models.current()
+        usable = self._usable(self.label_config(schema), model)
+        extra = body.get("extra_params") or {}
+        threshold = extra.get("score_threshold") if isinstance(extra, dict) else None
+        if threshold is not None:
+            threshold = check_threshold(threshold, "extra_params.score_threshold")
+        with self._lock:
+            self._projects[project] = ProjectState(schema, threshold)
+            self._projects.move_to_end(project)
+            while len(self._projects) > self.settings.max_projects:
+                self._projects.popitem(last=False)
+        controls = [c.from_name for c, _ in usable]
+        log.info("setup project %s: controls %s, threshold %s", project, controls, threshold)
+        return {"model_version": model.version}
+
+    def _usable(self, config: LabelConfig, model: LoadedModel) -> Usable:
+        usable = config.usable(model.labels, self.settings.label_mapping)
+        if not usable:
+            labels = sorted({lbl for c in config.controls for lbl in c.labels})
+            raise HTTPError(
+                400,
+                f"none of the model's classes {model.labels} matches a label of the config "
+                f"{labels}; rename labels, add predicted_values, or pass --label-mapping",
+            )
+        return usable
+
+    def predict(self, body: dict[str, Any]) -> dict[str, Any]:
+        deadline = time.monotonic() + self.settings.request_deadline
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise HTTPError(400, "/predict needs a list of tasks in 'tasks'")
+        project = _project_id(body.get("project"))
+        state = self.project(project)
+        schema = body.get("label_config") or state.schema
+        if not schema:
+            raise HTTPError(
+                400,
+                f"no label config for project {project}: call /setup first or send 'label_config'",
+            )
+        model = self.models.get()
+        config = self.label_config(schema)
+        usable = self._usable(config, model)
+        threshold = (
+            self.settings.score_threshold
+            if state.score_threshold is None
+            else state.score_threshold
+        )
+        run = _RequestRun(self, tasks, lambda t: self._predict_task(
+            t, model, config, usable, threshold, deadline))
+        results = run.wait(deadline)
+        if run.busy:
+            raise HTTPError(503, "the inference queue is full; retry shortly",
+                            self.settings.retry_after)
+        empty = prediction([], model.version, 0.0)
+        return {"results": [r if r is not None else empty for r in results]}
+
+    def _predict_task(
+        self,
+        task: Any,
+        model: LoadedModel,
+        config: LabelConfig,
+        usable: Usable,
+        threshold: float,
+        deadline: float,
+    ) -> dict[str, Any]:
+        task_id = _task_id(task)
+        try:
+            data = task.get("data") if isinstance(task, dict) else None
+            if not isinstance(data, dict):
+                raise ValueError("the task has no 'data' object")
+            detections: dict[str, tuple] = {}
+            regions: list[dict[str, Any]] = []
+            for control, class_map in usable:
+                key = control.data_key
+                if key not in detections:
+                    detections[key] = self._detect(data.get(key), task_id, model, deadline)
+                det, width, height = detections[key]
+                regions += rectangle_results(det, width, height, control, class_map, threshold)
+            validate(regions, config)
+            method = self.settings.uncertainty
+            score = max(uncertainty.score(method, [det]) for det, _, _ in detections.values())
+            return prediction(regions, model.version, score)
+        except QueueFull as exc:
+            raise _Busy from exc
+        except Exception as exc:  # every other failure is this task's alone
+            log.warning("task %s: empty prediction: %s: %s", task_id, type(exc).__name__, exc)
+            return prediction([], model.version, 0.0)
+
+    def _detect(self, uri: Any, task_id: int | None, model: LoadedModel, deadline: float):
+        raw = self.media.fetch(uri, task_id, deadline)
+        image = load_image(raw, max_pixels=self.settings.max_pixels, name=str(uri))
+        future = self.queue.submit(model.predictor, image, self.settings.tiling)
+        try:
+            det = future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout as exc:
+            future.cancel()  # still queued: the device never runs it
+            raise TimeoutError(f"{uri}: no prediction before the request's deadline") from exc
+        return det, image.shape[1], image.shape[0]
+
+    def webhook(self, body: dict[str, Any], authorized: bool) -> dict[str, Any]:
+        action = body.get("action")
+        if action == "START_TRAINING":
+            if not authorized:
+                raise HTTPError(401, "START_TRAINING needs the backend's basic auth: set "
+                                     "BASIC_AUTH_USER and BASIC_AUTH_PASS on the backend and "
+                                     "in Label Studio's model connection")
+            project = body.get("project")
+            project_id = str(project.get("id")) if isinstance(project, dict) else None
+            job = self.jobs.request(reason="START_TRAINING", project=project_id)
+            return {"job": job.id, "status": job.status}
+        if isinstance(action, str) and len(action) <= 64:
+            with self._lock:
+                self.events[action] += 1
+                return {"status": "ok", "action": action, "count": self.events[action]}
+        raise HTTPError(400, "webhook body needs an 'action' (a short string)")
+
+    def versions(self) -> dict[str, Any]:
+        registry = self.models.registry
+        if registry is None:
+            return {"versions": [self.models.current().version]}
+        return {
+            "versions": registry.version_names(),
+            "current": self.models.current().version,
+            "details": registry.describe(),
+        }
+
+
+class _RequestRun:
+    """One request's tasks, at most `tasks_in_flight_per_request` on the pool at a time."""
+
+    def __init__(self, backend: Backend, tasks: list[Any], run: Any) -> None:
+        self.backend = backend
+        self.run = run
+        self.waiting = deque(enumerate(tasks))
+        self.results: list[dict[str, Any] | None] = [None] * len(tasks)
+        self.left = len(tasks)
+        self.busy = False
+        self.stopped = False
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        if not tasks:
+            self.done.set()
+        for _ in range(min(backend.settings.tasks_in_flight_per_request, len(tasks))):
+            self._launch()
+
+    def wait(self, deadline: float) -> list[dict[str, Any] | None]:
+        finished = self.done.wait(timeout=max(0.0, deadline - time.monotonic()))
+        with self.lock:
+            self.stopped = True
+            if not finished:
+                log.warning("request deadline: %d task(s) unfinished, answered empty",
+                            sum(r is None for r in self.results))
+            return list(self.results)
+
+    def _launch(self) -> None:
+        with self.lock:
+            if self.stopped or self.busy or not self.waiting:
+                return
+            index, task = self.waiting.popleft()
+        future = self.backend.fetchers.submit(self.run, task)
+        future.add_done_callback(lambda f, i=index: self._finish(i, f))
+
+    def _finish(self, index: int, future: Future) -> None:
+        try:
+            result = future.result()
+        except (_Busy, CancelledError):
+            result = None
+            with self.lock:
+                self.busy = True
+        except Exception:  # _predict_task answers every failure itself; belt and braces
+            log.exception("task %d of a request failed", index)
+            result = None
+        with self.lock:
+            self.results[index] = result
+            self.left -= 1
+            if self.left == 0 or self.busy:
+                self.done.set()
+        self._launch()
+
+
+def _project_id(project: Any) -> str:
+    """Label Studio sends `"<id>.<created timestamp>"`; the id part names the project."""
+    return str(project).split(".", 1)[0][:64] if project is not None else ""
+
+
+def _task_id(task: Any) -> int | None:
+    return task.get("id") if isinstance(task, dict) else None
