@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +113,27 @@ def as_detections(records: list[dict]) -> Detections:
         torch.tensor([r["score"] for r in records]),
         torch.tensor([r["class_id"] for r in records], dtype=torch.int64),
     )
+
+
+@contextmanager
+def held_batches(predictor) -> Iterator[tuple[threading.Event, list[int]]]:
+    """Hold the predictor's forward passes until the yielded gate is set, so that queued
+    work piles up behind the first; records each batch's size."""
+    gate = threading.Event()
+    sizes: list[int] = []
+    run = predictor.predict_prepared
+
+    def held(prepared):
+        gate.wait(30)
+        sizes.append(len(prepared))
+        return run(prepared)
+
+    predictor.predict_prepared = held
+    try:
+        yield gate, sizes
+    finally:
+        gate.set()
+        predictor.predict_prepared = run
 
 
 @pytest.fixture(scope="session")

@@ -112,14 +112,18 @@ class BackendProcess:
 
 @contextmanager
 def backend_process(
-    args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 120
+    args: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    verbose: bool = False,
 ) -> Iterator[BackendProcess]:
     """`tridentloop serve ARGS` as a real process on a free loopback port."""
     port = free_port()
     out = log.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port",
-         str(port), "--device", "cpu", *args],
+        [sys.executable, "-m", "backend.cli", *(["-v"] if verbose else []), "serve",
+         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *args],
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
     )

@@ -13,8 +13,6 @@ reorder NMS under any rounding (measured on CPU: fp16 98-99%, bf16 86-92%).
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -32,6 +30,7 @@ from .conftest import (
     expected_detections,
     fixture_dir,
     fixture_weights,
+    held_batches,
     twin_fraction,
 )
 from .test_device import FAST
@@ -100,24 +99,14 @@ def test_prelabel_stream_batches_across_images_on_cuda():
 
 def test_server_queue_batches_concurrent_requests_on_cuda(fixture_image):
     predictor = _on_cuda(FAST, precision="bf16", batch_size=8)
-    gate = threading.Event()
-    batches: list[int] = []
-    run = predictor.predict_prepared
-
-    def held(prepared):
-        gate.wait(30)
-        batches.append(len(prepared))
-        return run(prepared)
-
-    predictor.predict_prepared = held
     photos = [np.ascontiguousarray(np.roll(fixture_image, 37 * i, axis=1)) for i in range(8)]
     queue = InferenceQueue(max_batch=8)
-    futures = [queue.submit(predictor, photo, None) for photo in photos]
-    gate.set()
-    results = [f.result(timeout=120) for f in futures]
+    with held_batches(predictor) as (gate, batches):
+        futures = [queue.submit(predictor, photo, None) for photo in photos]
+        gate.set()
+        results = [f.result(timeout=120) for f in futures]
     queue.close()
     assert max(batches) > 1
-    predictor.predict_prepared = run
     for photo, det in zip(photos, results, strict=True):
         assert twin_fraction(predictor(photo), det, min_score=0.0) >= 0.9
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from .conftest import (
     expected_detections,
     fixture_dir,
     fixture_weights,
+    held_batches,
     run_predict_cli,
     twin_fraction,
 )
@@ -128,27 +128,18 @@ def test_images_of_different_sizes_share_a_zero_padded_batch(fixture_image):
     assert twin_fraction(predictor(fixture_image), together[1], min_score=0.0) >= 0.8
 
 
-def test_server_queue_batches_requests_of_one_input_shape(monkeypatch, fixture_image):
+def test_server_queue_batches_requests_of_one_input_shape(fixture_image):
     """Photos of slightly different sizes that resize to the same network input share a
     forward pass across requests; each request still gets its own image's detections."""
     predictor = _predictor("faster_rcnn_R_50_FPN_1x", batch_size=4)
-    batches: list[int] = []
-    gate = threading.Event()
-    run = predictor.predict_prepared
-
-    def held_then_recorded(prepared):
-        gate.wait(30)  # the first batch waits while the other requests arrive
-        batches.append(len(prepared))
-        return run(prepared)
-
-    monkeypatch.setattr(predictor, "predict_prepared", held_then_recorded)
     photos = [np.ascontiguousarray(fixture_image[:600, :800]),  # both resize to 800 x 1067
               np.ascontiguousarray(fixture_image[:450, :600])]
     photos += [np.ascontiguousarray(p[:, ::-1]) for p in photos]
     queue = InferenceQueue(max_batch=4)
-    futures = [queue.submit(predictor, photo, None) for photo in photos]
-    gate.set()
-    results = [f.result(timeout=120) for f in futures]
+    with held_batches(predictor) as (gate, batches):
+        futures = [queue.submit(predictor, photo, None) for photo in photos]
+        gate.set()  # the first batch waited while the other requests arrived
+        results = [f.result(timeout=120) for f in futures]
     queue.close()
     assert max(batches) > 1
     plain = _predictor("faster_rcnn_R_50_FPN_1x")
@@ -251,23 +242,14 @@ def test_the_queue_skips_work_whose_request_gave_up(fixture_image):
     """A request past its deadline cancels its queued image: the device never runs it, and
     the worker survives to serve the next request."""
     predictor = _predictor("faster_rcnn_R_50_FPN_1x")
-    gate = threading.Event()
-    run = predictor.predict_prepared
-    ran: list[int] = []
-
-    def held(prepared):
-        gate.wait(30)
-        ran.append(len(prepared))
-        return run(prepared)
-
-    predictor.predict_prepared = held
     queue = InferenceQueue(max_batch=1)
     photo = np.ascontiguousarray(fixture_image[:320, :320])
-    first = queue.submit(predictor, photo, None)  # holds the worker at the gate
-    abandoned = queue.submit(predictor, photo, None)
-    assert abandoned.cancel()
-    gate.set()
-    first.result(timeout=60)
-    after = queue.submit(predictor, photo, None).result(timeout=60)
+    with held_batches(predictor) as (gate, ran):
+        first = queue.submit(predictor, photo, None)  # holds the worker at the gate
+        abandoned = queue.submit(predictor, photo, None)
+        assert abandoned.cancel()
+        gate.set()
+        first.result(timeout=60)
+        after = queue.submit(predictor, photo, None).result(timeout=60)
     queue.close()
     assert len(after) > 0 and ran == [1, 1]  # the abandoned image never ran

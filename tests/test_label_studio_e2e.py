@@ -8,9 +8,6 @@ predict` on the same images, and model versions.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,12 +18,11 @@ from label_studio_sdk import LabelStudio
 from PIL import Image
 
 from backend.cli import main as cli
-from backend.local_label_studio import import_image, stop_process
+from backend.local_label_studio import import_image
 from backend.registry import Registry
 
-from .conftest import REPO
 from .servers import ANIMAL_CONFIG as CONFIG
-from .servers import free_port, make_model_dir, wait_for
+from .servers import backend_process, make_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -44,49 +40,21 @@ def stack(label_studio, tmp_path_factory):
     registry.switch("survey-v1")
     ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     pat = ls.tokens.create().token  # a personal access token: the backend refreshes it
-    port = free_port()
     env = {
-        **os.environ,
         "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": pat,
         "BASIC_AUTH_USER": AUTH[0],
         "BASIC_AUTH_PASS": AUTH[1],
-        "PYTHONUNBUFFERED": "1",
     }
-    log = (root / "backend.log").open("w")
-    backend = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backend.cli",
-            "-v",  # log the backend's own HTTP calls to Label Studio (checked below)
-            "serve",
-            "--registry",
-            str(root / "registry"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--work-dir",
-            str(root / "work"),
-            "--train-command",
-            "echo training from LS",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )
-    backend_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(backend_url + "/health", timeout=120)
+    args = ["--registry", str(root / "registry"), "--work-dir", str(root / "work"),
+            "--train-command", "echo training from LS"]
+    # -v: log the backend's own HTTP calls to Label Studio (checked below)
+    with backend_process(args, root / "backend.log", env=env, verbose=True) as backend:
         project = ls.projects.create(title="survey", label_config=CONFIG)
         images = _upload_images(label_studio, project.id, root)
         ml = ls.ml.create(
             project=project.id,
-            url=backend_url,
+            url=backend.url,
             title="tridentloop",
             auth_method="BASIC_AUTH",
             basic_auth_user=AUTH[0],
@@ -98,13 +66,10 @@ def stack(label_studio, tmp_path_factory):
             "ml": ml.id,
             "images": images,
             "registry": registry,
-            "backend": backend_url,
+            "backend": backend.url,
             "root": root,
             "label_studio": label_studio,
         }
-    finally:
-        stop_process(backend)
-        log.close()
 
 
 def _upload_images(label_studio, project_id: int, root: Path) -> dict[str, Path]:
