@@ -13,6 +13,7 @@ import torch
 
 from backend.bench.engine import EngineBench, build_case, run_engine_benchmark
 from backend.bench.prelabel import PrelabelBench, run_prelabel_benchmark
+from backend.bench.profile import ProfileRun, profile_case
 from backend.bench.training import TrainingBench, run_training_benchmark
 from backend.bench.workload import WorkloadCounter
 from backend.detection.predictor import Predictor
@@ -70,6 +71,18 @@ def test_training_bench_reports_images_per_second_and_the_loss():
     )
     assert record["images_per_s"] > 0
     assert len(record["losses"]) == 3 and record["loss_finite"]
+
+
+def test_profile_attributes_the_time_to_the_models_stages_and_operators():
+    """What aims a GPU change: the C4 head's res5 is where a CPU tile's time goes."""
+    head, *rows = profile_case(ProfileRun(width="narrow", batch=1, runs=1, precision="fp32",
+                                          device="cpu", top=5, sort="cpu"))
+    stages = {r["stage"]: r["cpu_ms_per_tile"] for r in rows if "stage" in r}
+    operators = [r for r in rows if "op" in r]
+    assert head["ms_per_tile"] > 0 and len(operators) == 5
+    assert {"backbone", "proposal_generator", "roi_heads.pooler", "roi_heads.res5"} <= set(stages)
+    assert stages["roi_heads.res5"] > stages["backbone"]
+    assert operators[0]["self_cpu_ms_per_tile"] >= operators[-1]["self_cpu_ms_per_tile"]
 
 
 def test_bench_cli_lists_cases_and_refuses_unknown_ones():

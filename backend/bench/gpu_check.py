@@ -4,11 +4,11 @@ Runs on a CUDA machine with torch already installed and no network, from the sou
 (`PYTHONPATH=.`), in under 8 minutes on an H100:
 1. the CUDA tests (`pytest -m cuda`: fidelity, reduced precision, tiling, the prelabel
    stream, the server's queue, AMP training), one report line per test;
-2. the engine benchmark: every case at fp32 / bf16 / fp16 and batches 1, 4, 8, 16, each
+2. the survey batch job on generated 6000x4000 frames (54 tiles each) vs the bare engine;
+3. training: full-size TridentNet R50-C4 with AMP beside torchvision's training step;
+4. the engine benchmark: every case at bf16 / fp16 / fp32 and batches 1, 4, 8, 16, each
    beside torchvision's Faster R-CNN R50-FPN in the same process, and what the fastest
-   TridentNet-Fast rate means for a 100,000-image survey;
-3. the survey batch job on generated 6000x4000 frames (54 tiles each) vs the bare engine;
-4. training: full-size TridentNet R50-C4 with AMP beside torchvision's training step.
+   TridentNet-Fast rate means for a 100,000-image survey.
 Without CUDA it fails at once, loudly: a check that skips would pass where nothing ran.
 """
 
@@ -90,7 +90,7 @@ def run_cuda_tests(report: Report, fixtures: Path | None) -> None:
 
 def _engine(report: Report, repeats: int) -> None:
     records = report.extend("engine", run_engine_benchmark(EngineBench(
-        precisions=("fp32", "bf16", "fp16"), batch_sizes=(1, 4, 8, 16),
+        precisions=("bf16", "fp16", "fp32"), batch_sizes=(1, 4, 8, 16),
         repeats=repeats, device="cuda", survey=SurveySettings(),
     )))
     fast = [r for r in records if r["case"] == "tridentnet_fast_R_50_C4" and "tiles_per_s" in r]
@@ -124,23 +124,28 @@ def main(argv: list[str] | None = None) -> int:
             "torchvision": torchvision.__version__, "python": platform.python_version(),
             "cpu_threads": torch.get_num_threads(),
         })
+        # Short sections first and the long engine matrix last, reduced precision (the
+        # targets) before fp32: a run cut short still reports what matters most.
         sections = {
             "tests": lambda: run_cuda_tests(report, args.fixtures),
-            "engine": lambda: _engine(report, args.repeats),
             "prelabel": lambda: report.extend("prelabel", run_prelabel_benchmark(PrelabelBench(
                 images=16, device="cuda", precision="bf16", batch_size=16, workers=8,
             ))),
             "training": lambda: report.extend(
                 "training", run_training_benchmark(TrainingBench(device="cuda"))
             ),
+            "engine": lambda: _engine(report, args.repeats),
         }
         for name, section in sections.items():
             if name in args.skip:
                 continue
+            begun = time.monotonic()
             try:
                 section()
             except Exception as exc:  # report it and measure the rest
                 report.write(name, {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:1000]})
+            report.write("section", {"name": name,
+                                     "seconds": round(time.monotonic() - begun, 1)})
         report.write("done", {"seconds": round(time.monotonic() - started, 1),
                               "failures": report.failures})
     return 1 if report.failures else 0

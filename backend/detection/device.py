@@ -138,6 +138,14 @@ def release_cached_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def profiler_activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
+    """What torch.profiler records for work on `device`: host calls, and kernels on CUDA."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if is_cuda(device):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
 def device_name(device: torch.device) -> str:
     if is_cuda(device):
         return torch.cuda.get_device_name(device)

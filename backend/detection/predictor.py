@@ -47,7 +47,7 @@ def resized_shape(height: int, width: int, short: int, max_size: int) -> tuple[i
 
 @dataclass
 class PreparedImage:
-    tensor: torch.Tensor  # (h, w, 3) uint8, model channel order, resized; pinned if asked
+    tensor: torch.Tensor  # (h, w, 3) uint8 RGB, resized; pinned if asked
     original_size: tuple[int, int]
 
     @property
@@ -112,11 +112,11 @@ class Predictor:
         )
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
-        """RGB uint8 (H, W, 3) -> resized uint8 tensor in the model's channel order, ready to
-        cross to the device (CPU work: call it from the threads that decode images)."""
+        """RGB uint8 (H, W, 3) -> resized uint8 tensor ready to cross to the device (CPU
+        work: call it from the threads that decode images). The channels stay RGB here: a
+        BGR model's channels are swapped on the device, where it costs nothing, and not by
+        numpy, whose strided copy costs ~5 ms per 800x800 tile (measured)."""
         height, width = image.shape[:2]
-        if self.cfg.input_format == "BGR":
-            image = image[:, :, ::-1]
         new_h, new_w = resized_shape(height, width, self.cfg.min_size_test, self.cfg.max_size_test)
         if (new_h, new_w) != (height, width):
             resized = Image.fromarray(np.ascontiguousarray(image)).resize(
@@ -147,6 +147,8 @@ class Predictor:
             return []
         options = self.options
         tensors = [options.to_device(p.tensor).permute(2, 0, 1) for p in prepared]
+        if self.cfg.input_format == "BGR":
+            tensors = [t.flip(0) for t in tensors]
         with options.autocast():
             batch = self.model.preprocess(tensors, options.memory_format)
             found = self.model.detect(batch)

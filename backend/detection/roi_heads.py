@@ -30,6 +30,12 @@ from .resnet import make_stage, stage_widths
 from .structures import BatchDetections, Proposals, Targets
 
 
+def _memory_format(feature: torch.Tensor) -> torch.memory_format:
+    if not feature.is_contiguous() and feature.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class ROIPooler(nn.Module):
     """ROIAlign over one feature map, or over a pyramid with each box sent to the level
     floor(4 + log2(sqrt(area) / 224)), clamped to the levels present."""
@@ -50,8 +56,8 @@ class ROIPooler(nn.Module):
     ) -> torch.Tensor:
         """Pooled features of each box (P, 4) of image `images[i]`, in the features' dtype."""
         rois = torch.cat([images[:, None].to(torch.float32), boxes.float()], dim=1)
-        if len(features) == 1:
-            return self._align(features[0], rois, self.scales[0])
+        if len(features) == 1:  # C4: convolutions follow, in the features' memory format
+            return self._align(features[0], rois, self.scales[0], _memory_format(features[0]))
         levels = self._assign_levels(boxes)
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
         for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
@@ -59,12 +65,20 @@ class ROIPooler(nn.Module):
             out.index_put_((index,), self._align(feature, rois[index], scale))
         return out
 
-    def _align(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
-        """ROIAlign in fp32: in bf16, box coordinates of 512-1023 px fall on 4 px steps."""
+    def _align(
+        self,
+        feature: torch.Tensor,
+        rois: torch.Tensor,
+        scale: float,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> torch.Tensor:
+        """ROIAlign in fp32: in bf16, box coordinates of 512-1023 px fall on 4 px steps. The
+        cast back and the layout change are one pass: at 16 tiles of 1000 boxes the pooled
+        features are 12.8 GB in fp32."""
         pooled = roi_align(
             feature.float(), rois, self.output_size, scale, self.sampling_ratio, self.aligned
         )
-        return pooled.to(feature.dtype)
+        return pooled.to(dtype=feature.dtype, memory_format=memory_format)
 
     def _assign_levels(self, boxes: torch.Tensor) -> torch.Tensor:
         sizes = torch.sqrt(box_area(boxes))
