@@ -88,6 +88,17 @@ def test_pixel_limit_refuses_large_images_before_decoding(tmp_path):
         load_image(path, max_pixels=50_000)
 
 
+def test_images_past_pils_own_bomb_limits_load_up_to_ours(tmp_path):
+    """A 190 MP survey frame is over PIL's warning (89.5 MP) and error (179 MP) limits but
+    under our default 600 MP: it loads; our limit still refuses it when set lower."""
+    path = _save(Image.new("L", (19_000, 10_000), 90), tmp_path / "mosaic.png")
+    image = load_image(path)
+    assert image.shape == (10_000, 19_000, 3) and int(image[5_000, 9_000, 1]) == 90
+    del image
+    with pytest.raises(ImageError, match=r"mosaic\.png: 19000x10000 exceeds the pixel limit"):
+        load_image(path, max_pixels=100_000_000)
+
+
 def test_a_bad_file_does_not_stop_the_others(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage")
     out = tmp_path / "out.jsonl"

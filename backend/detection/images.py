@@ -36,9 +36,11 @@ def load_image(
     """Read an image as an (H, W, 3) uint8 RGB array, upright per its EXIF orientation."""
     name = name or (str(source) if isinstance(source, str | Path) else "<bytes>")
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    _follow_our_pixel_limit(max_pixels)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our limit, checked from the header before any decoding, is the one that holds.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(stream)
             _check_size(image.size, max_pixels, name)
             if image.format == "TIFF" and _needs_tifffile(image):
@@ -59,6 +61,14 @@ def load_image(
         raise ImageError(name, f"exceeds the pixel limit of {max_pixels:,}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(name, f"cannot be decoded ({exc}); the file may be truncated") from exc
+
+
+def _follow_our_pixel_limit(max_pixels: int) -> None:
+    """PIL refuses images over twice its own limit (179 MP by default) before we can check
+    ours: raise its limit to ours, never lower it (it is process-wide, and other threads may
+    be reading with a larger limit)."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def image_size(source: ImageSource) -> tuple[int, int]:
