@@ -12,6 +12,7 @@ from typing import Any
 
 from .detection.images import DEFAULT_MAX_PIXELS
 from .detection.tiling import TilingOptions
+from .uncertainty import DEFAULT as DEFAULT_UNCERTAINTY
 from .uncertainty import METHODS
 
 
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--uncertainty",
-        default="least-confidence",
+        default=DEFAULT_UNCERTAINTY,
         choices=[m for m in METHODS if m != "disagreement"],  # one forward pass per request
         help="each prediction's task score, for sorting in the Data Manager",
     )
@@ -289,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel.add_argument("--coco", type=Path, help="--images: also write COCO results here")
     prelabel.add_argument("--report", type=Path,
                           help="run report (default: beside --output, or in the current dir)")
-    prelabel.add_argument("--uncertainty", default="least-confidence", choices=METHODS,
+    prelabel.add_argument("--uncertainty", default=DEFAULT_UNCERTAINTY, choices=METHODS,
                           help="the prediction score annotators sort by (default: %(default)s)")
     prelabel.add_argument("--score-threshold", type=float, default=0.5,
                           help="--project: boxes below this are not shown to annotators")

@@ -9,6 +9,14 @@ are exactly those below the display threshold.
 - `entropy`: the total binary entropy H (bits) of the box scores, as 1 - 2^-H: several
   doubtful boxes outrank one, which `least-confidence` cannot tell apart (one coin flip
   scores 0.5, two 0.75).
+- `top-doubt` (default): the mean doubt of the image's K = 10 most doubtful boxes, a
+  missing box counting 0: (1/K) * sum of the K largest 2 * min(s, 1 - s). The two above
+  saturate on dense scenes: among hundreds of boxes one is always a coin flip (so
+  least-confidence reads 0.997-0.99997 on every dense tile) and summed entropy reaches 1
+  for any image with many weak boxes, so the ranking is a tie. This one reaches 1 only when
+  ten boxes are coin flips, still orders dense images by how doubtful their worst boxes
+  are, and ranks a sparse image by the doubt an annotator resolves there (one coin flip:
+  0.1; five: 0.5). K bounds the work one image can claim, as a labelling batch does.
 - `disagreement` (TridentNet): 1 - the score-weighted agreement between the fast branch's
   and all branches' detections (same class, IoU >= 0.5): 0 when the two views agree box for
   box, 1 when they share nothing.
@@ -28,15 +36,26 @@ from .detection.boxes import pairwise_iou
 from .detection.predictor import Predictor
 from .detection.structures import Detections
 
-Method = Literal["least-confidence", "entropy", "disagreement"]
-METHODS: tuple[Method, ...] = ("least-confidence", "entropy", "disagreement")
+Method = Literal["top-doubt", "least-confidence", "entropy", "disagreement"]
+METHODS: tuple[Method, ...] = ("top-doubt", "least-confidence", "entropy", "disagreement")
+DEFAULT: Method = "top-doubt"
+TOP_K = 10
 _MATCH_IOU = 0.5
+
+
+def _doubt(det: Detections) -> torch.Tensor:
+    return 2 * torch.minimum(det.scores, 1 - det.scores)
 
 
 def least_confidence(det: Detections) -> float:
     if len(det) == 0:
         return 0.0
-    return float((2 * torch.minimum(det.scores, 1 - det.scores)).max())
+    return float(_doubt(det).max())
+
+
+def top_doubt(det: Detections, k: int = TOP_K) -> float:
+    doubts = _doubt(det).double()
+    return float(doubts.topk(min(k, len(doubts))).values.sum() / k)
 
 
 def entropy(det: Detections) -> float:
@@ -67,6 +86,8 @@ def disagreement(a: Detections, b: Detections) -> float:
 def score(method: Method, detections: Sequence[Detections]) -> float:
     """`detections[0]` is what the served model found; `disagreement` also needs
     `detections[1]`, the branch counterpart's view of the same image."""
+    if method == "top-doubt":
+        return top_doubt(detections[0])
     if method == "least-confidence":
         return least_confidence(detections[0])
     if method == "entropy":
@@ -84,7 +105,7 @@ def counterparts(method: Method, predictor: Predictor) -> list[Predictor]:
     if trident is None:
         raise ValueError(
             "uncertainty 'disagreement' compares TridentNet branches, but this model has no "
-            "MODEL.TRIDENT section; use least-confidence or entropy"
+            "MODEL.TRIDENT section; use top-doubt, least-confidence or entropy"
         )
     # A fast model is compared with all its branches; an all-branch one with its middle
     # branch, which is what detectron2's TridentNet-Fast runs.

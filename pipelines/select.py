@@ -13,12 +13,15 @@ filtered to the batch and sorted by uncertainty.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from backend.prelabel.sources import is_labeled, list_tasks
 from backend.registry import Registry
+from backend.uncertainty import DEFAULT as DEFAULT_UNCERTAINTY
 
 from .coco import write_json
 from .params import fail, label_studio_target, load_params
@@ -80,13 +83,18 @@ def show_in_label_studio(client: Any, project: int, ids: list[int]) -> int:
 
 
 def _prelabel(project: int, registry: str, sp: dict[str, Any], report: Path) -> None:
-    """Score the pool with the deployed model; unreadable images are reported, not fatal."""
-    from backend.cli import main as cli
-
-    cli(["prelabel", "--project", str(project), "--registry", registry, "--only-unlabeled",
-         "--uncertainty", sp.get("uncertainty", "least-confidence"),
+    """Score the pool with the deployed model, as `tridentloop prelabel` in its own process
+    (pipelines never import the CLI). Unreadable images are reported (exit 1), not fatal."""
+    done = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "prelabel", "--project", str(project),
+         "--registry", registry, "--only-unlabeled",
+         "--uncertainty", sp.get("uncertainty", DEFAULT_UNCERTAINTY),
          "--device", sp.get("device", "auto"), "--tile-size", str(sp.get("tile_size", 800)),
-         "--report", str(report)])
+         "--report", str(report)],
+        check=False,
+    )
+    if done.returncode not in (0, 1):
+        fail(f"pre-labelling the unlabeled tasks failed (exit {done.returncode}); see above")
 
 
 def main() -> None:

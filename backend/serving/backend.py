@@ -52,7 +52,7 @@ class ServerSettings:
     max_open_requests: int = 256  # /predict requests at once; more get 503
     retry_after: int = 5  # s, in 503 answers
     basic_auth: BasicAuth | None = None
-    uncertainty: uncertainty.Method = "least-confidence"  # the task score; one pass only
+    uncertainty: uncertainty.Method = uncertainty.DEFAULT  # the task score; one pass only
     max_projects: int = 1024  # /setup state kept, least recently used dropped
     max_configs: int = 64  # parsed label configs kept
 

@@ -1,0 +1,79 @@
+"""Dense scenes (hundreds of trees or birds in one image) are measured and ranked as
+faithfully as sparse ones: evaluation counts every box up to `evaluate.max_detections`, and
+the default uncertainty still tells dense images apart."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backend.detection.structures import Detections
+from backend.synthetic import survey_scene
+from backend.uncertainty import entropy, least_confidence, score, top_doubt
+from pipelines.evaluate import coco_metrics
+from pipelines.params import load_params
+
+
+@pytest.fixture(scope="module")
+def dense_scene():
+    scene = survey_scene(np.random.default_rng(3), 1600, 1600, 340)
+    assert len(scene.boxes) >= 300
+    return scene
+
+
+def _coco(scene) -> dict:
+    """One class, as a tree-crown or a colony survey has."""
+    annotations = [
+        {"id": i + 1, "image_id": 1, "category_id": 0,
+         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)}
+        for i, (x0, y0, x1, y1) in enumerate(scene.boxes.tolist())
+    ]
+    return {"images": [{"id": 1, "width": 1600, "height": 1600, "file_name": "dense.png"}],
+            "annotations": annotations, "categories": [{"id": 0, "name": "animal"}]}
+
+
+def test_evaluation_counts_every_box_of_a_dense_scene(dense_scene):
+    coco = _coco(dense_scene)
+    # A perfect detector: every ground-truth box, scores falling from 1.
+    records = [{"image_id": 1, "category_id": a["category_id"], "bbox": a["bbox"],
+                "score": 1.0 - i / 1000} for i, a in enumerate(coco["annotations"])]
+    capped, _ = coco_metrics(coco, records, max_detections=100)
+    counted, curve = coco_metrics(coco, records, max_detections=400)
+    assert capped["ap50"] < 0.45  # pycocotools' default: 100 of 300+ boxes count
+    assert counted["ap50"] == counted["ap"] == pytest.approx(1.0)
+    assert counted["max_detections"] == 400
+    assert all(point["precision"] == pytest.approx(1.0) for point in curve)
+
+
+def test_the_loop_evaluates_dense_scenes_by_default():
+    params = load_params()
+    assert params["evaluate"]["max_detections"] >= 300
+
+
+def _dense(scores: list[float]) -> Detections:
+    n = len(scores)
+    boxes = torch.tensor([[10.0 * i, 0, 10.0 * i + 8, 8] for i in range(n)]).reshape(-1, 4)
+    return Detections(boxes, torch.tensor(scores), torch.zeros(n, dtype=torch.int64))
+
+
+def test_top_doubt_orders_dense_images_that_the_other_scores_tie():
+    rng = np.random.default_rng(0)
+    confident = list(rng.uniform(0.9, 0.99, 299))
+    one_doubt = _dense([*confident, 0.5])  # one coin flip among 300 sure boxes
+    many_doubts = _dense([*confident[:280], *rng.uniform(0.4, 0.6, 20)])
+    weak_many = _dense(list(rng.uniform(0.05, 0.2, 300)))  # a tile of weak boxes
+    # Saturated: least confidence sees a coin flip in each; entropy sums to ~1 for all.
+    assert least_confidence(one_doubt) == pytest.approx(least_confidence(many_doubts), abs=0.03)
+    assert min(entropy(d) for d in (one_doubt, many_doubts, weak_many)) > 0.999
+    # Top-doubt keeps them apart, in the order an annotator's time is worth.
+    assert top_doubt(many_doubts) > top_doubt(weak_many) > top_doubt(one_doubt)
+    assert top_doubt(many_doubts) > 0.8 and top_doubt(one_doubt) < 0.3
+
+
+def test_top_doubt_is_bounded_and_scores_the_doubt_an_annotator_resolves():
+    assert top_doubt(_dense([])) == 0.0
+    assert top_doubt(_dense([0.5])) == pytest.approx(0.1)  # one coin flip of ten
+    assert top_doubt(_dense([0.5] * 5 + [0.99] * 3)) == pytest.approx(0.5 + 0.006, abs=1e-3)
+    assert top_doubt(_dense([0.5] * 50)) == pytest.approx(1.0)
+    assert score("top-doubt", [_dense([0.5])]) == top_doubt(_dense([0.5]))
