@@ -8,13 +8,15 @@ the manifest and skipped. With nothing accepted, the stage fails with a clear me
 nothing downstream runs, so nothing is deployed.
 
 Outputs: `<dir>/annotations.json` and `<dir>/images/` (DVC-tracked) and `<dir>/manifest.json`
-(counts per class, the project, the snapshot time, what was skipped).
+(counts per class, the project, the snapshot time, what was skipped, and every region left
+out of the dataset counted by why: unknown label, rotated box, other control or type).
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,26 +46,44 @@ def latest_accepted(
 
 def boxes_of(
     annotation: dict[str, Any], from_name: str, categories: dict[str, int], width: int, height: int
-) -> list[dict[str, Any]]:
-    """COCO boxes (pixels) from the annotation's rectangles of one control."""
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """COCO boxes (pixels) from the annotation's rectangles of one control, and every region
+    left out, counted by why: a dataset must not lose labels without a word."""
     boxes = []
+    dropped: Counter[str] = Counter()
     for region in annotation.get("result") or []:
-        if region.get("type") != "rectanglelabels" or region.get("from_name") != from_name:
+        why = _unusable(region, from_name, categories)
+        if why:
+            dropped[why] += 1
             continue
         value = region["value"]
-        label = (value.get("rectanglelabels") or [None])[0]
-        if label not in categories or value.get("rotation", 0):
-            continue
         x, y = value["x"] / 100 * width, value["y"] / 100 * height
         w, h = value["width"] / 100 * width, value["height"] / 100 * height
-        if w > 0 and h > 0:
-            boxes.append(
-                {
-                    "bbox": [round(x, 3), round(y, 3), round(w, 3), round(h, 3)],
-                    "category_id": categories[label],
-                }
-            )
-    return boxes
+        if w <= 0 or h <= 0:
+            dropped["empty box"] += 1
+            continue
+        boxes.append(
+            {
+                "bbox": [round(x, 3), round(y, 3), round(w, 3), round(h, 3)],
+                "category_id": categories[value["rectanglelabels"][0]],
+            }
+        )
+    return boxes, dropped
+
+
+def _unusable(region: dict[str, Any], from_name: str, categories: dict[str, int]) -> str | None:
+    """Why a region cannot become a training box, or None if it can."""
+    if region.get("type") != "rectanglelabels":
+        return f"not a rectangle ({region.get('type')})"
+    if region.get("from_name") != from_name:
+        return f"other control ({region.get('from_name')})"
+    value = region.get("value") or {}
+    label = (value.get("rectanglelabels") or [None])[0]
+    if label not in categories:
+        return f"label not in the config ({label})"
+    if value.get("rotation", 0):
+        return "rotated box"
+    return None
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
@@ -97,6 +117,7 @@ def main() -> None:
         "categories": [{"id": i, "name": n} for n, i in categories.items()],
     }
     skipped: list[dict[str, Any]] = []
+    dropped: Counter[str] = Counter()
     tasks = [_as_dict(t) for t in client.tasks.list(project=project_id, fields="all")]
     for task in tqdm(tasks, desc="export", unit="task"):
         annotation = latest_accepted([_as_dict(a) for a in task.get("annotations") or []], only_gt)
@@ -116,7 +137,9 @@ def main() -> None:
         coco["images"].append(
             {"id": task["id"], "file_name": name, "width": width, "height": height}
         )
-        for box in boxes_of(annotation, control.from_name, categories, width, height):
+        boxes, left_out = boxes_of(annotation, control.from_name, categories, width, height)
+        dropped.update(left_out)
+        for box in boxes:
             coco["annotations"].append(
                 {
                     "image_id": task["id"],
@@ -153,6 +176,7 @@ def main() -> None:
             "boxes": len(coco["annotations"]),
             "boxes_per_class": counts,
             "skipped": skipped,
+            "dropped_regions": dict(sorted(dropped.items())),
             "only_ground_truth": only_gt,
         },
     )
@@ -160,6 +184,8 @@ def main() -> None:
         f"exported {len(coco['images'])} images, {len(coco['annotations'])} boxes "
         f"{counts}; skipped {len(skipped)}"
     )
+    for why, count in sorted(dropped.items()):
+        print(f"warning: {count} region(s) left out of the dataset: {why}")
 
 
 if __name__ == "__main__":
