@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse larger images (decompression-bomb guard)",
     )
     predict.add_argument("images", nargs="+", help="image files")
+    _add_export_args(predict)
     _add_device_args(predict)
     _add_tiling_args(predict)
 
@@ -288,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel.add_argument("--output", "-o", type=Path,
                           help="--images: JSON Lines results, also the progress file")
     prelabel.add_argument("--coco", type=Path, help="--images: also write COCO results here")
+    _add_export_args(prelabel, "--images: ")
     prelabel.add_argument("--report", type=Path,
                           help="run report (default: beside --output, or in the current dir)")
     prelabel.add_argument("--uncertainty", default=DEFAULT_UNCERTAINTY, choices=METHODS,
@@ -358,7 +360,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _add_export_args(parser: argparse.ArgumentParser, only: str = "") -> None:
+    parser.add_argument("--megadetector", type=Path, metavar="FILE.json",
+                        help=f"{only}also write MegaDetector batch output (Timelapse reads it)")
+    parser.add_argument("--counts", type=Path, metavar="FILE.csv",
+                        help=f"{only}also write counts per image and class, with the total")
+    parser.add_argument("--count-threshold", type=float, default=0.5,
+                        help="score from which a detection counts (default: %(default)s)")
+
+
+
 def _predict(args: argparse.Namespace) -> int:
+    from .imagery.exports import Exports
     from .model_dir import ModelDir, read_labels
     from .predict import run_predict
 
@@ -371,12 +384,12 @@ def _predict(args: argparse.Namespace) -> int:
     if args.model is not None:
         model_dir = ModelDir.open(args.model)
         predictor = model_dir.predictor(overrides, **device)
-        labels = model_dir.labels
+        labels, detector = model_dir.labels, model_dir.version
     elif args.config is not None and args.weights is not None:
         from .detection.predictor import Predictor
 
         predictor = Predictor.from_files(args.config, args.weights, overrides, **device)
-        labels = None
+        labels, detector = None, args.weights.name
     else:
         raise SystemExit("tridentloop predict: give --model DIR, or --config and --weights")
     if args.labels is not None:
@@ -391,6 +404,8 @@ def _predict(args: argparse.Namespace) -> int:
             labels,
             max_pixels=args.max_pixels,
             overlays=args.overlays,
+            exports=Exports(args.megadetector, args.counts, args.count_threshold),
+            detector=detector,
         )
     finally:
         if args.output:

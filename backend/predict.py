@@ -18,6 +18,7 @@ from .detection.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from .detection.predictor import Predictor
 from .detection.structures import Detections
 from .detection.tiling import TilingOptions
+from .imagery.exports import Exports
 from .overlay import draw_detections
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,15 @@ def run_predict(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     overlays: Path | None = None,
+    exports: Exports | None = None,
+    detector: str = "tridentloop",
 ) -> PredictSummary:
-    """Write one JSON line per image; with `overlays`, also a PNG of each image's boxes."""
+    """Write one JSON line per image; with `overlays`, also a PNG of each image's boxes;
+    with `exports`, the result files ecologists' tools read, at the end (named `detector`)."""
     summary = PredictSummary()
     paths = list(images)
+    kept: list[dict[str, Any]] = []
+    keep = kept.append if exports is not None and exports.wanted else (lambda _record: None)
     for path in tqdm(paths, desc="predict", unit="img", disable=not progress or len(paths) < 2):
         summary.images += 1
         try:
@@ -64,7 +70,9 @@ def run_predict(
         except ImageError as exc:
             summary.failed += 1
             log.error("%s", exc)
-            output.write(json.dumps({"image": path, "error": exc.reason}) + "\n")
+            failure = {"image": path, "error": exc.reason}
+            output.write(json.dumps(failure) + "\n")
+            keep(failure)
             continue
         det = predictor.detect(image, tiling)
         summary.detections += len(det)
@@ -78,4 +86,7 @@ def run_predict(
         }
         output.write(json.dumps(record) + "\n")
         output.flush()
+        keep(record)
+    if kept:
+        exports.write(kept, labels, detector)
     return summary

@@ -27,13 +27,14 @@ from tqdm import tqdm
 from .. import uncertainty
 from ..detection.structures import Detections
 from ..detection.tiling import TilingOptions
+from ..imagery.exports import Exports
 from ..model_dir import ModelDir
 from ..predict import detection_records
 from ..registry import Registry
 from ..serving.label_config import parse_label_config, read_mapping
 from ..serving.media import MediaSettings
 from ..serving.results import prediction, rectangle_results, validate
-from .sinks import JsonLinesSink, PredictionImporter, write_coco_results
+from .sinks import JsonLinesSink, PredictionImporter, read_results, write_coco_results
 from .sources import FileLoader, Item, TaskLoader, image_files, project_tasks
 from .stream import ImageResult, detect_stream
 
@@ -127,6 +128,7 @@ class ResultFiles:
             raise ValueError("--images needs --output FILE.jsonl (it is also the progress file)")
         self.pattern = args.images
         self.coco = args.coco
+        self.exports = Exports(args.megadetector, args.counts, args.count_threshold)
         self.version = version
         self.labels = labels
         self.sink = JsonLinesSink(args.output)
@@ -153,6 +155,8 @@ class ResultFiles:
         self.sink.close()
         if self.coco is not None:
             write_coco_results(self.sink.path, self.coco, self.labels)
+        if self.exports.wanted:
+            self.exports.write(read_results(self.sink.path), self.labels, self.version)
 
 
 def open_model(args: argparse.Namespace) -> tuple[ModelDir, str]:
@@ -165,6 +169,9 @@ def open_model(args: argparse.Namespace) -> tuple[ModelDir, str]:
 
 
 def run_prelabel(args: argparse.Namespace, tiling: TilingOptions | None) -> int:
+    if args.project is not None and (args.megadetector or args.counts):
+        raise ValueError("--megadetector and --counts go with --images: a project's "
+                         "predictions live in Label Studio")
     model, version = open_model(args)
     labels = model.labels or []
     destination: Destination = (

@@ -88,10 +88,14 @@ def _parses(line: str) -> bool:
         return False
 
 
+def read_results(jsonl: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in jsonl.read_text().splitlines()]
+
+
 def write_coco_results(jsonl: Path, dest: Path, labels: list[str] | None) -> None:
     """All detections of a results file as COCO: `images`, `categories` and `annotations`
     carrying `score`, so pycocotools reads it as a dataset and its annotations as results."""
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    records = read_results(jsonl)
     classes = max((d["class_id"] for r in records for d in r["detections"]), default=-1) + 1
     names = labels or [f"class{i}" for i in range(classes)]
     coco: dict[str, Any] = {

@@ -1,0 +1,1 @@
+"""Pixels in and results out, engine-agnostic: the file formats ecologists' tools read."""

@@ -1,0 +1,46 @@
+"""How many of each class per image, and for the whole survey: what an ecologist reports.
+
+A CSV with one row per image that was read (an unreadable image is not a zero count: it is
+left out, and the run's report names it), one column per class, a `total` column, and a
+last row `TOTAL`. Only detections scoring at least `threshold` count.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .megadetector import class_names
+
+TOTAL = "TOTAL"
+
+
+def table(
+    records: Sequence[dict[str, Any]], labels: list[str] | None, threshold: float
+) -> list[list[Any]]:
+    """Header, one row per image, then the survey's totals."""
+    names = class_names(labels, records)
+    rows: list[list[Any]] = [["image", *names, "total"]]
+    totals = [0] * len(names)
+    for record in records:
+        if "error" in record:
+            continue
+        counts = [0] * len(names)
+        for detection in record["detections"]:
+            if detection["score"] >= threshold:
+                counts[detection["class_id"]] += 1
+        totals = [t + c for t, c in zip(totals, counts, strict=True)]
+        rows.append([record["image"], *counts, sum(counts)])
+    rows.append([TOTAL, *totals, sum(totals)])
+    return rows
+
+
+def write(path: Path, records: Sequence[dict[str, Any]], labels: list[str] | None,
+          threshold: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as stream:
+        csv.writer(stream).writerows(table(records, labels, threshold))
+    tmp.replace(path)

@@ -1,0 +1,29 @@
+"""The result files a run writes at its end, beside its JSON Lines: one place that both
+`predict` and `prelabel --images` ask, so the two write them alike."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import counts, megadetector
+
+
+@dataclass(frozen=True)
+class Exports:
+    megadetector: Path | None = None
+    counts: Path | None = None
+    threshold: float = 0.5  # what counts; MegaDetector's typical_detection_threshold
+
+    @property
+    def wanted(self) -> bool:
+        return self.megadetector is not None or self.counts is not None
+
+    def write(self, records: Sequence[dict[str, Any]], labels: list[str] | None,
+              detector: str) -> None:
+        if self.megadetector is not None:
+            megadetector.write(self.megadetector, records, labels, detector, self.threshold)
+        if self.counts is not None:
+            counts.write(self.counts, records, labels, self.threshold)

@@ -1,0 +1,116 @@
+"""Results out in the formats ecologists' tools read: MegaDetector batch output (Timelapse
+and the camera-trap tools) and counts per image and class with the survey's total."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from backend.imagery import counts, megadetector
+from backend.imagery.exports import Exports
+from backend.predict import run_predict
+from backend.prelabel.sinks import read_results
+
+from .conftest import D2_FIXTURES, run_predict_cli
+
+LABELS = ["zebra", "gnu"]
+
+
+def _records(root) -> list[dict]:
+    return [
+        {"image": str(root / "station1" / "a.jpg"), "width": 200, "height": 100, "detections": [
+            {"box": [20.0, 10.0, 60.0, 30.0], "score": 0.9, "class_id": 0, "label": "zebra"},
+            {"box": [150.0, 50.0, 210.0, 100.0], "score": 0.3, "class_id": 1, "label": "gnu"},
+        ]},
+        {"image": str(root / "station1" / "empty.jpg"), "width": 200, "height": 100,
+         "detections": []},
+        {"image": str(root / "station2" / "cut.jpg"), "error": "cannot be decoded"},
+        {"image": "s3://bucket/c.jpg", "width": 100, "height": 100, "detections": [
+            {"box": [0.0, 0.0, 10.0, 10.0], "score": 0.7, "class_id": 1, "label": "gnu"},
+        ]},
+    ]
+
+
+def test_megadetector_output_has_the_documented_fields(tmp_path):
+    """https://lila.science/megadetector-output-format, format 1.4."""
+    path = tmp_path / "md.json"
+    megadetector.write(path, _records(tmp_path), LABELS, "survey-v3", threshold=0.5)
+    doc = json.loads(path.read_text())
+    assert doc["info"]["format_version"] == "1.4" and doc["info"]["detector"] == "survey-v3"
+    assert doc["info"]["detector_metadata"]["typical_detection_threshold"] == 0.5
+    assert doc["detection_categories"] == {"1": "zebra", "2": "gnu"}  # string-formatted ints
+    found, empty, failed, remote = doc["images"]
+    # Files relative to the results file's folder, as Timelapse reads them; URLs as given.
+    assert [found["file"], failed["file"], remote["file"]] == [
+        "station1/a.jpg", "station2/cut.jpg", "s3://bucket/c.jpg"]
+    zebra, gnu = found["detections"]
+    assert zebra == {"category": "1", "conf": 0.9, "bbox": [0.1, 0.1, 0.2, 0.2]}
+    assert gnu["bbox"] == [0.75, 0.5, 0.25, 0.5]  # [x, y, w, h] as fractions, clipped to 1
+    assert found["max_detection_conf"] == 0.9
+    assert empty["detections"] == [] and "failure" not in empty
+    assert failed == {"file": "station2/cut.jpg", "failure": "cannot be decoded",
+                      "detections": None}
+    for image in doc["images"]:
+        for det in image["detections"] or []:
+            assert det["category"] in doc["detection_categories"]
+            assert 0 <= det["conf"] <= 1 and all(0 <= v <= 1 for v in det["bbox"])
+
+
+def test_counts_per_image_and_class_with_the_survey_total(tmp_path):
+    rows = counts.table(_records(tmp_path), LABELS, threshold=0.5)
+    assert rows[0] == ["image", "zebra", "gnu", "total"]
+    assert [row[1:] for row in rows[1:]] == [[1, 0, 1], [0, 0, 0], [0, 1, 1], [1, 1, 2]]
+    assert rows[-1][0] == counts.TOTAL
+    assert len(rows) == 5  # the unreadable image is no zero count: it is left out
+    # A model without labels still gets a column per class it found.
+    assert counts.table(_records(tmp_path), None, 0.5)[0] == [
+        "image", "class0", "class1", "total"]
+
+
+def test_predict_writes_megadetector_and_counts_beside_its_json_lines(tmp_path):
+    image = D2_FIXTURES / "input.png"
+    out, md, table = tmp_path / "out.jsonl", tmp_path / "md.json", tmp_path / "counts.csv"
+    assert run_predict_cli("faster_rcnn_R_50_FPN_1x", out, image, extra=(
+        "--megadetector", str(md), "--counts", str(table), "--count-threshold", "0.5")) == 0
+    (record,) = read_results(out)
+    doc = json.loads(md.read_text())
+    (entry,) = doc["images"]
+    assert len(entry["detections"]) == len(record["detections"]) > 0
+    assert doc["info"]["detector"] == "model_final.pth"
+    with table.open() as stream:
+        rows = list(csv.reader(stream))
+    above = sum(d["score"] >= 0.5 for d in record["detections"])
+    assert rows[-1][0] == "TOTAL" and int(rows[-1][-1]) == int(rows[1][-1]) == above
+
+
+def test_predict_writes_nothing_extra_unless_asked(tmp_path, fpn_predictor):
+    with (tmp_path / "out.jsonl").open("w") as stream:
+        run_predict([str(D2_FIXTURES / "input.png")], fpn_predictor, stream, None,
+                    exports=Exports(), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_a_project_run_refuses_file_exports(tmp_path, capsys):
+    from backend.cli import main
+
+    assert main(["prelabel", "--project", "1", "--model", str(tmp_path), "--counts",
+                 str(tmp_path / "c.csv")]) == 2
+    assert "--megadetector and --counts go with --images" in capsys.readouterr().err
+
+
+def test_a_survey_job_writes_them_from_its_results_file(survey, tmp_path):
+    from backend.cli import main
+
+    out, md, table = tmp_path / "out.jsonl", tmp_path / "md.json", tmp_path / "counts.csv"
+    main(["prelabel", "--images", str(survey["root"]), "--model", str(survey["model"]),
+          "--output", str(out), "--megadetector", str(md), "--counts", str(table),
+          "--device", "cpu", "--tile-size", "320"])  # exit 1: the survey has a broken file
+    records = read_results(out)
+    doc = json.loads(md.read_text())
+    assert len(doc["images"]) == len(records) > 0
+    assert doc["info"]["detector"] == "survey-v1"
+    assert list(doc["detection_categories"].values()) == ["Elephant", "zebra", "BIRD"]
+    with table.open() as stream:
+        rows = list(csv.reader(stream))
+    assert rows[0] == ["image", "Elephant", "zebra", "BIRD", "total"]
+    assert len(rows) == len(records) + 2
