@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse larger images (decompression-bomb guard)",
     )
     predict.add_argument("images", nargs="+", help="image files")
+    _add_pixel_args(predict)
     _add_export_args(predict)
     _add_device_args(predict)
     _add_tiling_args(predict)
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="--images: JSON Lines results, also the progress file")
     prelabel.add_argument("--coco", type=Path, help="--images: also write COCO results here")
     _add_export_args(prelabel, "--images: ")
+    _add_pixel_args(prelabel)
     prelabel.add_argument("--report", type=Path,
                           help="run report (default: beside --output, or in the current dir)")
     prelabel.add_argument("--uncertainty", default=DEFAULT_UNCERTAINTY, choices=METHODS,
@@ -360,6 +362,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _band_list(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of band numbers") from None
+
+
+def _add_pixel_args(parser: argparse.ArgumentParser) -> None:
+    pixels = parser.add_argument_group(
+        "pixels of 12/16-bit, float and multi-band rasters (default: stretch each image "
+        "between its 0.5th and 99.5th percentiles, first three bands)"
+    )
+    pixels.add_argument("--value-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="a fixed range instead, the same for every image (e.g. 0 4095)")
+    pixels.add_argument("--bands", type=_band_list, metavar="R,G,B",
+                        help="bands to use, numbered from 1: one, or three as R,G,B (4,1,2)")
+    pixels.add_argument("--nodata", type=float,
+                        help="value of pixels that hold no data (default: the GDAL_NODATA tag)")
+
+
 def _add_export_args(parser: argparse.ArgumentParser, only: str = "") -> None:
     parser.add_argument("--megadetector", type=Path, metavar="FILE.json",
                         help=f"{only}also write MegaDetector batch output (Timelapse reads it)")
@@ -371,6 +393,7 @@ def _add_export_args(parser: argparse.ArgumentParser, only: str = "") -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from .detection.images import PixelScaling
     from .imagery.exports import Exports
     from .model_dir import ModelDir, read_labels
     from .predict import run_predict
@@ -403,6 +426,7 @@ def _predict(args: argparse.Namespace) -> int:
             tiling_from_args(args),
             labels,
             max_pixels=args.max_pixels,
+            scaling=PixelScaling(args.value_range, args.bands, args.nodata),
             overlays=args.overlays,
             exports=Exports(args.megadetector, args.counts, args.count_threshold),
             detector=detector,

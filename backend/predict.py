@@ -14,7 +14,13 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from .detection.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from .detection.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_SCALING,
+    ImageError,
+    PixelScaling,
+    load_image,
+)
 from .detection.predictor import Predictor
 from .detection.structures import Detections
 from .detection.tiling import TilingOptions
@@ -52,6 +58,7 @@ def run_predict(
     tiling: TilingOptions | None,
     labels: list[str] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    scaling: PixelScaling = DEFAULT_SCALING,
     progress: bool = True,
     overlays: Path | None = None,
     exports: Exports | None = None,
@@ -66,7 +73,7 @@ def run_predict(
     for path in tqdm(paths, desc="predict", unit="img", disable=not progress or len(paths) < 2):
         summary.images += 1
         try:
-            image = load_image(path, max_pixels=max_pixels)
+            image = load_image(path, max_pixels=max_pixels, scaling=scaling)
         except ImageError as exc:
             summary.failed += 1
             log.error("%s", exc)

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from backend.detection.images import ImageError, load_image
+from backend.detection.images import ImageError, PixelScaling, load_image
 
 from .conftest import D2_FIXTURES, run_predict_cli
 
@@ -37,13 +37,56 @@ def test_greyscale_and_rgba_become_three_channels(tmp_path):
     assert np.array_equal(load_image(_save(Image.fromarray(rgba), tmp_path / "a.png")), RGB)
 
 
-def test_16_bit_images_scale_to_8_bit(tmp_path):
+def test_16_bit_images_map_a_fixed_range_exactly(tmp_path):
     grey16 = RGB[:, :, 0].astype(np.uint16) * 257
-    out = load_image(_save(Image.fromarray(grey16), tmp_path / "g16.png"))
+    full = PixelScaling(value_range=(0, 65535))
+    out = load_image(_save(Image.fromarray(grey16), tmp_path / "g16.png"), scaling=full)
     assert np.array_equal(out[:, :, 0], RGB[:, :, 0])
     rgb16 = RGB.astype(np.uint16) * 257
     tifffile.imwrite(tmp_path / "rgb16.tif", rgb16, photometric="rgb")
-    assert np.array_equal(load_image(tmp_path / "rgb16.tif"), RGB)
+    assert np.array_equal(load_image(tmp_path / "rgb16.tif", scaling=full), RGB)
+
+
+def _ramp(high: float, dtype) -> np.ndarray:
+    """A 100 x 100 ramp from 0 to `high`: its 0.5th-99.5th percentiles are the stretch."""
+    return np.linspace(0, high, 100 * 100).reshape(100, 100).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype, high", [(np.uint16, 4095), (np.uint16, 65535),
+                                         (np.float32, 0.37), (np.float32, 2500.0)])
+def test_deep_data_is_stretched_by_its_real_range(tmp_path, dtype, high):
+    """12-bit data in a 16-bit file, full 16-bit, reflectance and elevation floats: each
+    spans black to white, not a sliver of it (12-bit / 65535 was nearly black)."""
+    tifffile.imwrite(tmp_path / "deep.tif", _ramp(high, dtype))
+    out = load_image(tmp_path / "deep.tif")[:, :, 0]
+    assert out.min() == 0 and out.max() == 255
+    assert 120 <= int(np.median(out)) <= 135
+
+
+def test_multi_band_rasters_take_the_first_three_or_the_bands_asked(tmp_path):
+    bands = np.stack([_ramp(4095, np.uint16) * 0 + v for v in (1000, 2000, 3000, 4000)], -1)
+    bands[0, 0] = 0  # a dark pixel and a bright one set the stretch
+    bands[-1, -1] = 4095
+    tifffile.imwrite(tmp_path / "rgbn.tif", bands, photometric="minisblack", planarconfig="contig")
+    fixed = PixelScaling(value_range=(0, 4000))
+    assert load_image(tmp_path / "rgbn.tif", scaling=fixed)[50, 50].tolist() == [64, 128, 191]
+    nir = PixelScaling(value_range=(0, 4000), bands=(4, 1, 2))  # a false-colour composite
+    assert load_image(tmp_path / "rgbn.tif", scaling=nir)[50, 50].tolist() == [255, 64, 128]
+    with pytest.raises(ImageError, match=r"rgbn\.tif: band 5 asked for, but the image has 4"):
+        load_image(tmp_path / "rgbn.tif", scaling=PixelScaling(bands=(5, 1, 2)))
+    with pytest.raises(ValueError, match="one band or three"):
+        PixelScaling(bands=(1, 2))
+
+
+def test_nodata_is_masked_from_the_stretch_and_comes_out_black(tmp_path):
+    data = _ramp(3000, np.float32)
+    data[:20] = -9999.0  # the collar of an orthomosaic
+    data[20, :5] = np.nan
+    tifffile.imwrite(tmp_path / "dem.tif", data, extratags=[(42113, "s", 0, "-9999", True)])
+    out = load_image(tmp_path / "dem.tif")[:, :, 0]
+    assert (out[:20] == 0).all() and (out[20, :5] == 0).all()
+    valid = out[21:]
+    assert valid.max() == 255 and np.median(valid) > 100  # not squashed by -9999
 
 
 def test_8_bit_tiff_decodes(tmp_path):
@@ -108,3 +151,15 @@ def test_a_bad_file_does_not_stop_the_others(tmp_path):
     broken, good = (json.loads(line) for line in out.read_text().splitlines())
     assert broken["image"].endswith("broken.jpg") and "error" in broken
     assert len(good["detections"]) == 100
+
+
+def test_predict_takes_the_pixel_settings_and_refuses_bad_ones(tmp_path, capsys):
+    survey = (RGB.astype(np.uint16) * 16)  # 12-bit data
+    tifffile.imwrite(tmp_path / "s12.tif", survey, photometric="rgb")
+    out = tmp_path / "out.jsonl"
+    fixed = ("--value-range", "0", "4095", "--bands", "3,2,1", "--no-tiling")
+    assert run_predict_cli("faster_rcnn_R_50_FPN_1x", out, tmp_path / "s12.tif", extra=fixed) == 0
+    assert json.loads(out.read_text())["width"] == 60
+    assert run_predict_cli("faster_rcnn_R_50_FPN_1x", out, tmp_path / "s12.tif",
+                           extra=("--bands", "1,2")) == 2
+    assert "give one band or three" in capsys.readouterr().err

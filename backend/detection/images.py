@@ -1,14 +1,17 @@
 """Decode image files into the RGB uint8 arrays the engine takes.
 
-Survey data arrives as JPEG, PNG or TIFF, 8- or 16-bit, grey, RGB or RGBA, with EXIF
-orientation from cameras. Every problem is raised as ImageError naming the file, so a batch
-job can report it and go on with the other images.
+Survey data arrives as JPEG, PNG or TIFF/GeoTIFF, 8-, 12-, 16-bit or float, grey, RGB, RGBA
+or multi-band, with EXIF orientation from cameras and GDAL nodata from GIS tools. Every
+problem is raised as ImageError naming the file, so a batch job can report it and go on with
+the other images.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,8 +33,41 @@ class ImageError(ValueError):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class PixelScaling:
+    """How data deeper than 8 bits (12/16-bit, float, multi-band rasters) becomes RGB 0-255.
+
+    By default the values are stretched between the 0.5th and 99.5th percentiles of the
+    image's valid pixels, all chosen bands together so colours keep their balance: 12-bit
+    data in a 16-bit file would be nearly black if divided by 65535, and a float raster has
+    no fixed range at all. `value_range` fixes the range instead (e.g. 0 4095), the same for
+    every image of a survey. Pixels equal to `nodata` (default: the file's GDAL_NODATA tag)
+    or not finite are left out of the percentiles and come out black. `bands` picks bands,
+    1-based as GDAL numbers them (one for grey, three for RGB); by default the first three
+    (or the one). 8-bit images are never rescaled unless `value_range` says so."""
+
+    value_range: Sequence[float] | None = None
+    bands: Sequence[int] | None = None
+    nodata: float | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def __post_init__(self) -> None:
+        if self.value_range is not None:
+            low, high = self.value_range
+            if not low < high:
+                raise ValueError(f"value range {low} {high}: the low end must be below the high")
+        if self.bands is not None and (len(self.bands) not in (1, 3) or min(self.bands) < 1):
+            raise ValueError(f"bands {list(self.bands)}: give one band or three, numbered from 1")
+
+
+DEFAULT_SCALING = PixelScaling()
+
+
 def load_image(
-    source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+    source: ImageSource,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    scaling: PixelScaling = DEFAULT_SCALING,
 ) -> np.ndarray:
     """Read an image as an (H, W, 3) uint8 RGB array, upright per its EXIF orientation."""
     name = name or (str(source) if isinstance(source, str | Path) else "<bytes>")
@@ -41,14 +77,17 @@ def load_image(
         with warnings.catch_warnings():
             # Our limit, checked from the header before any decoding, is the one that holds.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(stream)
+            try:
+                image = Image.open(stream)
+            except Image.UnidentifiedImageError:
+                if not _is_tiff(stream):  # PIL cannot open multi-band float TIFFs at all
+                    raise
+                return _tiff_to_rgb(stream, max_pixels, name, scaling)
             _check_size(image.size, max_pixels, name)
-            if image.format == "TIFF" and _needs_tifffile(image):
-                return _tiff_to_rgb(
-                    stream if not isinstance(stream, str | Path) else source, max_pixels, name
-                )
+            if image.format == "TIFF" and not _eight_bit_tiff(image):
+                return _tiff_to_rgb(stream, max_pixels, name, scaling)
             image = ImageOps.exif_transpose(image)
-            return _to_rgb8(image)
+            return _to_rgb8(image, scaling, name)
     except ImageError:
         raise
     except FileNotFoundError as exc:
@@ -89,61 +128,106 @@ def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
         )
 
 
-def _needs_tifffile(image: Image.Image) -> bool:
-    """PIL cannot decode multi-channel 16-bit or float TIFFs; tifffile can."""
-    return image.mode not in (
-        "1",
-        "L",
-        "P",
-        "RGB",
-        "RGBA",
-        "CMYK",
-        "YCbCr",
-        "LA",
-        "I;16",
-        "I;16B",
-        "I;16L",
-        "I",
-    )
+# PIL decodes these itself; deeper TIFFs go to tifffile, which also reads GDAL's nodata tag.
+_EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA")
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTIFF
 
 
-def _tiff_to_rgb(source: ImageSource, max_pixels: int, name: str) -> np.ndarray:
+def _eight_bit_tiff(image: Image.Image) -> bool:
+    """PIL opens a 16-bit RGB TIFF as 8-bit RGB (its high bytes): only true 8-bit TIFFs
+    stay with PIL."""
+    bits = image.tag_v2.get(258, (8,))  # BitsPerSample
+    return image.mode in _EIGHT_BIT_MODES and all(b <= 8 for b in np.atleast_1d(bits))
+
+
+def _is_tiff(stream: str | Path | BinaryIO) -> bool:
+    if isinstance(stream, str | Path):
+        with open(stream, "rb") as f:
+            return f.read(4) in _TIFF_MAGIC
+    stream.seek(0)
+    head = stream.read(4)
+    stream.seek(0)
+    return head in _TIFF_MAGIC
+
+
+def _tiff_to_rgb(
+    source: str | Path | BinaryIO, max_pixels: int, name: str, scaling: PixelScaling
+) -> np.ndarray:
     import tifffile
 
     if hasattr(source, "seek"):
         source.seek(0)  # type: ignore[union-attr]
-    array = tifffile.imread(source)
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+    with tifffile.TiffFile(source) as tif:
+        page = tif.pages[0]
+        _check_size((page.imagewidth, page.imagelength), max_pixels, name)
+        tag = page.tags.get(42113)  # GDAL_NODATA, an ASCII number
+        nodata = scaling.nodata if scaling.nodata is not None else (
+            float(str(tag.value).strip()) if tag is not None else None
+        )
+        array = page.asarray()
+    if array.ndim == 3 and page.planarconfig == 2:  # SEPARATE: (bands, H, W)
         array = np.moveaxis(array, 0, -1)
-    _check_size((array.shape[1], array.shape[0]), max_pixels, name)
-    return _array_to_rgb8(array)
+    return _array_to_rgb8(array, scaling, nodata, name)
 
 
-def _to_rgb8(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return _array_to_rgb8(np.asarray(image))
+def _to_rgb8(image: Image.Image, scaling: PixelScaling, name: str) -> np.ndarray:
+    if image.mode not in _EIGHT_BIT_MODES:  # 16/32-bit integer or float grey
+        return _array_to_rgb8(np.asarray(image), scaling, scaling.nodata, name)
+    if scaling.value_range is not None or scaling.bands is not None:
+        return _array_to_rgb8(np.asarray(image.convert("RGB")), scaling, scaling.nodata, name)
     if image.mode != "RGB":
         image = image.convert("RGB")  # grey, palette, CMYK; RGBA drops its alpha
     return np.ascontiguousarray(np.asarray(image))
 
 
-def _array_to_rgb8(array: np.ndarray) -> np.ndarray:
-    """Scale integer data by its type's full range (16-bit: /257) and floats from [0, 1]."""
-    if array.dtype == np.uint8:
-        scaled = array
-    elif np.issubdtype(array.dtype, np.integer):
-        scaled = (array.astype(np.float64) * (255.0 / np.iinfo(array.dtype).max)).round()
-        scaled = np.clip(scaled, 0, 255).astype(np.uint8)
-    else:
-        scaled = np.clip(np.nan_to_num(array.astype(np.float64)) * 255.0, 0, 255).round()
-        scaled = scaled.astype(np.uint8)
-    if scaled.ndim == 2:
-        scaled = scaled[:, :, None]
-    channels = scaled.shape[2]
-    if channels == 1:
-        scaled = np.repeat(scaled, 3, axis=2)
-    elif channels == 2:  # grey + alpha
-        scaled = np.repeat(scaled[:, :, :1], 3, axis=2)
-    else:
-        scaled = scaled[:, :, :3]
-    return np.ascontiguousarray(scaled)
+def _array_to_rgb8(
+    array: np.ndarray, scaling: PixelScaling, nodata: float | None, name: str
+) -> np.ndarray:
+    bands = _pick_bands(array, scaling.bands, name)
+    if bands.dtype != np.uint8 or scaling.value_range is not None:
+        bands = _stretch(bands, scaling, nodata)
+    if bands.shape[2] == 1:
+        bands = np.repeat(bands, 3, axis=2)
+    return np.ascontiguousarray(bands)
+
+
+def _pick_bands(array: np.ndarray, bands: Sequence[int] | None, name: str) -> np.ndarray:
+    """(H, W, B) with B = 1 or 3: the asked bands, else the first three, or grey (a second
+    band is grey's alpha)."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    count = array.shape[2]
+    if bands is not None:
+        if max(bands) > count:
+            raise ImageError(name, f"band {max(bands)} asked for, but the image has {count}")
+        return array[:, :, [b - 1 for b in bands]]
+    return array[:, :, :1] if count < 3 else array[:, :, :3]
+
+
+def _stretch(bands: np.ndarray, scaling: PixelScaling, nodata: float | None) -> np.ndarray:
+    """Linear map of [low, high] to [0, 255] in float32 (a mosaic's memory is what it is
+    twice at most, not eight times), invalid pixels black."""
+    values = bands.astype(np.float32)
+    invalid = ~np.isfinite(values).all(axis=2)
+    if nodata is not None:
+        invalid |= (bands == nodata).any(axis=2)
+    low, high = (scaling.value_range if scaling.value_range is not None
+                 else _percentiles(values, invalid, scaling.percentiles))
+    values -= low
+    values *= 255.0 / max(high - low, 1e-12)
+    values[invalid] = 0
+    np.clip(values, 0, 255, out=values)
+    return np.rint(values, out=values).astype(np.uint8)
+
+
+def _percentiles(
+    values: np.ndarray, invalid: np.ndarray, percentiles: tuple[float, float]
+) -> tuple[float, float]:
+    """From about a million valid samples on a regular grid: the same range as from every
+    pixel, to a fraction of a grey level, at a fraction of the cost."""
+    step = max(1, int((values.shape[0] * values.shape[1] / 1e6) ** 0.5))
+    sample = values[::step, ::step][~invalid[::step, ::step]]
+    if sample.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(sample, percentiles)
+    return float(low), float(high) if high > low else float(low) + 1.0

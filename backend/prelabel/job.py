@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import uncertainty
+from ..detection.images import PixelScaling
 from ..detection.structures import Detections
 from ..detection.tiling import TilingOptions
 from ..imagery.exports import Exports
@@ -132,7 +133,9 @@ class ResultFiles:
         self.version = version
         self.labels = labels
         self.sink = JsonLinesSink(args.output)
-        self.load = FileLoader(args.max_pixels)
+        self.load = FileLoader(
+            args.max_pixels, PixelScaling(args.value_range, args.bands, args.nodata)
+        )
 
     def todo(self) -> tuple[list[Item], int]:
         files = image_files(self.pattern)

@@ -11,7 +11,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from ..detection.images import DEFAULT_MAX_PIXELS, load_image
+from ..detection.images import DEFAULT_MAX_PIXELS, DEFAULT_SCALING, PixelScaling, load_image
 from ..serving.media import MediaFetcher, MediaSettings
 from .retry import ONE_TRY, with_retry
 
@@ -43,13 +43,16 @@ def image_files(pattern: str) -> list[str]:
 class FileLoader:
     """Reads image files through fsspec, so buckets work like folders."""
 
-    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self, max_pixels: int = DEFAULT_MAX_PIXELS, scaling: PixelScaling = DEFAULT_SCALING
+    ) -> None:
         self.max_pixels = max_pixels
+        self.scaling = scaling
 
     def __call__(self, item: Item) -> np.ndarray:
         with fsspec.open(item.uri, "rb") as f:
             data = f.read()
-        return load_image(data, max_pixels=self.max_pixels, name=item.uri)
+        return load_image(data, max_pixels=self.max_pixels, name=item.uri, scaling=self.scaling)
 
 
 class TaskLoader:
