@@ -387,6 +387,9 @@ def _add_export_args(parser: argparse.ArgumentParser, only: str = "") -> None:
                         help=f"{only}also write MegaDetector batch output (Timelapse reads it)")
     parser.add_argument("--counts", type=Path, metavar="FILE.csv",
                         help=f"{only}also write counts per image and class, with the total")
+    parser.add_argument("--geojson", type=Path, metavar="FILE.geojson",
+                        help=f"{only}also write each detection of a GeoTIFF as a polygon in "
+                        "its map coordinates")
     parser.add_argument("--count-threshold", type=float, default=0.5,
                         help="score from which a detection counts (default: %(default)s)")
 
@@ -428,7 +431,7 @@ def _predict(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             scaling=PixelScaling(args.value_range, args.bands, args.nodata),
             overlays=args.overlays,
-            exports=Exports(args.megadetector, args.counts, args.count_threshold),
+            exports=Exports(args.megadetector, args.counts, args.count_threshold, args.geojson),
             detector=detector,
         )
     finally:

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
-from backend.imagery import counts, megadetector
+import numpy as np
+import pytest
+import tifffile
+
+from backend.imagery import counts, geojson, megadetector
 from backend.imagery.exports import Exports
 from backend.predict import run_predict
 from backend.prelabel.sinks import read_results
@@ -95,7 +100,7 @@ def test_a_project_run_refuses_file_exports(tmp_path, capsys):
 
     assert main(["prelabel", "--project", "1", "--model", str(tmp_path), "--counts",
                  str(tmp_path / "c.csv")]) == 2
-    assert "--megadetector and --counts go with --images" in capsys.readouterr().err
+    assert "--megadetector, --counts and --geojson go with --images" in capsys.readouterr().err
 
 
 def test_a_survey_job_writes_them_from_its_results_file(survey, tmp_path):
@@ -114,3 +119,55 @@ def test_a_survey_job_writes_them_from_its_results_file(survey, tmp_path):
         rows = list(csv.reader(stream))
     assert rows[0] == ["image", "Elephant", "zebra", "BIRD", "total"]
     assert len(rows) == len(records) + 2
+
+
+def _geotiff(path, raster_type: int = 1, transform=None) -> None:
+    """A 100 x 200 UTM 33N GeoTIFF: top-left corner at (500000, 4100000), 0.5 m pixels."""
+    keys = [1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, raster_type, 3072, 0, 1, 32633]
+    tags = [(34735, "H", len(keys), keys, True)]
+    if transform is None:
+        tags += [(33550, "d", 3, (0.5, 0.5, 0.0), True),
+                 (33922, "d", 6, (0, 0, 0, 500000.0, 4100000.0, 0), True)]
+    else:
+        tags += [(34264, "d", 16, transform, True)]
+    image = np.random.default_rng(0).integers(0, 255, (100, 200, 3), dtype=np.uint8)
+    tifffile.imwrite(path, image, photometric="rgb", extratags=tags)
+
+
+@pytest.mark.parametrize("variant", ["tiepoint", "pixel-is-point", "transformation"])
+def test_a_box_on_a_geotiff_lands_at_its_map_coordinates(tmp_path, variant):
+    path = tmp_path / "ortho.tif"
+    if variant == "tiepoint":
+        _geotiff(path)
+    elif variant == "pixel-is-point":  # tiepoint names the first pixel's centre
+        _geotiff(path, raster_type=2)
+    else:
+        _geotiff(path, transform=(0.5, 0, 0, 500000.0, 0, -0.5, 0, 4100000.0,
+                                  0, 0, 0, 0, 0, 0, 0, 1))
+    record = {"image": str(path), "width": 200, "height": 100, "detections": [
+        {"box": [20.0, 10.0, 60.0, 30.0], "score": 0.9, "class_id": 1, "label": "gnu"}]}
+    doc = geojson.document([record], LABELS, "survey-v3")
+    assert doc["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32633"
+    (feature,) = doc["features"]
+    shift = -0.25 if variant == "pixel-is-point" else 0.0  # half a 0.5 m pixel
+    x0, y0, x1, y1 = 500010 + shift, 4099995 - shift, 500030 + shift, 4099985 - shift
+    ring = feature["geometry"]["coordinates"][0]
+    expected = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    assert np.allclose(ring, expected, rtol=0, atol=1e-6), ring
+    assert feature["properties"] == {"class": "gnu", "class_id": 1, "score": 0.9,
+                                     "image": str(path), "model_version": "survey-v3",
+                                     "crs": "EPSG:32633"}
+
+
+def test_predict_writes_geojson_for_georeferenced_images_only(tmp_path, caplog):
+    ortho, plain = tmp_path / "ortho.tif", tmp_path / "plain.png"
+    _geotiff(ortho)
+    shutil.copy(D2_FIXTURES / "input.png", plain)
+    out, geo = tmp_path / "out.jsonl", tmp_path / "found.geojson"
+    assert run_predict_cli("faster_rcnn_R_50_FPN_1x", out, ortho, plain,
+                           extra=("--geojson", str(geo), "--no-tiling")) == 0
+    ortho_record = read_results(out)[0]
+    doc = json.loads(geo.read_text())
+    assert len(doc["features"]) == len(ortho_record["detections"])
+    assert {f["properties"]["image"] for f in doc["features"]} <= {str(ortho)}
+    assert "1 image(s) have no georeference" in caplog.text

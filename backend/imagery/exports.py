@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import counts, megadetector
+from . import counts, geojson, megadetector
 
 
 @dataclass(frozen=True)
@@ -16,10 +16,11 @@ class Exports:
     megadetector: Path | None = None
     counts: Path | None = None
     threshold: float = 0.5  # what counts; MegaDetector's typical_detection_threshold
+    geojson: Path | None = None
 
     @property
     def wanted(self) -> bool:
-        return self.megadetector is not None or self.counts is not None
+        return any(p is not None for p in (self.megadetector, self.counts, self.geojson))
 
     def write(self, records: Sequence[dict[str, Any]], labels: list[str] | None,
               detector: str) -> None:
@@ -27,3 +28,5 @@ class Exports:
             megadetector.write(self.megadetector, records, labels, detector, self.threshold)
         if self.counts is not None:
             counts.write(self.counts, records, labels, self.threshold)
+        if self.geojson is not None:
+            geojson.write(self.geojson, records, labels, detector)

@@ -129,7 +129,8 @@ class ResultFiles:
             raise ValueError("--images needs --output FILE.jsonl (it is also the progress file)")
         self.pattern = args.images
         self.coco = args.coco
-        self.exports = Exports(args.megadetector, args.counts, args.count_threshold)
+        self.exports = Exports(args.megadetector, args.counts, args.count_threshold,
+                               args.geojson)
         self.version = version
         self.labels = labels
         self.sink = JsonLinesSink(args.output)
@@ -172,9 +173,9 @@ def open_model(args: argparse.Namespace) -> tuple[ModelDir, str]:
 
 
 def run_prelabel(args: argparse.Namespace, tiling: TilingOptions | None) -> int:
-    if args.project is not None and (args.megadetector or args.counts):
-        raise ValueError("--megadetector and --counts go with --images: a project's "
-                         "predictions live in Label Studio")
+    if args.project is not None and (args.megadetector or args.counts or args.geojson):
+        raise ValueError("--megadetector, --counts and --geojson go with --images: a "
+                         "project's predictions live in Label Studio")
     model, version = open_model(args)
     labels = model.labels or []
     destination: Destination = (
