@@ -106,6 +106,7 @@ def main() -> None:
     categories = {name: i for i, name in enumerate(control.labels)}
     media = MediaFetcher(MediaSettings(label_studio_url=url, api_key=api_key))
     only_gt = bool(ls_params.get("only_ground_truth", False))
+    split_field = params.get("dataset", {}).get("split_field", "split")
 
     images_dir = out / "images"
     staging = out / ".images.incoming"
@@ -134,9 +135,11 @@ def main() -> None:
         height, width = image.shape[:2]
         name = content_name(data, Path(str(uri).split("?")[0]).suffix.lower() or ".img")
         (staging / name).write_bytes(data)
-        coco["images"].append(
-            {"id": task["id"], "file_name": name, "width": width, "height": height}
-        )
+        entry = {"id": task["id"], "file_name": name, "width": width, "height": height}
+        pin = (task.get("data") or {}).get(split_field)
+        if isinstance(pin, str) and pin.strip():
+            entry["split"] = pin.strip().lower()  # `split` decides what it means
+        coco["images"].append(entry)
         boxes, left_out = boxes_of(annotation, control.from_name, categories, width, height)
         dropped.update(left_out)
         for box in boxes:

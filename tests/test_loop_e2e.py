@@ -23,6 +23,7 @@ from backend.registry import Registry
 from backend.serving.results import rectangle_region
 from backend.synthetic import CLASSES, png_bytes, survey_scene
 from pipelines.deploy import gate
+from pipelines.split import is_val
 from pipelines.workspace import create_loop_project
 
 pytestmark = pytest.mark.slow
@@ -97,6 +98,10 @@ def loop(label_studio, tmp_path_factory):
             ls, tasks[name], scene.boxes, scene.classes, (320, 320), cancelled=name == "scene09.png"
         )
     annotate(ls, tasks["corrupt.png"], np.array([[1, 1, 5, 5]]), np.array([0]), (320, 320))
+    # A holdout kept by hand: a scene the hash would train on, pinned to val in its data.
+    pinned = next(tasks[n] for n in sorted(scenes) if n != "scene09.png"
+                  and not is_val(tasks[n], 25, 0))
+    ls.tasks.update(id=str(pinned), data={**ls.tasks.get(id=str(pinned)).data, "split": "val"})
     env = {
         **os.environ,
         "PATH": VENV_BIN + os.pathsep + os.environ["PATH"],
@@ -115,6 +120,7 @@ def loop(label_studio, tmp_path_factory):
         "env": env,
         "first": first,
         "label_studio": label_studio,
+        "pinned": pinned,
     }
 
 
@@ -125,6 +131,9 @@ def test_repro_exports_trains_evaluates_and_deploys(loop):
     (corrupt,) = manifest["skipped"]  # the corrupt upload: reported, not fatal
     assert corrupt["image"].endswith("corrupt.png") and "not an image file" in corrupt["reason"]
     assert sum(manifest["boxes_per_class"].values()) == manifest["boxes"] > 0
+    assert manifest["dropped_regions"] == {}  # every drawn box made it into the dataset
+    val = json.loads((checkout / "data/split/val.json").read_text())
+    assert loop["pinned"] in {image["id"] for image in val["images"]}
     metrics = json.loads((checkout / "metrics.json").read_text())
     assert {"ap", "ap50", "ap75", "ap_small", "per_class_ap"} <= set(metrics)
     assert metrics["deployed"] is None
