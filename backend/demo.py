@@ -107,7 +107,6 @@ def run_demo(args: argparse.Namespace) -> int:
             **os.environ,
             "LABEL_STUDIO_URL": ls_server.url,
             "LABEL_STUDIO_API_KEY": ls_server.token,
-            "TRIDENTLOOP_LS_PROJECT": str(project.id),
             "DVC_NO_ANALYTICS": "1",
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
         }

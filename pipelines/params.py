@@ -27,16 +27,17 @@ def fail(message: str) -> None:
 
 
 def label_studio_target(params: dict[str, Any], stage: str) -> tuple[str, str, int]:
-    """(URL, API key, project id) of the Label Studio a stage talks to: the environment
-    (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, TRIDENTLOOP_LS_PROJECT set by the backend's
-    training job) over params.yaml's `labelstudio` section."""
+    """(URL, API key, project id) of the Label Studio a stage talks to. The project comes
+    from params.yaml alone, so that dvc.lock records which project's data a run used; the
+    URL may come from LABEL_STUDIO_URL, the key only from LABEL_STUDIO_API_KEY (a secret
+    has no place in params)."""
     section = params.get("labelstudio", {})
     url = os.environ.get("LABEL_STUDIO_URL") or section.get("url")
     api_key = os.environ.get("LABEL_STUDIO_API_KEY")
-    project = int(os.environ.get("TRIDENTLOOP_LS_PROJECT") or section.get("project") or 0)
+    project = int(section.get("project") or 0)
     if not url or not api_key or not project:
         fail(
-            f"{stage} needs LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY and a project "
-            "(params.yaml labelstudio.project or TRIDENTLOOP_LS_PROJECT)"
+            f"{stage} needs LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY and params.yaml "
+            "labelstudio.project"
         )
     return url, api_key, project

@@ -27,7 +27,7 @@ from backend.serving.media import MediaFetcher, MediaSettings
 from backend.serving.model_source import ModelSource
 
 from .servers import ANIMAL_CONFIG as CONFIG
-from .servers import make_model_dir, serve_in_thread
+from .servers import make_model_dir, serve_in_thread, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +262,21 @@ def test_training_runs_are_queued_and_never_overlap(world):
     stamps = [float(v) for v in lines[1::2]]
     assert lines[0::2] == ["start", "end", "start", "end"]
     assert stamps[1] <= stamps[2]  # the second run started after the first ended
+
+
+def test_a_webhook_from_another_project_fails_clearly_instead_of_training_this_one(tmp_path):
+    """The loop's project lives in params.yaml alone (dvc.lock records it): a webhook from
+    another project is refused with the fix, never run on this project's data."""
+    (tmp_path / "params.yaml").write_text("labelstudio:\n  project: 1\n")
+    jobs = TrainingJobs("true", tmp_path, tmp_path / "jobs")
+    other = jobs.request("webhook", "3")
+    wait_until(lambda: other.status not in ("queued", "running"), 30, "the job settled")
+    assert other.status == "failed"
+    assert "project 3" in other.note and "labelstudio.project" in other.note
+    assert "project 3" in Path(other.log_path).read_text()
+    same = jobs.request("webhook", "1")
+    wait_until(lambda: same.status not in ("queued", "running"), 30, "the job settled")
+    assert same.status == "succeeded"
 
 
 def test_registry_switch_changes_the_version_without_failing_requests(world):

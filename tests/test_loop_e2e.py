@@ -109,7 +109,6 @@ def loop(label_studio, tmp_path_factory):
         "LABEL_STUDIO_API_KEY": label_studio.token,
         "DVC_NO_ANALYTICS": "1",
     }
-    env.pop("TRIDENTLOOP_LS_PROJECT", None)
     checkout = new_project(root / "project", project.id, env)
     first = run(["dvc", "repro"], checkout, env)
     return {

@@ -116,7 +116,6 @@ def test_select_stage_ranks_unlabeled_tasks_and_makes_a_view(project, label_stud
     }))
     env = {**os.environ, "PYTHONPATH": str(REPO), "LABEL_STUDIO_URL": label_studio.url,
            "LABEL_STUDIO_API_KEY": label_studio.token}
-    env.pop("TRIDENTLOOP_LS_PROJECT", None)
     proc = subprocess.run([sys.executable, "-m", "pipelines.select"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .auth import child_environment
 
 log = logging.getLogger(__name__)
@@ -151,8 +153,13 @@ class TrainingJobs:
         # find this environment's executables first; the backend's credentials stay here.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         env = {**child_environment(), "PATH": path, "TRIDENTLOOP_JOB_ID": job.id}
-        if job.project:
-            env["TRIDENTLOOP_LS_PROJECT"] = job.project
+        refused = _other_project(self.workdir, job.project)
+        if refused:
+            Path(job.log_path).write_text(refused + "\n")
+            with self._lock:
+                job.returncode = 2
+                self._finish(job, note=refused)
+            return
         runner = [sys.executable, "-m", "backend.serving.job_runner", str(self._exit_file(job)),
                   job.id, str(os.getpid()), "--", *job.command]
         with open(job.log_path, "w") as out:
@@ -176,6 +183,21 @@ class TrainingJobs:
         with self._lock:
             job.returncode = returncode
             self._finish(job)
+
+
+def _other_project(workdir: Path, project: str | None) -> str | None:
+    """Why a webhook's project cannot train here, if it cannot. The loop reads its project
+    from params.yaml alone, so that dvc.lock records the data a model was trained on; a
+    webhook from another project must not quietly train on this one's."""
+    params_file = workdir / "params.yaml"
+    if not project or not params_file.is_file():
+        return None
+    configured = (yaml.safe_load(params_file.read_text()) or {}).get("labelstudio", {})
+    if str(configured.get("project")) == str(project):
+        return None
+    return (f"the webhook came from project {project}, but {params_file} trains on project "
+            f"{configured.get('project')}: set labelstudio.project to {project} there (one "
+            "loop per project), so that dvc.lock records the data each model was trained on")
 
 
 def _runner_alive(pid: int, job_id: str) -> bool:
