@@ -61,20 +61,31 @@ def _run_key(params: dict[str, Any], dataset: str) -> str:
 
 def _start_weights(
     model: GeneralizedRCNN, params: dict[str, Any], labels: list[str], registry_root: str | None
-) -> str:
+) -> tuple[str, str | None]:
+    """Load the weights training starts from: (what they are, the SHA-256 of their file;
+    None for random weights), so a model's lineage names its parent exactly."""
     if params.get("base_weights"):
         load_weights(model, params["base_weights"], for_inference=False)
-        return f"weights {params['base_weights']}"
+        return f"weights {params['base_weights']}", _sha256(params["base_weights"])
     if registry_root:
         try:
             current = Registry(registry_root).current()
         except RegistryError:
             current = None
         if current is not None and current.labels == labels:
-            load_weights(model, current.path / "model_final.pth", for_inference=False)
-            return f"deployed model {current.version}"
+            weights = current.path / "model_final.pth"
+            load_weights(model, weights, for_inference=False)
+            return f"deployed model {current.version}", _sha256(weights)
     init_from_scratch(model)
-    return "random weights"
+    return "random weights", None
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def main() -> None:
@@ -99,7 +110,9 @@ def main() -> None:
     overrides = {"MODEL.ROI_HEADS.NUM_CLASSES": len(labels)}
     torch.manual_seed(options.seed)
     model = GeneralizedRCNN(load_config(cfg_file, overrides))
-    origin = _start_weights(model, tp, labels, params.get("deploy", {}).get("registry"))
+    origin, start_sha256 = _start_weights(
+        model, tp, labels, params.get("deploy", {}).get("registry")
+    )
     key = _run_key(tp, dataset_hash(split_dir / "train.json"))
     checkpoint = work / f"{key}.pth"
     start, state = 0, None
@@ -108,6 +121,7 @@ def main() -> None:
         model.load_state_dict(state["model"])
         start = int(state["iteration"])
         origin = f"checkpoint {checkpoint} at iteration {start}"
+        start_sha256 = state.get("start_sha256")  # the resumed run's own starting point
     model.to(device)
     if rank == 0:
         print(
@@ -143,6 +157,7 @@ def main() -> None:
                 "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict(),
                 "iteration": done,
+                "start_sha256": start_sha256,
             },
             tmp,
         )
@@ -173,6 +188,7 @@ def main() -> None:
                 "dataset": dataset_hash(split_dir / "train.json"),
                 "iterations": options.iterations,
                 "start": origin,
+                "start_sha256": start_sha256,
                 "processes": world,
                 "params": tp,
             },

@@ -4,6 +4,7 @@ and deploying into a registry; the stages' guarantees checked one by one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -271,6 +272,15 @@ def test_killed_training_resumes_from_its_checkpoint(loop, tmp_path):
     want = _weights(tmp_path / "straight" / "model")
     for key in want:
         assert torch.allclose(got[key], want[key], atol=1e-6), key
+
+
+def test_a_model_names_the_exact_weights_it_started_from(loop, tmp_path):
+    deployed = Registry(loop["dir"] / "models/registry").current().path / "model_final.pth"
+    env = _train_params(loop, tmp_path, "child", iterations=2, base_weights=str(deployed))
+    run([sys.executable, "-m", "pipelines.train"], loop["dir"], env)
+    lineage = json.loads((tmp_path / "child/model/model.json").read_text())
+    assert lineage["start"] == f"weights {deployed}"
+    assert lineage["start_sha256"] == hashlib.sha256(deployed.read_bytes()).hexdigest()
 
 
 def test_two_gloo_processes_train_the_same_model_as_one(loop, tmp_path):
