@@ -1,5 +1,7 @@
 """DVC stage `deploy`: put the candidate into the registry and serve it, only if it is not
-worse than the deployed model on the same val images (AP50 >= deployed - tolerance).
+worse than the deployed model on the same val images (AP50 >= deployed - tolerance), and
+never automatically when the label set changed (unless `deploy.allow_label_change`): a
+renamed or added class is a decision a person makes, not a metric.
 
 The new version is written atomically (temp dir + rename) with `model.json` lineage (dataset
 hash, training params, git revision, metrics), then `current` is switched; a running
@@ -21,10 +23,22 @@ from .coco import write_json
 from .params import load_params
 
 
-def gate(metrics: dict[str, Any], tolerance: float) -> tuple[bool, str]:
+def gate(
+    metrics: dict[str, Any], tolerance: float, allow_label_change: bool = False
+) -> tuple[bool, str]:
     deployed = metrics.get("deployed")
     if deployed is None:
         return True, "no deployed model to compare with"
+    compared = (f"AP50 {metrics['ap50']:.4f} vs deployed {deployed['version']} "
+                f"{deployed['ap50']:.4f} on the same val images")
+    if deployed.get("label_set_changed"):
+        if allow_label_change:
+            return True, f"the label set changed and deploy.allow_label_change is set ({compared})"
+        return False, (
+            f"the label set changed (deployed {deployed['version']}: {deployed.get('labels')}; "
+            f"candidate: {sorted(metrics.get('per_class_ap', {}))}): not deployed "
+            f"automatically ({compared}); set deploy.allow_label_change: true to deploy it"
+        )
     if metrics["ap50"] >= deployed["ap50"] - tolerance:
         return True, (
             f"AP50 {metrics['ap50']:.4f} >= deployed {deployed['version']} "
@@ -57,7 +71,7 @@ def main() -> None:
         Path(params.get("evaluate", {}).get("metrics", "metrics.json")).read_text()
     )
     tolerance = float(dp.get("tolerance", 0.0))
-    ok, reason = gate(metrics, tolerance)
+    ok, reason = gate(metrics, tolerance, bool(dp.get("allow_label_change", False)))
     decision: dict[str, Any] = {
         "deployed": ok,
         "reason": reason,

@@ -30,18 +30,27 @@ from .params import fail, load_params
 def detections_for(
     model: ModelDir, coco: dict[str, Any], images: Path, tiling: TilingOptions, device: str
 ) -> list[dict[str, Any]]:
-    """COCO result records, scored by the model over every val image."""
+    """COCO result records, scored by the model over every val image. Classes are matched
+    to the val split's categories by name, so a model with another label set (the deployed
+    one, after a label change) is scored on the same images and the classes both know."""
     predictor = model.predictor(device=device)
+    category = {c["name"]: c["id"] for c in coco["categories"]}
+    ids = [category.get(name) for name in model.labels] if model.labels else None
     records = []
     for image in tqdm(coco["images"], desc=f"evaluate {model.version}", unit="img"):
         det = predictor.detect(load_image(images / image["file_name"]), tiling)
         for box, score, cls in zip(
             det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(), strict=True
         ):
+            category_id = int(cls) if ids is None else (
+                ids[int(cls)] if int(cls) < len(ids) else None
+            )
+            if category_id is None:
+                continue  # a class the val split does not have
             records.append(
                 {
                     "image_id": image["id"],
-                    "category_id": int(cls),
+                    "category_id": category_id,
                     "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
                     "score": float(score),
                 }
@@ -139,7 +148,7 @@ def main() -> None:
         deployed = Registry(registry_root).current() if registry_root else None
     except RegistryError:
         deployed = None
-    if deployed is not None and deployed.labels == candidate.labels:
+    if deployed is not None:
         deployed_metrics, _ = coco_metrics(
             val, detections_for(deployed, val, images, tiling, device), max_detections
         )
@@ -147,6 +156,8 @@ def main() -> None:
             "version": deployed.version,
             "ap50": deployed_metrics["ap50"],
             "ap": deployed_metrics["ap"],
+            "labels": deployed.labels,
+            "label_set_changed": deployed.labels != candidate.labels,
         }
     write_json(ep.get("metrics", "metrics.json"), metrics)
     write_json(Path(ep.get("plots", "plots")) / "pr.json", curve)

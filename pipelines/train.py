@@ -72,9 +72,13 @@ def _start_weights(
             current = Registry(registry_root).current()
         except RegistryError:
             current = None
-        if current is not None and current.labels == labels:
+        if current is not None:
             weights = current.path / "model_final.pth"
             load_weights(model, weights, for_inference=False)
+            if current.labels != labels:  # as detectron2 fine-tunes to new classes
+                model.roi_heads.box_predictor.reset_parameters()
+                return (f"deployed model {current.version}, box predictor re-initialised for "
+                        f"the new label set {current.labels} -> {labels}"), _sha256(weights)
             return f"deployed model {current.version}", _sha256(weights)
     init_from_scratch(model)
     return "random weights", None

@@ -1,0 +1,75 @@
+"""A label-set change (a class added, renamed or reordered) never deploys an untrained or
+unchecked model by accident: training warm-starts from the deployed model with a fresh box
+predictor, both models are scored on the same val images by class name, and the gate asks a
+person before deploying."""
+
+from __future__ import annotations
+
+import torch
+
+from backend.detection.config import load_config
+from backend.detection.images import load_image
+from backend.detection.model import GeneralizedRCNN
+from backend.model_dir import ModelDir
+from backend.registry import Registry
+from pipelines.deploy import gate
+from pipelines.evaluate import detections_for
+from pipelines.train import _start_weights
+
+from .conftest import D2_FIXTURES, fixture_dir
+from .servers import LABELS, make_model_dir
+
+FIXTURE = "faster_rcnn_R_50_FPN_1x"
+
+
+def _registry(tmp_path) -> Registry:
+    registry = Registry(tmp_path / "registry")
+    registry.switch(registry.add(make_model_dir(tmp_path / "m", FIXTURE, version="v0001")))
+    return registry
+
+
+def _model() -> GeneralizedRCNN:
+    torch.manual_seed(0)
+    return GeneralizedRCNN(load_config(fixture_dir(FIXTURE) / "config.yaml"))
+
+
+def test_a_new_label_set_warm_starts_from_the_deployed_model_with_a_fresh_predictor(tmp_path):
+    registry = _registry(tmp_path)
+    deployed = torch.load(registry.current().path / "model_final.pth", weights_only=True)
+    deployed = deployed.get("model", deployed)
+    same, renamed = _model(), _model()
+    origin, digest = _start_weights(same, {}, LABELS, str(registry.root))
+    assert origin == "deployed model v0001" and len(digest) == 64
+    origin, _ = _start_weights(renamed, {}, ["Elephant", "BIRD", "zebra"], str(registry.root))
+    assert "box predictor re-initialised" in origin and "v0001" in origin
+    for name, value in renamed.state_dict().items():
+        kept = torch.equal(value, same.state_dict()[name])
+        if name.startswith("roi_heads.box_predictor."):
+            assert not kept or name.endswith("bias"), name  # fresh weights (biases start at 0)
+        else:
+            assert kept, name
+    backbone = next(k for k in same.state_dict() if k.startswith("backbone."))
+    assert torch.equal(same.state_dict()[backbone].float(), deployed[backbone].float())
+
+
+def test_the_gate_refuses_a_label_change_unless_a_person_allows_it():
+    metrics = {"ap50": 0.9, "per_class_ap": {"gnu": 0.9, "zebra": 0.9},
+               "deployed": {"version": "v0003", "ap50": 0.2, "labels": ["zebra"],
+                            "label_set_changed": True}}
+    ok, reason = gate(metrics, 0.01)
+    assert not ok and "label set changed" in reason and "allow_label_change" in reason
+    assert "on the same val images" in reason
+    ok, reason = gate(metrics, 0.01, allow_label_change=True)
+    assert ok and "allow_label_change is set" in reason
+
+
+def test_both_models_are_scored_on_the_val_split_by_class_name(tmp_path):
+    model = ModelDir.open(make_model_dir(tmp_path / "m", FIXTURE, version="v0001"))
+    val = {"images": [{"id": 7, "file_name": "input.png", "width": 800, "height": 800}],
+           "annotations": [],
+           "categories": [{"id": 0, "name": "zebra"}, {"id": 1, "name": "Elephant"}]}
+    ours = detections_for(model, val, D2_FIXTURES, None, "cpu")
+    raw = model.predictor(device="cpu")(load_image(D2_FIXTURES / "input.png"))
+    names = [LABELS[c] for c in raw.classes.tolist()]
+    want = [{"zebra": 0, "Elephant": 1}[n] for n in names if n != "BIRD"]  # BIRD: not in val
+    assert [r["category_id"] for r in ours] == want and len(want) < len(names)
