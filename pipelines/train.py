@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -143,12 +144,15 @@ def main() -> None:
         optimizer.load_state_dict(state["optimizer"])
 
     live = _live() if rank == 0 else None
+    progress = Progress(start, options.iterations) if rank == 0 else None
 
     def on_step(iteration: int, losses: dict[str, float]) -> None:
         if live is not None:
             for name, value in losses.items():
                 live.log_metric(f"train/{name}", value)
             live.next_step()
+        if progress is not None:
+            progress.step(iteration + 1, losses["total_loss"])
 
     def on_checkpoint(done: int, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
         if rank != 0:
@@ -203,6 +207,24 @@ def main() -> None:
         print(f"train: wrote {out}")
     if distributed:
         dist.destroy_process_group()
+
+
+class Progress:
+    """A console line every ~5% of the run (and at its end): `dvc repro` shows a stage's
+    output, so a long training says how it goes, not only dvclive's files."""
+
+    def __init__(self, start: int, total: int) -> None:
+        self.start, self.total = start, total
+        self.every = max(1, total // 20)
+        self.began = time.monotonic()
+
+    def step(self, done: int, loss: float) -> None:
+        if done % self.every and done != self.total:
+            return
+        rate = (done - self.start) / max(time.monotonic() - self.began, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        print(f"train: it {done}/{self.total} loss {loss:.4f} {rate:.2f} it/s "
+              f"ETA {int(eta) // 60}:{int(eta) % 60:02d}", flush=True)
 
 
 def _live():

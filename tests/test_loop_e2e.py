@@ -142,6 +142,7 @@ def test_repro_exports_trains_evaluates_and_deploys(loop):
     lineage = registry.current().metadata
     assert lineage["metrics"]["ap50"] == metrics["ap50"]
     assert lineage["dataset"] and lineage["git_revision"]
+    assert "train: it 12/12 loss" in loop["first"].stdout + loop["first"].stderr  # progress
     assert json.loads((checkout / "deploy.json").read_text())["deployed"] is True
     assert (checkout / "dvclive/metrics.json").is_file()
     assert (checkout / "plots/pr.json").is_file()
