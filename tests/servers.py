@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import httpx
 
@@ -50,13 +52,28 @@ def make_model_dir(
     return dest
 
 
-class FlakyProxy:
+class LoopbackServer:
+    """A real HTTP server on 127.0.0.1, served from a thread while the `with` block runs."""
+
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler]) -> None:
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FlakyProxy(LoopbackServer):
     """A real HTTP reverse proxy in front of Label Studio that answers 503 to the first
     `failures` requests whose path contains `fail_path`: an outage, on demand."""
 
     def __init__(self, upstream: str, fail_path: str, failures: int) -> None:
-        import http.server
-
         self.upstream, self.fail_path, self.failures = upstream, fail_path, failures
         self.refused = 0
         proxy = self
@@ -87,17 +104,7 @@ class FlakyProxy:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FlakyProxy:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @dataclass
@@ -137,13 +144,12 @@ def backend_process(
         out.close()
 
 
-class ImageHost:
+class ImageHost(LoopbackServer):
     """A real HTTP server on loopback with the routes the media tests need: an image, a
     text file, a large non-image, a redirect, a URL that never answers; it records the
     headers each request carried."""
 
     def __init__(self, image: bytes) -> None:
-        import http.server
         from urllib.parse import parse_qs, urlsplit
 
         self.image = image
@@ -187,19 +193,12 @@ class ImageHost:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> ImageHost:
-        self.thread.start()
-        return self
+        super().__init__(Handler)
+        self.server.daemon_threads = True  # a /hang request must not hold up the close
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().__exit__(*exc)
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
