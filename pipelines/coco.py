@@ -14,6 +14,7 @@ import numpy as np
 
 from backend.detection.images import load_image
 from backend.detection.training import Sample
+from backend.files import write_atomically
 
 
 def read_coco(path: str | Path) -> dict[str, Any]:
@@ -22,11 +23,7 @@ def read_coco(path: str | Path) -> dict[str, Any]:
 
 def write_json(path: str | Path, data: Any) -> None:
     """Deterministic JSON (sorted keys), so that an unchanged dataset hashes the same."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def category_names(coco: dict[str, Any]) -> list[str]:

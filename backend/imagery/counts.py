@@ -8,11 +8,13 @@ last row `TOTAL`. Only detections scoring at least `threshold` count.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .megadetector import class_names
+from ..files import write_atomically
+from .records import class_names
 
 TOTAL = "TOTAL"
 
@@ -39,8 +41,6 @@ def table(
 
 def write(path: Path, records: Sequence[dict[str, Any]], labels: list[str] | None,
           threshold: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as stream:
-        csv.writer(stream).writerows(table(records, labels, threshold))
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(table(records, labels, threshold))
+    write_atomically(path, text.getvalue())

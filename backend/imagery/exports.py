@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import counts, geojson, megadetector
+from . import coco_results, counts, geojson, megadetector
 
 
 @dataclass(frozen=True)
@@ -17,10 +17,12 @@ class Exports:
     counts: Path | None = None
     threshold: float = 0.5  # what counts; MegaDetector's typical_detection_threshold
     geojson: Path | None = None
+    coco: Path | None = None
 
     @property
     def wanted(self) -> bool:
-        return any(p is not None for p in (self.megadetector, self.counts, self.geojson))
+        paths = (self.megadetector, self.counts, self.geojson, self.coco)
+        return any(p is not None for p in paths)
 
     def write(self, records: Sequence[dict[str, Any]], labels: list[str] | None,
               detector: str) -> None:
@@ -30,3 +32,5 @@ class Exports:
             counts.write(self.counts, records, labels, self.threshold)
         if self.geojson is not None:
             geojson.write(self.geojson, records, labels, detector)
+        if self.coco is not None:
+            coco_results.write(self.coco, records, labels)

@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import write_atomically
 from .georeference import Georeference, read_georeference
-from .megadetector import class_names
+from .records import class_names
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,7 @@ def document(
 
 def write(path: Path, records: Sequence[dict[str, Any]], labels: list[str] | None,
           detector: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(document(records, labels, detector)) + "\n")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(document(records, labels, detector)) + "\n")
 
 
 def _feature(detection: dict[str, Any], where: Georeference, names: list[str], image: str,

@@ -16,14 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
+from ..files import write_atomically
+from .records import class_names
+
 FORMAT_VERSION = "1.4"
-
-
-def class_names(labels: list[str] | None, records: Sequence[dict[str, Any]]) -> list[str]:
-    """The model's labels, or `class<i>` for a model brought without them."""
-    found = max((d["class_id"] for r in records for d in r.get("detections") or []), default=-1)
-    names = list(labels or [])
-    return names + [f"class{i}" for i in range(len(names), found + 1)]
 
 
 def document(
@@ -51,12 +47,9 @@ def document(
 
 def write(path: Path, records: Sequence[dict[str, Any]], labels: list[str] | None,
           detector: str, threshold: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(
-        document(records, labels, detector, threshold, base=path.parent.resolve()), indent=1
-    ) + "\n")
-    tmp.replace(path)
+    base = path.parent.resolve()
+    write_atomically(path, json.dumps(
+        document(records, labels, detector, threshold, base), indent=1) + "\n")
 
 
 def _image(record: dict[str, Any], base: Path | None) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from ..registry import Registry
 from ..serving.label_config import parse_label_config, read_mapping
 from ..serving.media import MediaSettings
 from ..serving.results import prediction, rectangle_results, validate
-from .sinks import JsonLinesSink, PredictionImporter, read_results, write_coco_results
+from .sinks import JsonLinesSink, PredictionImporter, read_results
 from .sources import FileLoader, Item, TaskLoader, image_files, project_tasks
 from .stream import ImageResult, detect_stream
 
@@ -128,9 +128,8 @@ class ResultFiles:
         if args.output is None:
             raise ValueError("--images needs --output FILE.jsonl (it is also the progress file)")
         self.pattern = args.images
-        self.coco = args.coco
         self.exports = Exports(args.megadetector, args.counts, args.count_threshold,
-                               args.geojson)
+                               args.geojson, args.coco)
         self.version = version
         self.labels = labels
         self.sink = JsonLinesSink(args.output)
@@ -157,8 +156,6 @@ class ResultFiles:
 
     def close(self) -> None:
         self.sink.close()
-        if self.coco is not None:
-            write_coco_results(self.sink.path, self.coco, self.labels)
         if self.exports.wanted:
             self.exports.write(read_results(self.sink.path), self.labels, self.version)
 

@@ -3,8 +3,8 @@
 - Label Studio: predictions imported in chunks through the SDK, each retried through an
   outage; a task's prediction carries the model version, which is how a rerun skips it.
 - Files: JSON Lines, one line per image, appended and flushed as each image finishes (the
-  folder mode's progress file: a rerun skips the images it lists), and a COCO file with the
-  same detections, rewritten from it when the run ends.
+  folder mode's progress file: a rerun skips the images it lists); the other result files
+  (`backend.imagery.exports`) are written from it when the run ends.
 """
 
 from __future__ import annotations
@@ -90,42 +90,3 @@ def _parses(line: str) -> bool:
 
 def read_results(jsonl: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in jsonl.read_text().splitlines()]
-
-
-def write_coco_results(jsonl: Path, dest: Path, labels: list[str] | None) -> None:
-    """All detections of a results file as COCO: `images`, `categories` and `annotations`
-    carrying `score`, so pycocotools reads it as a dataset and its annotations as results."""
-    records = read_results(jsonl)
-    classes = max((d["class_id"] for r in records for d in r["detections"]), default=-1) + 1
-    names = labels or [f"class{i}" for i in range(classes)]
-    coco: dict[str, Any] = {
-        "images": [],
-        "annotations": [],
-        "categories": [{"id": i, "name": n} for i, n in enumerate(names)],
-    }
-    for image_id, record in enumerate(records, start=1):
-        coco["images"].append(
-            {
-                "id": image_id,
-                "file_name": record["image"],
-                "width": record["width"],
-                "height": record["height"],
-                "uncertainty": record.get("uncertainty"),
-            }
-        )
-        for det in record["detections"]:
-            x0, y0, x1, y1 = det["box"]
-            coco["annotations"].append(
-                {
-                    "id": len(coco["annotations"]) + 1,
-                    "image_id": image_id,
-                    "category_id": det["class_id"],
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": (x1 - x0) * (y1 - y0),
-                    "score": det["score"],
-                    "iscrowd": 0,
-                }
-            )
-    tmp = dest.with_suffix(dest.suffix + ".tmp")
-    tmp.write_text(json.dumps(coco) + "\n")
-    tmp.replace(dest)

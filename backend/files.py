@@ -1,0 +1,15 @@
+"""Files written whole or not at all: whoever reads one (a person's tool, the next DVC
+stage, a resumed run) never sees half of it, whatever stops the writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_atomically(path: str | Path, text: str) -> None:
+    """Write beside `path`, then rename over it (atomic on one filesystem)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
