@@ -394,7 +394,6 @@ def _add_export_args(parser: argparse.ArgumentParser, only: str = "") -> None:
                         help="score from which a detection counts (default: %(default)s)")
 
 
-
 def _predict(args: argparse.Namespace) -> int:
     from .detection.images import PixelScaling
     from .imagery.exports import Exports

@@ -35,16 +35,14 @@ def detections_for(
     one, after a label change) is scored on the same images and the classes both know."""
     predictor = model.predictor(device=device)
     category = {c["name"]: c["id"] for c in coco["categories"]}
-    ids = [category.get(name) for name in model.labels] if model.labels else None
+    ids = dict(enumerate(category.get(name) for name in model.labels)) if model.labels else None
     records = []
     for image in tqdm(coco["images"], desc=f"evaluate {model.version}", unit="img"):
         det = predictor.detect(load_image(images / image["file_name"]), tiling)
         for box, score, cls in zip(
             det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(), strict=True
         ):
-            category_id = int(cls) if ids is None else (
-                ids[int(cls)] if int(cls) < len(ids) else None
-            )
+            category_id = int(cls) if ids is None else ids.get(int(cls))
             if category_id is None:
                 continue  # a class the val split does not have
             records.append(
