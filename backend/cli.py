@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .detection.images import DEFAULT_MAX_PIXELS
-from .detection.tiling import TilingOptions
+from .imagery.images import DEFAULT_MAX_PIXELS
+from .recipe import RecipeOverrides
 from .uncertainty import DEFAULT as DEFAULT_UNCERTAINTY
 from .uncertainty import METHODS
 
@@ -35,14 +35,13 @@ def _add_device_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_tiling_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("tiling (large images)")
-    group.add_argument(
-        "--no-tiling",
-        action="store_true",
-        help="run each image whole, exactly as detectron2's DefaultPredictor",
+    group = parser.add_argument_group(
+        "how to run the model (default: its recipe in model.json; without one, each image "
+        "whole, exactly as detectron2's DefaultPredictor)"
     )
-    group.add_argument("--tile-size", type=int, default=800)
-    group.add_argument("--tile-overlap", type=float, default=0.2, help="fraction of a tile")
+    group.add_argument("--no-tiling", action="store_true", help="run each image whole")
+    group.add_argument("--tile-size", type=int, help="tile at native resolution (e.g. 800)")
+    group.add_argument("--tile-overlap", type=float, help="fraction of a tile (recipe: 0.2)")
     group.add_argument(
         "--batch-size",
         type=int,
@@ -51,35 +50,32 @@ def _add_tiling_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--merge",
-        default="nms",
         choices=["nms", "greedy"],
         help="nms keeps the best box; greedy grows it over pieces split by a tile edge",
     )
     group.add_argument(
         "--merge-metric",
-        default="iou",
         choices=["iou", "ios"],
         help="overlap measure for merging: IoU or intersection over smaller",
     )
-    group.add_argument("--merge-threshold", type=float, default=0.5)
+    group.add_argument("--merge-threshold", type=float)
     group.add_argument(
         "--full-image-pass",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="also run the whole image (resized) to catch very large objects",
     )
 
 
-def tiling_from_args(args: argparse.Namespace) -> TilingOptions | None:
-    if args.no_tiling:
-        return None
-    return TilingOptions(
+def recipe_overrides(args: argparse.Namespace) -> RecipeOverrides:
+    return RecipeOverrides(
+        whole=args.no_tiling,
         tile_size=args.tile_size,
         overlap=args.tile_overlap,
-        batch_size=args.batch_size,
         merge=args.merge,
         metric=args.merge_metric,
         threshold=args.merge_threshold,
         full_image_pass=args.full_image_pass,
+        batch_size=args.batch_size,
     )
 
 
@@ -181,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument(
         "--training", action="store_true", help="training images/s vs torchvision's"
     )
+    jobs.add_argument("--raster", action="store_true",
+                      help="peak RSS and tiles/s of prelabel on a generated tiled GeoTIFF")
+    bench.add_argument("--raster-size", type=int, default=40_000,
+                       help="--raster: side of the mosaic in px")
+    bench.add_argument("--raster-compare-size", type=int, default=6_000,
+                       help="--raster: side of the windowed-vs-whole baseline mosaic")
     bench.add_argument("--survey-bench-images", type=int, default=8, help="images (--prelabel)")
     bench.add_argument("--image-size", type=int, nargs=2, default=[6000, 4000],
                        metavar=("WIDTH", "HEIGHT"), help="generated frames (--prelabel)")
@@ -191,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", nargs="+", type=int, default=[16, 64],
                        help="--serve: concurrent requests, 1 in 10 with a URL that never answers")
     bench.add_argument("--request-deadline", type=float, default=30.0, help="--serve: seconds")
-    bench.add_argument("--tile-size", type=int, default=800, help="--prelabel")
+    bench.add_argument("--tile-size", type=int, default=800, help="--prelabel, --raster")
     bench.add_argument("--tile-overlap", type=float, default=0.15,
-                       help="--prelabel (0.15: 54 tiles on a 6000x4000 frame)")
+                       help="--prelabel, --raster (0.15: 54 tiles on a 6000x4000 frame)")
     bench.add_argument("--train-batch", type=int, default=8, help="images per step (--training)")
     bench.add_argument("--train-iterations", type=int, default=6, help="timed steps (--training)")
     bench.add_argument("--train-precision", default="auto",
@@ -322,6 +324,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(prelabel)
     _add_tiling_args(prelabel)
 
+    model_cmd = sub.add_parser("model", help="make a model directory from detectron2 files, "
+                               "or show one")
+    model_sub = model_cmd.add_subparsers(dest="model_command", required=True)
+    init = model_sub.add_parser(
+        "init", help="config + weights + labels -> a validated model directory"
+    )
+    init.add_argument("dest", type=Path, help="the model directory to create")
+    init.add_argument("--config", type=Path, required=True, help="detectron2 config.yaml")
+    init.add_argument("--weights", type=Path, required=True, help="checkpoint (.pth or .pkl)")
+    init.add_argument("--labels", type=Path, required=True, help="class names, one per line")
+    init.add_argument("--version", help="version name (default: the directory's name)")
+    init.add_argument("--tiled", type=int, metavar="TILE_SIZE",
+                      help="the model runs on tiles of this size at native resolution "
+                      "(default: whole images, as DefaultPredictor)")
+    init.add_argument("--overlap", type=float, default=0.2, help="--tiled: fraction of a tile")
+    init.add_argument("--merge", choices=["nms", "greedy"], default="nms", help="--tiled")
+    init.add_argument("--merge-metric", choices=["iou", "ios"], default="iou", help="--tiled")
+    init.add_argument("--merge-threshold", type=float, default=0.5, help="--tiled")
+    init.add_argument("--full-image-pass", action="store_true",
+                      help="--tiled: also run the whole image, for objects larger than a tile")
+    show = model_sub.add_parser("show", help="recipe, classes, version and lineage")
+    show.add_argument("path", type=Path, help="a model directory")
+    show.add_argument("--json", action="store_true", help="one JSON object")
+
     rollback = sub.add_parser("rollback", help="serve the registry's previous version again")
     rollback.add_argument("--registry", type=Path, required=True)
 
@@ -395,8 +421,8 @@ def _add_export_args(parser: argparse.ArgumentParser, only: str = "") -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .detection.images import PixelScaling
     from .imagery.exports import Exports
+    from .imagery.images import PixelScaling
     from .model_dir import ModelDir, read_labels
     from .predict import run_predict
 
@@ -409,12 +435,12 @@ def _predict(args: argparse.Namespace) -> int:
     if args.model is not None:
         model_dir = ModelDir.open(args.model)
         predictor = model_dir.predictor(overrides, **device)
-        labels, detector = model_dir.labels, model_dir.version
+        labels, detector, recipe = model_dir.labels, model_dir.version, model_dir.recipe
     elif args.config is not None and args.weights is not None:
         from .detection.predictor import Predictor
 
         predictor = Predictor.from_files(args.config, args.weights, overrides, **device)
-        labels, detector = None, args.weights.name
+        labels, detector, recipe = None, args.weights.name, None
     else:
         raise SystemExit("tridentloop predict: give --model DIR, or --config and --weights")
     if args.labels is not None:
@@ -425,7 +451,7 @@ def _predict(args: argparse.Namespace) -> int:
             args.images,
             predictor,
             out,
-            tiling_from_args(args),
+            recipe_overrides(args).apply(recipe, detector),
             labels,
             max_pixels=args.max_pixels,
             scaling=PixelScaling(args.value_range, args.bands, args.nodata),
@@ -475,6 +501,14 @@ def _bench(args: argparse.Namespace) -> int:
             request_deadline=args.request_deadline, device=args.device,
             precision=args.precision,
         )))
+    if args.raster:
+        from .bench.raster import RasterBench, run_raster_benchmark
+
+        return print_records(run_raster_benchmark(RasterBench(
+            size=args.raster_size, compare_size=args.raster_compare_size,
+            config=args.config or "tiny_tridentnet", tile_size=args.tile_size,
+            overlap=args.tile_overlap, device=args.device, precision=args.precision,
+        )))
     if args.training:
         from .bench.training import TrainingBench, run_training_benchmark
 
@@ -499,13 +533,43 @@ def _bench(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .serving.server import run_server
 
-    return run_server(args, tiling_from_args(args))
+    return run_server(args, recipe_overrides(args))
 
 
 def _prelabel(args: argparse.Namespace) -> int:
     from .prelabel.job import run_prelabel
 
-    return run_prelabel(args, tiling_from_args(args))
+    return run_prelabel(args, recipe_overrides(args))
+
+
+def _model(args: argparse.Namespace) -> int:
+    import json
+
+    from .model_dir import ModelDir, init_model_dir
+    from .recipe import parse_recipe
+
+    if args.model_command == "init":
+        recipe = parse_recipe(
+            {"mode": "tiled", "tile_size": args.tiled, "overlap": args.overlap,
+             "merge": args.merge, "merge_metric": args.merge_metric,
+             "merge_threshold": args.merge_threshold, "full_image_pass": args.full_image_pass}
+            if args.tiled else None,
+            "the command line",
+        )
+        model = init_model_dir(args.dest, args.config, args.weights, args.labels, recipe,
+                               args.version)
+        print(f"model init: {model.path} loads and runs; {model.summary()['runs']}")
+        return 0
+    summary = ModelDir.open(args.path).summary()
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"model    {summary['path']}\nversion  {summary['version']}\n"
+          f"classes  {', '.join(summary['classes'] or ['(no labels.txt)'])}\n"
+          f"runs     {summary['runs']}")
+    for key, value in summary["lineage"].items():
+        print(f"{key:<8} {json.dumps(value) if isinstance(value, dict | list) else value}")
+    return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -538,6 +602,7 @@ COMMANDS = {
     "serve": _serve,
     "bench": _bench,
     "prelabel": _prelabel,
+    "model": _model,
     "rollback": _rollback,
     "versions": _versions,
     "demo": _demo,

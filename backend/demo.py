@@ -30,7 +30,6 @@ from label_studio_sdk import LabelStudio
 from PIL import Image
 
 from .detection.boxes import pairwise_iou
-from .detection.tiling import TilingOptions
 from .local_label_studio import LocalLabelStudio, import_image, local_label_studio
 from .registry import Registry
 from .serving.backend import Backend, ServerSettings
@@ -253,8 +252,8 @@ def _held_out_set(root: Path, rng: np.random.Generator, count: int = 6) -> dict[
 def _held_out_ap50(registry: Registry, held_out: dict[str, Any], device: str) -> float:
     from pipelines.evaluate import coco_metrics, detections_for
 
-    tiling = TilingOptions(tile_size=320, overlap=0.2)
-    records = detections_for(registry.current(), held_out["coco"], held_out["dir"], tiling, device)
+    model = registry.current()
+    records = detections_for(model, held_out["coco"], held_out["dir"], model.recipe, device)
     return coco_metrics(held_out["coco"], records)[0]["ap50"]
 
 

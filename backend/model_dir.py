@@ -1,13 +1,17 @@
 """A deployable model on disk: `config.yaml` + `model_final.pth` + `labels.txt` (+ optional
-`model.json` with version, metrics and lineage). Serving, batch jobs and the registry all
-open models through this one shape."""
+`model.json` with version, lineage and the inference recipe). Serving, batch jobs, the
+loop's stages and the registry all open models through this one shape, and ask it how the
+model must be run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .detection.checkpoint import read_state_dict
+from .detection.config import config_from_yaml_text, dump_config
 from .detection.predictor import Predictor
+from .recipe import Recipe, describe, parse_recipe, recipe_json
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model_final.pth"
@@ -43,6 +50,7 @@ class ModelDir:
     path: Path
     labels: list[str] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    recipe: Recipe = None  # how the model must be run; None: whole, as DefaultPredictor
 
     @classmethod
     def open(cls, path: str | Path) -> ModelDir:
@@ -57,7 +65,8 @@ class ModelDir:
                 metadata = json.loads((path / METADATA_FILE).read_text())
             except json.JSONDecodeError as exc:
                 raise ModelDirError(f"{path / METADATA_FILE}: not valid JSON ({exc})") from exc
-        return cls(path, labels, metadata)
+        recipe = parse_recipe(metadata.get("recipe"), str(path / METADATA_FILE))
+        return cls(path, labels, metadata, recipe)
 
     @property
     def version(self) -> str:
@@ -75,11 +84,54 @@ class ModelDir:
             )
         return predictor
 
+    def summary(self) -> dict[str, Any]:
+        """What `tridentloop model show` prints: how the model runs and where it came from."""
+        lineage = {k: v for k, v in self.metadata.items() if k not in ("version", "recipe")}
+        return {
+            "path": str(self.path),
+            "version": self.version,
+            "classes": self.labels,
+            "recipe": recipe_json(self.recipe),
+            "runs": describe(self.recipe) + ("" if "recipe" in self.metadata
+                                             else " (no recipe stored: the default)"),
+            "lineage": lineage,
+        }
+
     def validate(self) -> None:
         """Raise unless the config, weights and labels load together and a forward pass on a
         generated image runs: what a server needs before it may switch to this model."""
         predictor = self.predictor(_SMOKE_TEST, device="cpu")
         predictor.predict([np.full((64, 64, 3), 127, np.uint8)])
+
+
+@contextmanager
+def _building(dest: str | Path) -> Iterator[Path]:
+    """A temp dir beside `dest`, renamed to `dest` when the block ends without error and
+    removed when it fails: a reader never sees half a model. An existing `dest` is refused."""
+    dest = Path(dest)
+    if dest.exists():
+        raise ModelDirError(f"{dest} already exists; model directories are never overwritten")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_files(
+    root: Path,
+    config_yaml: str,
+    state_dict: dict[str, torch.Tensor],
+    labels: list[str],
+    metadata: dict[str, Any],
+) -> None:
+    (root / CONFIG_FILE).write_text(config_yaml)
+    torch.save({"model": state_dict}, root / WEIGHTS_FILE)
+    (root / LABELS_FILE).write_text("".join(f"{name}\n" for name in labels))
+    (root / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
 
 
 def write_model_dir(
@@ -89,20 +141,40 @@ def write_model_dir(
     labels: list[str],
     metadata: dict[str, Any],
 ) -> ModelDir:
-    """Write a complete model directory atomically: built in a temp dir beside `dest`, then
-    renamed, so a reader never sees half a model. An existing `dest` is refused."""
-    dest = Path(dest)
-    if dest.exists():
-        raise ModelDirError(f"{dest} already exists; model directories are never overwritten")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        (tmp / CONFIG_FILE).write_text(config_yaml)
-        torch.save({"model": state_dict}, tmp / WEIGHTS_FILE)
-        (tmp / LABELS_FILE).write_text("".join(f"{name}\n" for name in labels))
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Write a complete model directory atomically."""
+    with _building(dest) as tmp:
+        _write_files(tmp, config_yaml, state_dict, labels, metadata)
+    return ModelDir.open(dest)
+
+
+def init_model_dir(
+    dest: str | Path,
+    config: str | Path,
+    weights: str | Path,
+    labels: str | Path,
+    recipe: Recipe,
+    version: str | None = None,
+) -> ModelDir:
+    """A model directory from a user's detectron2 files (a config with its `_BASE_`s, a
+    .pth or model-zoo .pkl checkpoint, class names), written only once it has loaded and
+    run on a generated image. The config is stored resolved and the weights as plain
+    tensors, so the directory stands alone and loads without trusting pickled objects."""
+    names = read_labels(labels)
+    config_yaml = dump_config(config)
+    num_classes = config_from_yaml_text(config_yaml, str(config)).roi_heads.num_classes
+    if len(names) != num_classes:
+        raise ModelDirError(f"{labels} names {len(names)} classes but {config} has "
+                            f"MODEL.ROI_HEADS.NUM_CLASSES={num_classes}")
+    with open(weights, "rb") as f:
+        source_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    metadata = {
+        "version": version or Path(dest).name,
+        "recipe": recipe_json(recipe),
+        "source": {"config": str(Path(config).resolve()),
+                   "weights": str(Path(weights).resolve()), "weights_sha256": source_sha256,
+                   "labels": str(Path(labels).resolve())},
+    }
+    with _building(dest) as tmp:
+        _write_files(tmp, config_yaml, read_state_dict(weights), names, metadata)
+        ModelDir.open(tmp).validate()
     return ModelDir.open(dest)

@@ -12,19 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 from tqdm import tqdm
 
-from .detection.images import (
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_SCALING,
-    ImageError,
-    PixelScaling,
-    load_image,
-)
 from .detection.predictor import Predictor
 from .detection.structures import Detections
 from .detection.tiling import TilingOptions
 from .imagery.exports import Exports
+from .imagery.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_SCALING,
+    ImageError,
+    PixelScaling,
+)
+from .imagery.raster import WindowedRaster, open_image
 from .overlay import draw_detections
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,16 @@ def detection_records(det: Detections, labels: list[str] | None) -> list[dict[st
             det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(), strict=True
         )
     ]
+
+
+def _overlay(image: np.ndarray | WindowedRaster, det: Detections, labels: list[str] | None,
+             path: Path) -> None:
+    """Draw the boxes on the image; a raster too large to hold whole gets none, with a
+    warning (its detections are in the results all the same)."""
+    try:
+        draw_detections(np.asarray(image), det, labels, path)
+    except ImageError as exc:
+        log.warning("no overlay: %s", exc)
 
 
 @dataclass
@@ -72,8 +83,9 @@ def run_predict(
     keep = kept.append if exports is not None and exports.wanted else (lambda _record: None)
     for path in tqdm(paths, desc="predict", unit="img", disable=not progress or len(paths) < 2):
         summary.images += 1
-        try:
-            image = load_image(path, max_pixels=max_pixels, scaling=scaling)
+        try:  # a raster read by windows may fail in the middle: the same report
+            image = open_image(path, max_pixels=max_pixels, scaling=scaling)
+            det = predictor.detect(image, tiling)
         except ImageError as exc:
             summary.failed += 1
             log.error("%s", exc)
@@ -81,10 +93,9 @@ def run_predict(
             output.write(json.dumps(failure) + "\n")
             keep(failure)
             continue
-        det = predictor.detect(image, tiling)
         summary.detections += len(det)
         if overlays is not None:
-            draw_detections(image, det, labels, overlays / (Path(path).stem + ".png"))
+            _overlay(image, det, labels, overlays / (Path(path).stem + ".png"))
         record = {
             "image": path,
             "width": image.shape[1],

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from backend.detection.images import load_image
 from backend.detection.training import Sample
 from backend.files import write_atomically
+from backend.imagery.images import load_image
 
 
 def read_coco(path: str | Path) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """DVC stage `evaluate`: COCO metrics (pycocotools) of the candidate and of the deployed
-model on the val split, with the same tiled inference as serving.
+model on the val split, each run by its own recipe (model.json), as serving runs it.
 
 Writes `metrics.json` (for `dvc metrics diff`: AP, AP50, AP75, AP-small, per-class AP, and
 the deployed model's AP50 on the same images for the deploy gate) and `plots/pr.json`
@@ -18,9 +18,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from backend.detection.images import load_image
-from backend.detection.tiling import TilingOptions
+from backend.imagery.images import load_image
 from backend.model_dir import ModelDir
+from backend.recipe import Recipe
 from backend.registry import Registry, RegistryError
 
 from .coco import read_coco, write_json
@@ -28,7 +28,7 @@ from .params import fail, load_params
 
 
 def detections_for(
-    model: ModelDir, coco: dict[str, Any], images: Path, tiling: TilingOptions, device: str
+    model: ModelDir, coco: dict[str, Any], images: Path, tiling: Recipe, device: str
 ) -> list[dict[str, Any]]:
     """COCO result records, scored by the model over every val image. Classes are matched
     to the val split's categories by name, so a model with another label set (the deployed
@@ -130,14 +130,11 @@ def main() -> None:
     images = Path(params.get("dataset", {}).get("dir", "data/dataset")) / "images"
     if not val["images"]:
         fail("the val split is empty: nothing to evaluate on")
-    tiling = TilingOptions(
-        tile_size=int(ep.get("tile_size", 800)), overlap=float(ep.get("overlap", 0.2))
-    )
     device = ep.get("device", "auto")
     candidate = ModelDir.open(params.get("train", {}).get("output", "models/candidate"))
     max_detections = int(ep.get("max_detections", DEFAULT_MAX_DETECTIONS))
     metrics, curve = coco_metrics(
-        val, detections_for(candidate, val, images, tiling, device), max_detections
+        val, detections_for(candidate, val, images, candidate.recipe, device), max_detections
     )
     metrics["images"] = len(val["images"])
     metrics["deployed"] = None
@@ -148,7 +145,7 @@ def main() -> None:
         deployed = None
     if deployed is not None:
         deployed_metrics, _ = coco_metrics(
-            val, detections_for(deployed, val, images, tiling, device), max_detections
+            val, detections_for(deployed, val, images, deployed.recipe, device), max_detections
         )
         metrics["deployed"] = {
             "version": deployed.version,

@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from backend.detection.images import ImageError, load_image
+from backend.imagery.images import ImageError, load_image
 from backend.serving.label_config import LabelConfigError, parse_label_config
 from backend.serving.media import MediaError, MediaFetcher, MediaSettings
 

@@ -83,13 +83,14 @@ def show_in_label_studio(client: Any, project: int, ids: list[int]) -> int:
 
 
 def _prelabel(project: int, registry: str, sp: dict[str, Any], report: Path) -> None:
-    """Score the pool with the deployed model, as `tridentloop prelabel` in its own process
-    (pipelines never import the CLI). Unreadable images are reported (exit 1), not fatal."""
+    """Score the pool with the deployed model, run by its recipe, as `tridentloop prelabel`
+    in its own process (pipelines never import the CLI). Unreadable images are reported
+    (exit 1), not fatal."""
     done = subprocess.run(
         [sys.executable, "-m", "backend.cli", "prelabel", "--project", str(project),
          "--registry", registry, "--only-unlabeled",
          "--uncertainty", sp.get("uncertainty", DEFAULT_UNCERTAINTY),
-         "--device", sp.get("device", "auto"), "--tile-size", str(sp.get("tile_size", 800)),
+         "--device", sp.get("device", "auto"),
          "--report", str(report)],
         check=False,
     )

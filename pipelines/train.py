@@ -21,22 +21,22 @@ import torch
 import torch.distributed as dist
 
 from backend.detection.checkpoint import load_weights
-from backend.detection.config import bundled_config, dump_config, load_config
+from backend.detection.config import DetectorConfig, bundled_config, dump_config, load_config
 from backend.detection.device import distributed_setup, resolve_device
 from backend.detection.model import GeneralizedRCNN
 from backend.detection.training import TrainOptions, init_from_scratch, train
 from backend.model_dir import write_model_dir
+from backend.recipe import Recipe, describe, parse_recipe, recipe_json
 from backend.registry import Registry, RegistryError
 
 from .coco import category_names, dataset_hash, load_samples, read_coco
-from .params import load_params
+from .params import PARAMS_FILE, fail, load_params
 
 OPTION_KEYS = (
     "iterations",
     "batch_size",
     "lr",
     "warmup_iters",
-    "crop_size",
     "checkpoint_period",
     "seed",
     "weight_decay",
@@ -45,9 +45,16 @@ OPTION_KEYS = (
 )
 
 
-def train_options(params: dict[str, Any]) -> TrainOptions:
+def train_options(params: dict[str, Any], recipe: Recipe, cfg: DetectorConfig) -> TrainOptions:
+    """The training settings of params.yaml `train`, with the crops the recipe runs the
+    model on: tiles of its tile size, or whole images resized as the config resizes them."""
+    if "crop_size" in params:
+        fail("train.crop_size is now the recipe's tile_size (params.yaml `recipe`), so "
+             "that training, evaluation and serving cannot disagree: move it there")
     chosen = {k: params[k] for k in OPTION_KEYS if k in params}
-    return TrainOptions(**chosen)
+    if recipe is None:
+        return TrainOptions(**chosen, whole_image=(cfg.min_size_test, cfg.max_size_test))
+    return TrainOptions(**chosen, crop_size=recipe.tile_size)
 
 
 def config_path(name: str) -> Path:
@@ -55,9 +62,9 @@ def config_path(name: str) -> Path:
     return path if path.suffix in (".yaml", ".yml") and path.exists() else bundled_config(name)
 
 
-def _run_key(params: dict[str, Any], dataset: str) -> str:
+def _run_key(settings: object, dataset: str) -> str:
     """Checkpoints resume only a run of the same settings on the same data."""
-    return hashlib.sha256(json.dumps([params, dataset], sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps([settings, dataset], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _start_weights(
@@ -107,15 +114,17 @@ def main() -> None:
 
     coco = read_coco(split_dir / "train.json")
     labels = category_names(coco)
-    options = train_options(tp)
+    recipe = parse_recipe(params.get("recipe"), f"{PARAMS_FILE} recipe")
     cfg_file = config_path(tp.get("config", "tiny_tridentnet"))
     overrides = {"MODEL.ROI_HEADS.NUM_CLASSES": len(labels)}
+    cfg = load_config(cfg_file, overrides)
+    options = train_options(tp, recipe, cfg)
     torch.manual_seed(options.seed)
-    model = GeneralizedRCNN(load_config(cfg_file, overrides))
+    model = GeneralizedRCNN(cfg)
     origin, start_sha256 = _start_weights(
         model, tp, labels, params.get("deploy", {}).get("registry")
     )
-    key = _run_key(tp, dataset_hash(split_dir / "train.json"))
+    key = _run_key([tp, recipe_json(recipe)], dataset_hash(split_dir / "train.json"))
     checkpoint = work / f"{key}.pth"
     start, state = 0, None
     if checkpoint.is_file():
@@ -128,7 +137,7 @@ def main() -> None:
     if rank == 0:
         print(
             f"train: {len(coco['images'])} images, classes {labels}, from {origin}, "
-            f"{world} process(es) on {device}"
+            f"{world} process(es) on {device}; recipe: {describe(recipe)}"
         )
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     optimizer = torch.optim.SGD(
@@ -196,6 +205,7 @@ def main() -> None:
                 "start_sha256": start_sha256,
                 "processes": world,
                 "params": tp,
+                "recipe": recipe_json(recipe),
             },
         )
         checkpoint.unlink(missing_ok=True)

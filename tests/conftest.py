@@ -57,7 +57,7 @@ def expected_detections(name: str) -> dict:
 
 @pytest.fixture(scope="session")
 def fixture_image() -> np.ndarray:
-    from backend.detection.images import load_image
+    from backend.imagery.images import load_image
 
     return load_image(D2_FIXTURES / "input.png")
 

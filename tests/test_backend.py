@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.detection.images import load_image
-from backend.detection.tiling import TilingOptions
+from backend.imagery.images import load_image
 from backend.model_dir import ModelDir
 from backend.registry import Registry
 from backend.serving.auth import BasicAuth
@@ -42,7 +41,7 @@ def world(tmp_path_factory, fixture_image):
     Image.fromarray(fixture_image[:480, :640]).save(images / "small.png")
     Image.fromarray(
         np.ascontiguousarray(np.concatenate([fixture_image, fixture_image[:200]]))
-    ).save(images / "large.png")  # 1000 x 800: two tiles
+    ).save(images / "large.png")  # 800 wide, 1000 high: whole (no recipe), as DefaultPredictor
     (images / "broken.png").write_bytes(b"\x89PNG not really")
     marker = root / "runs.txt"
     command = (
@@ -87,12 +86,11 @@ def predict(world, tasks, **extra) -> httpx.Response:
 
 
 def expected_regions(path: Path, threshold: float = 0.5) -> list[dict]:
-    """What the engine says for this image, as percent boxes."""
-    predictor = ModelDir.open(Registry(path.parents[1] / "registry").current().path).predictor(
-        device="cpu"
-    )
+    """What the engine says for this image, run by the served model's recipe (none stored:
+    whole, as DefaultPredictor), as percent boxes."""
+    model = ModelDir.open(Registry(path.parents[1] / "registry").current().path)
     image = load_image(path)
-    det = predictor.detect(image, TilingOptions())
+    det = model.predictor(device="cpu").detect(image, model.recipe)
     height, width = image.shape[:2]
     names = {0: "Elephant", 1: "Zebra", 2: "Avian"}
     return [

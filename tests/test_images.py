@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from backend.detection.images import ImageError, PixelScaling, load_image
+from backend.imagery.images import ImageError, PixelScaling, load_image
 
 from .conftest import D2_FIXTURES, run_predict_cli
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from backend.detection.config import load_config
-from backend.detection.images import load_image
 from backend.detection.model import GeneralizedRCNN
+from backend.imagery.images import load_image
 from backend.model_dir import ModelDir
 from backend.registry import Registry
 from pipelines.deploy import gate

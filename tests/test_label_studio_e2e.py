@@ -19,6 +19,7 @@ from PIL import Image
 
 from backend.cli import main as cli
 from backend.local_label_studio import import_image
+from backend.model_dir import ModelDir
 from backend.registry import Registry
 
 from .servers import ANIMAL_CONFIG as CONFIG
@@ -79,7 +80,9 @@ def _upload_images(label_studio, project_id: int, root: Path) -> dict[str, Path]
     crops = {
         "a.png": base[:480, :640],
         "b.png": base[200:, 100:],
-        "wide.png": np.ascontiguousarray(np.concatenate([base, base[:, :400]], axis=1)),
+        # non-square, beyond 800 px: DefaultPredictor resizes it to 1333 x 476
+        "wide.png": np.ascontiguousarray(np.concatenate([base[150:650], base[150:650, :600]],
+                                                        axis=1)),
     }
     saved = {}
     for name, array in crops.items():
@@ -158,6 +161,30 @@ def test_retrieve_predictions_stores_the_engine_boxes_with_labels_and_version(st
         every = [d["score"] for d in _engine_regions(stack, path, "survey-v1", threshold=0.0)]
         doubts = sorted((2 * min(s, 1 - s) for s in every), reverse=True)  # top-doubt
         assert pred.score == pytest.approx(sum(doubts[:10]) / 10, abs=1e-5)
+
+
+def test_a_detectron2_model_without_a_recipe_stores_default_predictor_detections(stack):
+    """The registry's versions are detectron2 files with no recipe: Label Studio stores, for
+    a 1400 x 500 image, exactly what DefaultPredictor (the whole image, resized) returns."""
+    ls, names = stack["ls"], _task_image_names(stack)
+    wide = next(task for task, name in names.items() if name == "wide.png")
+    if not ls.predictions.list(task=wide):  # run alone, without the test above
+        ls.tasks.get(id=str(wide))
+    (pred,) = ls.predictions.list(task=wide)
+    assert pred.model_version == "survey-v1"
+    path = stack["images"]["wide.png"]
+    model = ModelDir.open(stack["registry"].versions_dir / "survey-v1")
+    assert model.recipe is None
+    det = model.predictor(device="cpu").predict([np.asarray(Image.open(path))])[0]
+    keep = det.scores >= 0.5
+    boxes, scores = det.boxes[keep].numpy(), det.scores[keep].numpy()
+    assert len(pred.result) == len(boxes) > 0
+    got = np.array([[r["value"][k] for k in ("x", "y", "width", "height")]
+                    for r in pred.result])
+    want = np.stack([boxes[:, 0] / 1400, boxes[:, 1] / 500, (boxes[:, 2] - boxes[:, 0]) / 1400,
+                     (boxes[:, 3] - boxes[:, 1]) / 500], axis=1) * 100
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    np.testing.assert_allclose([r["score"] for r in pred.result], scores, atol=1e-5)
 
 
 def test_opening_a_task_without_predictions_predicts_it(stack):

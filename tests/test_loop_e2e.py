@@ -142,6 +142,9 @@ def test_repro_exports_trains_evaluates_and_deploys(loop):
     lineage = registry.current().metadata
     assert lineage["metrics"]["ap50"] == metrics["ap50"]
     assert lineage["dataset"] and lineage["git_revision"]
+    params = yaml.safe_load((checkout / "params.yaml").read_text())
+    assert lineage["recipe"] == params["recipe"]  # the deployed model runs as it was trained
+    assert registry.current().recipe.tile_size == params["recipe"]["tile_size"]
     assert "train: it 12/12 loss" in loop["first"].stdout + loop["first"].stderr  # progress
     assert json.loads((checkout / "deploy.json").read_text())["deployed"] is True
     assert (checkout / "dvclive/metrics.json").is_file()

@@ -16,8 +16,8 @@ import yaml
 from label_studio_sdk import LabelStudio
 
 from backend.cli import main
-from backend.detection.images import load_image
 from backend.detection.tiling import TilingOptions
+from backend.imagery.images import load_image
 from backend.local_label_studio import import_image
 from backend.model_dir import ModelDir
 from backend.registry import Registry

@@ -11,6 +11,7 @@ import torch
 from backend.detection.config import bundled_config, load_config
 from backend.detection.model import GeneralizedRCNN
 from backend.detection.structures import Targets
+from backend.detection.tiling import TilingOptions
 from backend.detection.training import (
     Sample,
     TrainOptions,
@@ -134,3 +135,33 @@ def test_crop_of_an_unscaled_unflipped_image_moves_boxes_with_it():
         crop = random_crop(sample, rng, options)
         x0, y0, x1, y1 = crop.boxes[0].astype(int)
         assert crop.image[y0:y1, x0:x1].min() == 255
+
+
+def test_a_whole_image_model_trains_on_whole_images_resized_as_at_inference():
+    """A whole-image recipe: no crop, the image at DefaultPredictor's size (short side
+    MIN_SIZE, long side at most MAX_SIZE), boxes scaled with it."""
+    image = np.zeros((500, 1400, 3), np.uint8)
+    image[100:200, 700:900] = 255
+    sample = Sample(image, np.array([[700, 100, 900, 200]], np.float32), np.array([0]))
+    options = TrainOptions(whole_image=(800, 1333), scale_jitter=(1, 1), colour_jitter=0)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        crop = random_crop(sample, rng, options)
+        assert crop.image.shape[:2] == (476, 1333)  # ResizeShortestEdge(800, max 1333)
+        (box,) = crop.boxes
+        width = box[2] - box[0]
+        assert width == pytest.approx(200 * 1333 / 1400, abs=0.5)
+        x0, y0, x1, y1 = np.round(box).astype(int)
+        assert crop.image[y0 + 2 : y1 - 2, x0 + 2 : x1 - 2].min() == 255
+
+
+def test_training_crops_follow_the_recipe_in_params():
+    from pipelines.train import train_options
+
+    cfg = load_config(bundled_config("tiny_tridentnet"))
+    tiled = train_options({"iterations": 5}, TilingOptions(tile_size=256), cfg)
+    assert (tiled.crop_size, tiled.whole_image, tiled.iterations) == (256, None, 5)
+    whole = train_options({}, None, cfg)
+    assert whole.whole_image == (cfg.min_size_test, cfg.max_size_test)
+    with pytest.raises(SystemExit, match="crop_size is now the recipe's tile_size"):
+        train_options({"crop_size": 320}, None, cfg)

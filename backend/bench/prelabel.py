@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from ..detection.device import device_name, synchronize
-from ..detection.images import load_image
 from ..detection.tiling import TilePlan, TilingOptions
+from ..imagery.images import load_image
 from ..synthetic import survey_scene
 from .workload import conditioned_model_dir
 

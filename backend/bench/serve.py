@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from ..detection.images import load_image
+from ..imagery.images import load_image
 from ..serving.backend import Backend, ServerSettings
 from ..serving.jobs import TrainingJobs
 from ..serving.media import MediaFetcher, MediaSettings
@@ -118,7 +118,7 @@ def run_serve_benchmark(bench: ServeBench) -> Iterator[dict]:
 
 def _overhead(bench: ServeBench, backend: Backend, url: str, paths: list[str]) -> dict:
     predictor = backend.models.get().predictor
-    tiling = backend.settings.tiling
+    tiling = backend.models.get().tiling
     predictor.detect(load_image(paths[0]), tiling)  # warm-up
     start = time.perf_counter()
     for path in paths:

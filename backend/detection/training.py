@@ -1,8 +1,10 @@
-"""Fine-tuning steps: tile-sized random crops with flips, scale and colour jitter, fed to the
-model's detectron2 losses with SGD, warmup and (on CUDA) mixed precision.
+"""Fine-tuning steps: random crops with flips, scale and colour jitter, fed to the model's
+detectron2 losses with SGD, warmup and (on CUDA) mixed precision.
 
-The crops match inference tiling, so the model learns objects at the scale it will see
-them in survey tiles. The DVC `train` stage adds checkpoints, metrics and multi-GPU on top.
+The crops match how the model will run (its recipe): tile-sized at native resolution for a
+tiled model, the whole image resized as DefaultPredictor resizes it for a whole-image
+model, so the model learns objects at the scale it will see them. The DVC `train` stage
+adds checkpoints, metrics and multi-GPU on top.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from .device import training_dtype
 from .model import GeneralizedRCNN
+from .predictor import resized_shape
 from .structures import Targets
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ class TrainOptions:
     weight_decay: float = 1e-4
     warmup_iters: int = 50
     crop_size: int = 320
+    # (MIN_SIZE, MAX_SIZE): whole images resized as at inference instead of crops
+    whole_image: tuple[int, int] | None = None
     scale_jitter: tuple[float, float] = (0.8, 1.25)
     colour_jitter: float = 0.2
     min_visible: float = 0.6  # a box cut by the crop is kept if this much of it remains
@@ -54,17 +59,22 @@ class TrainOptions:
 
 
 def random_crop(sample: Sample, rng: np.random.Generator, options: TrainOptions) -> Sample:
-    """A crop_size window (whole image if smaller) after scale jitter, maybe flipped,
-    with brightness/contrast jitter; boxes clipped, mostly-cut ones dropped."""
+    """A crop_size window (whole image if smaller; the whole image, resized, with
+    `whole_image`) after scale jitter, maybe flipped, with brightness/contrast jitter;
+    boxes clipped, mostly-cut ones dropped."""
     image, boxes = sample.image, sample.boxes.astype(np.float32)
+    height, width = image.shape[:2]
     scale = float(rng.uniform(*options.scale_jitter))
+    crop_size = options.crop_size
+    if options.whole_image is not None:
+        scale *= resized_shape(height, width, *options.whole_image)[0] / height
+        crop_size = math.ceil(max(height, width) * scale)
     if abs(scale - 1.0) > 1e-3:
-        height, width = image.shape[:2]
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
         boxes = boxes * np.array([size[0] / width, size[1] / height] * 2, dtype=np.float32)
     height, width = image.shape[:2]
-    ch, cw = min(options.crop_size, height), min(options.crop_size, width)
+    ch, cw = min(crop_size, height), min(crop_size, width)
     y0, x0 = int(rng.integers(0, height - ch + 1)), int(rng.integers(0, width - cw + 1))
     image = image[y0 : y0 + ch, x0 : x0 + cw]
     shifted = boxes - np.array([x0, y0, x0, y0], dtype=np.float32)

@@ -25,12 +25,13 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import uncertainty
-from ..detection.images import PixelScaling
 from ..detection.structures import Detections
 from ..detection.tiling import TilingOptions
 from ..imagery.exports import Exports
+from ..imagery.images import PixelScaling
 from ..model_dir import ModelDir
 from ..predict import detection_records
+from ..recipe import RecipeOverrides
 from ..registry import Registry
 from ..serving.label_config import parse_label_config, read_mapping
 from ..serving.media import MediaSettings
@@ -169,11 +170,12 @@ def open_model(args: argparse.Namespace) -> tuple[ModelDir, str]:
     return model, model.path.name               # cannot pair one model with another's name
 
 
-def run_prelabel(args: argparse.Namespace, tiling: TilingOptions | None) -> int:
+def run_prelabel(args: argparse.Namespace, recipe: RecipeOverrides) -> int:
     if args.project is not None and (args.megadetector or args.counts or args.geojson):
         raise ValueError("--megadetector, --counts and --geojson go with --images: a "
                          "project's predictions live in Label Studio")
     model, version = open_model(args)
+    tiling = recipe.apply(model.recipe, version)
     labels = model.labels or []
     destination: Destination = (
         LabelStudioProject(args, version, labels)

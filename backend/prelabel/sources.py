@@ -11,7 +11,8 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from ..detection.images import DEFAULT_MAX_PIXELS, DEFAULT_SCALING, PixelScaling, load_image
+from ..imagery.images import DEFAULT_MAX_PIXELS, DEFAULT_SCALING, PixelScaling, load_image
+from ..imagery.raster import WindowedRaster, open_image
 from ..serving.media import MediaFetcher, MediaSettings
 from .retry import ONE_TRY, with_retry
 
@@ -49,7 +50,9 @@ class FileLoader:
         self.max_pixels = max_pixels
         self.scaling = scaling
 
-    def __call__(self, item: Item) -> np.ndarray:
+    def __call__(self, item: Item) -> np.ndarray | WindowedRaster:
+        if "://" not in item.uri:  # a local tiled TIFF is read window by window
+            return open_image(item.uri, self.max_pixels, self.scaling)
         with fsspec.open(item.uri, "rb") as f:
             data = f.read()
         return load_image(data, max_pixels=self.max_pixels, name=item.uri, scaling=self.scaling)

@@ -20,12 +20,11 @@ import time
 from collections import Counter, OrderedDict, deque
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .. import uncertainty
-from ..detection.images import DEFAULT_MAX_PIXELS, load_image
-from ..detection.tiling import TilingOptions
+from ..imagery.images import DEFAULT_MAX_PIXELS, load_image
 from .auth import BasicAuth
 from .inference_queue import InferenceQueue, QueueFull
 from .jobs import TrainingJobs
@@ -42,7 +41,6 @@ Usable = list[tuple[RectangleControl, dict[int, str]]]
 @dataclass
 class ServerSettings:
     score_threshold: float = 0.5
-    tiling: TilingOptions | None = field(default_factory=TilingOptions)
     label_mapping: dict[str, str] | None = None
     max_request_bytes: int = 32 * 1024**2
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -231,7 +229,7 @@ class Backend:
     def _detect(self, uri: Any, task_id: int | None, model: LoadedModel, deadline: float):
         raw = self.media.fetch(uri, task_id, deadline)
         image = load_image(raw, max_pixels=self.settings.max_pixels, name=str(uri))
-        future = self.queue.submit(model.predictor, image, self.settings.tiling)
+        future = self.queue.submit(model.predictor, image, model.tiling)
         try:
             det = future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout as exc:

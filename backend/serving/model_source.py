@@ -1,5 +1,7 @@
 """The model a server answers with: one fixed model directory, or the registry's `current`
-version, hot-reloaded when the pointer changes.
+version, hot-reloaded when the pointer changes. Each version runs by its own recipe (with
+the server's flags laid over it), so a switch to a model trained on other tiles changes
+the tiling too.
 
 A reload happens in the request thread that notices the change (never on the event loop);
 requests already running keep the model they started with, so a switch never fails a
@@ -15,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..detection.predictor import Predictor
+from ..detection.tiling import TilingOptions
 from ..model_dir import ModelDir
+from ..recipe import RecipeOverrides
 from ..registry import Registry
 
 log = logging.getLogger(__name__)
@@ -26,6 +30,7 @@ class LoadedModel:
     version: str
     predictor: Predictor
     labels: list[str]
+    tiling: TilingOptions | None  # None: each image whole
 
 
 class ModelSource:
@@ -33,11 +38,13 @@ class ModelSource:
         self,
         model_dir: Path | None = None,
         registry: Registry | None = None,
+        recipe_overrides: RecipeOverrides | None = None,
         **predictor_kwargs: Any,
     ) -> None:
         if (model_dir is None) == (registry is None):
             raise ValueError("serve needs exactly one of --model DIR or --registry DIR")
         self.registry = registry
+        self.recipe_overrides = recipe_overrides or RecipeOverrides()
         self.predictor_kwargs = predictor_kwargs
         self._lock = threading.Lock()
         self._stamp = registry.pointer_stamp() if registry else None
@@ -55,8 +62,9 @@ class ModelSource:
             )
         predictor = model_dir.predictor(**self.predictor_kwargs)
         version = name or model_dir.version
+        tiling = self.recipe_overrides.apply(model_dir.recipe, version)
         log.info("serving model %s from %s", version, model_dir.path)
-        return LoadedModel(version, predictor, model_dir.labels)
+        return LoadedModel(version, predictor, model_dir.labels, tiling)
 
     def current(self) -> LoadedModel:
         """The model being served, without looking at the registry: never blocks, so the

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import uvicorn
 
+from ..recipe import RecipeOverrides
 from ..registry import Registry
 from .app import create_app
 from .auth import BasicAuth, check_bind
@@ -30,13 +31,14 @@ def default_work_dir() -> Path:
     return Path(os.environ.get("TRIDENTLOOP_HOME", ".tridentloop"))
 
 
-def build_backend(args: argparse.Namespace, tiling) -> Backend:
+def build_backend(args: argparse.Namespace, recipe: RecipeOverrides) -> Backend:
     auth = BasicAuth.from_env()
     check_bind(args.host, auth, args.insecure_no_auth)
     work = Path(args.work_dir or default_work_dir())
     models = ModelSource(
         model_dir=args.model,
         registry=Registry(args.registry) if args.registry else None,
+        recipe_overrides=recipe,
         device=args.device,
         precision=args.precision,
         channels_last=args.channels_last,
@@ -57,7 +59,6 @@ def build_backend(args: argparse.Namespace, tiling) -> Backend:
     try:
         settings = ServerSettings(
             score_threshold=args.score_threshold,
-            tiling=tiling,
             label_mapping=read_mapping(args.label_mapping) if args.label_mapping else None,
             max_pixels=args.max_pixels,
             request_deadline=args.request_deadline,
@@ -69,8 +70,8 @@ def build_backend(args: argparse.Namespace, tiling) -> Backend:
     return Backend(models, media, jobs, settings)
 
 
-def run_server(args: argparse.Namespace, tiling) -> int:
-    backend = build_backend(args, tiling)
+def run_server(args: argparse.Namespace, recipe: RecipeOverrides) -> int:
+    backend = build_backend(args, recipe)
     log.info(
         "tridentloop backend on http://%s:%d serving %s",
         args.host,

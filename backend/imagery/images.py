@@ -8,6 +8,7 @@ the other images.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 from collections.abc import Sequence
@@ -160,59 +161,65 @@ def _tiff_to_rgb(
     with tifffile.TiffFile(source) as tif:
         page = tif.pages[0]
         _check_size((page.imagewidth, page.imagelength), max_pixels, name)
-        tag = page.tags.get(42113)  # GDAL_NODATA, an ASCII number
-        nodata = scaling.nodata if scaling.nodata is not None else (
-            float(str(tag.value).strip()) if tag is not None else None
-        )
+        nodata = scaling.nodata if scaling.nodata is not None else gdal_nodata(page)
         array = page.asarray()
     if array.ndim == 3 and page.planarconfig == 2:  # SEPARATE: (bands, H, W)
         array = np.moveaxis(array, 0, -1)
-    return _array_to_rgb8(array, scaling, nodata, name)
+    return array_to_rgb8(array, dataclasses.replace(scaling, nodata=nodata), name)
+
+
+def gdal_nodata(page) -> float | None:
+    """A TIFF page's GDAL_NODATA tag (42113, an ASCII number), if it has one."""
+    tag = page.tags.get(42113)
+    return float(str(tag.value).strip()) if tag is not None else None
 
 
 def _to_rgb8(image: Image.Image, scaling: PixelScaling, name: str) -> np.ndarray:
     if image.mode not in _EIGHT_BIT_MODES:  # 16/32-bit integer or float grey
-        return _array_to_rgb8(np.asarray(image), scaling, scaling.nodata, name)
+        return array_to_rgb8(np.asarray(image), scaling, name)
     if scaling.value_range is not None or scaling.bands is not None:
-        return _array_to_rgb8(np.asarray(image.convert("RGB")), scaling, scaling.nodata, name)
+        return array_to_rgb8(np.asarray(image.convert("RGB")), scaling, name)
     if image.mode != "RGB":
         image = image.convert("RGB")  # grey, palette, CMYK; RGBA drops its alpha
     return np.ascontiguousarray(np.asarray(image))
 
 
-def _array_to_rgb8(
-    array: np.ndarray, scaling: PixelScaling, nodata: float | None, name: str
-) -> np.ndarray:
-    bands = _pick_bands(array, scaling.bands, name)
+def array_to_rgb8(array: np.ndarray, scaling: PixelScaling, name: str) -> np.ndarray:
+    """(H, W) or (H, W, B) pixels of any dtype -> (H, W, 3) uint8 RGB, per `scaling`."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    try:
+        bands = array[:, :, band_indices(array.shape[2], scaling.bands)]
+    except ValueError as exc:
+        raise ImageError(name, str(exc)) from exc
     if bands.dtype != np.uint8 or scaling.value_range is not None:
-        bands = _stretch(bands, scaling, nodata)
+        bands = _stretch(bands, scaling)
     if bands.shape[2] == 1:
         bands = np.repeat(bands, 3, axis=2)
     return np.ascontiguousarray(bands)
 
 
-def _pick_bands(array: np.ndarray, bands: Sequence[int] | None, name: str) -> np.ndarray:
-    """(H, W, B) with B = 1 or 3: the asked bands, else the first three, or grey (a second
-    band is grey's alpha)."""
-    if array.ndim == 2:
-        array = array[:, :, None]
-    count = array.shape[2]
+def band_indices(count: int, bands: Sequence[int] | None) -> list[int]:
+    """0-based bands to use of `count`: the asked ones, else the first three, or grey (a
+    second band is grey's alpha)."""
     if bands is not None:
         if max(bands) > count:
-            raise ImageError(name, f"band {max(bands)} asked for, but the image has {count}")
-        return array[:, :, [b - 1 for b in bands]]
-    return array[:, :, :1] if count < 3 else array[:, :, :3]
+            raise ValueError(f"band {max(bands)} asked for, but the image has {count}")
+        return [b - 1 for b in bands]
+    return [0] if count < 3 else [0, 1, 2]
 
 
-def _stretch(bands: np.ndarray, scaling: PixelScaling, nodata: float | None) -> np.ndarray:
+def _stretch(bands: np.ndarray, scaling: PixelScaling) -> np.ndarray:
     """Linear map of [low, high] to [0, 255] in float32 (a mosaic's memory is what it is
     twice at most, not eight times), invalid pixels black."""
     values = bands.astype(np.float32)
-    invalid = ~np.isfinite(values).all(axis=2)
-    if nodata is not None:
-        invalid |= (bands == nodata).any(axis=2)
-    low, high = (scaling.value_range if scaling.value_range is not None
-                 else _percentiles(values, invalid, scaling.percentiles))
+    invalid = _invalid(bands, values, scaling.nodata)
+    if scaling.value_range is not None:
+        low, high = scaling.value_range
+    else:  # about a million samples on a regular grid: the range of every pixel, cheaply
+        step = max(1, int((values.shape[0] * values.shape[1] / 1e6) ** 0.5))
+        sample = values[::step, ::step][~invalid[::step, ::step]]
+        low, high = value_percentiles(sample, None, scaling.percentiles)
     values -= low
     values *= 255.0 / max(high - low, 1e-12)
     values[invalid] = 0
@@ -220,14 +227,21 @@ def _stretch(bands: np.ndarray, scaling: PixelScaling, nodata: float | None) -> 
     return np.rint(values, out=values).astype(np.uint8)
 
 
-def _percentiles(
-    values: np.ndarray, invalid: np.ndarray, percentiles: tuple[float, float]
+def _invalid(bands: np.ndarray, values: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Pixels with any band not finite or equal to nodata."""
+    invalid = ~np.isfinite(values).all(axis=-1)
+    if nodata is not None:
+        invalid |= (bands == nodata).any(axis=-1)
+    return invalid
+
+
+def value_percentiles(
+    values: np.ndarray, nodata: float | None, percentiles: tuple[float, float]
 ) -> tuple[float, float]:
-    """From about a million valid samples on a regular grid: the same range as from every
-    pixel, to a fraction of a grey level, at a fraction of the cost."""
-    step = max(1, int((values.shape[0] * values.shape[1] / 1e6) ** 0.5))
-    sample = values[::step, ::step][~invalid[::step, ::step]]
-    if sample.size == 0:
+    """The stretch range of (N, B) pixel values, invalid ones left out; never empty."""
+    values = values.astype(np.float32, copy=False)
+    valid = values[~_invalid(values, values, nodata)]
+    if valid.size == 0:
         return 0.0, 1.0
-    low, high = np.percentile(sample, percentiles)
+    low, high = np.percentile(valid, percentiles)
     return float(low), float(high) if high > low else float(low) + 1.0
