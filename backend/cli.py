@@ -177,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument(
         "--training", action="store_true", help="training images/s vs torchvision's"
     )
+    jobs.add_argument("--training-memory", action="store_true",
+                      help="peak RSS of the train stage on generated 6000x4000 frames")
+    bench.add_argument("--training-images", type=int, default=300,
+                       help="--training-memory: frames in the dataset")
+    jobs.add_argument("--export", action="store_true",
+                      help="the loop's export on a real Label Studio project, twice (incremental)")
+    bench.add_argument("--export-tasks", type=int, default=2000, help="--export: tasks")
     jobs.add_argument("--raster", action="store_true",
                       help="peak RSS and tiles/s of prelabel on a generated tiled GeoTIFF")
     bench.add_argument("--raster-size", type=int, default=40_000,
@@ -501,6 +508,16 @@ def _bench(args: argparse.Namespace) -> int:
             request_deadline=args.request_deadline, device=args.device,
             precision=args.precision,
         )))
+    if args.training_memory:
+        from .bench.training_memory import TrainingMemoryBench, run_training_memory_benchmark
+
+        return print_records(run_training_memory_benchmark(TrainingMemoryBench(
+            images=args.training_images, config=args.config or "tiny_tridentnet",
+            device=args.device)))
+    if args.export:
+        from .bench.export import ExportBench, run_export_benchmark
+
+        return print_records(run_export_benchmark(ExportBench(tasks=args.export_tasks)))
     if args.raster:
         from .bench.raster import RasterBench, run_raster_benchmark
 

@@ -38,15 +38,9 @@ from .serving.media import MediaFetcher, MediaSettings
 from .serving.model_source import ModelSource
 from .serving.results import rectangle_region
 from .serving.server import serve_in_thread
-from .synthetic import CLASSES, Scene, png_bytes, survey_scene
+from .synthetic import CLASSES, LABEL_CONFIG, Scene, png_bytes, survey_scene
 
 MARKER = ".tridentloop-demo"
-LABEL_CONFIG = (
-    "<View><Image name='image' value='$image'/><RectangleLabels name='label' "
-    "toName='image'>"
-    + "".join(f"<Label value='{c}'/>" for c in CLASSES)
-    + "</RectangleLabels></View>"
-)
 IMAGE_SIZE = (480, 640)  # (h, w): six 320 px tiles
 
 

@@ -116,7 +116,16 @@ def local_label_studio(home: Path, timeout: float = 240) -> Iterator[LocalLabelS
 
 def import_image(server: LocalLabelStudio, project: int, name: str, data: bytes) -> None:
     """Upload one image file into a project, as a person dropping it on the import page."""
+    import_images(server, project, [(name, data)])
+
+
+def import_images(server: LocalLabelStudio, project: int, files: list[tuple[str, bytes]]
+                  ) -> None:
+    """Upload image files into a project in one request: one task each (Label Studio reads
+    one file per form field name, so each gets its own)."""
     response = httpx.post(f"{server.url}/api/projects/{project}/import",
                           headers={"Authorization": f"Token {server.token}"},
-                          files={"file": (name, data, "image/png")}, timeout=60)
+                          files=[(f"file{i}", (name, data, "image/png"))
+                                 for i, (name, data) in enumerate(files)],
+                          timeout=300)
     response.raise_for_status()

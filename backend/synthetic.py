@@ -96,6 +96,15 @@ def _stripes(draw: ImageDraw.ImageDraw, box: list[float], horizontal: bool) -> N
         draw.line(line, fill=(20, 20, 20), width=2)
 
 
+# A Label Studio project for the generated scenes: boxes labelled with their classes.
+LABEL_CONFIG = (
+    "<View><Image name='image' value='$image'/><RectangleLabels name='label' "
+    "toName='image'>"
+    + "".join(f"<Label value='{c}'/>" for c in CLASSES)
+    + "</RectangleLabels></View>"
+)
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """An image as the bytes of a PNG file, to upload to Label Studio as a user would."""
     buffer = io.BytesIO()

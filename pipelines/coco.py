@@ -10,11 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from backend.detection.training import Sample
 from backend.files import write_atomically
-from backend.imagery.images import load_image
 
 
 def read_coco(path: str | Path) -> dict[str, Any]:
@@ -37,31 +33,6 @@ def subset(coco: dict[str, Any], image_ids: set[int]) -> dict[str, Any]:
         "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids],
         "categories": coco["categories"],
     }
-
-
-def load_samples(coco: dict[str, Any], images_dir: str | Path) -> list[Sample]:
-    """Training samples: decoded images with pixel boxes (x0, y0, x1, y1) and class ids."""
-    by_image: dict[int, list[dict[str, Any]]] = {}
-    for ann in coco["annotations"]:
-        by_image.setdefault(ann["image_id"], []).append(ann)
-    samples = []
-    for image in coco["images"]:
-        anns = by_image.get(image["id"], [])
-        boxes = np.array(
-            [
-                [
-                    a["bbox"][0],
-                    a["bbox"][1],
-                    a["bbox"][0] + a["bbox"][2],
-                    a["bbox"][1] + a["bbox"][3],
-                ]
-                for a in anns
-            ],
-            dtype=np.float32,
-        ).reshape(-1, 4)
-        classes = np.array([a["category_id"] for a in anns], dtype=np.int64)
-        samples.append(Sample(load_image(Path(images_dir) / image["file_name"]), boxes, classes))
-    return samples
 
 
 def content_name(data: bytes, suffix: str) -> str:

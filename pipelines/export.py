@@ -7,14 +7,21 @@ under content-addressed names; an image that cannot be fetched or decoded is rep
 the manifest and skipped. With nothing accepted, the stage fails with a clear message and
 nothing downstream runs, so nothing is deployed.
 
+Incremental: annotations are always re-read, but an image is fetched only for a task that is
+new or whose image URI changed (`images.index.json` keeps task -> URI, file, size between
+runs; DVC leaves both in place with `persist`). Label Studio gives an uploaded file a new URI;
+an image replaced in a bucket under the same key is seen with `dataset.refetch_images: true`.
+Images no task uses any more are removed once the new dataset is complete.
+
 Outputs: `<dir>/annotations.json` and `<dir>/images/` (DVC-tracked) and `<dir>/manifest.json`
-(counts per class, the project, the snapshot time, what was skipped, and every region left
-out of the dataset counted by why: unknown label, rotated box, other control or type).
+(counts per class, the project, the snapshot time, images fetched and reused with the bytes
+downloaded, what was skipped, and every region left out of the dataset counted by why:
+unknown label, rotated box, other control or type).
 """
 
 from __future__ import annotations
 
-import shutil
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,6 +29,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from backend.files import write_atomically
 from backend.imagery.images import ImageError, load_image
 from backend.serving.label_config import LabelConfigError, parse_label_config
 from backend.serving.media import MediaError, MediaFetcher, MediaSettings
@@ -90,6 +98,47 @@ def _as_dict(obj: Any) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else obj.model_dump()
 
 
+class ImageStore:
+    """The dataset's images by content, and which task's URI each came from, kept between
+    runs so that only new or changed images cross the network."""
+
+    def __init__(self, images: Path, media: MediaFetcher, refetch: bool) -> None:
+        self.dir = images
+        self.index_path = images.with_name(images.name + ".index.json")
+        self.media = media
+        self.index: dict[str, dict[str, Any]] = {}
+        if self.index_path.is_file() and not refetch:
+            self.index = json.loads(self.index_path.read_text())
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.kept: dict[str, dict[str, Any]] = {}
+        self.fetched = self.reused = self.fetched_bytes = 0
+
+    def get(self, task_id: int, uri: Any) -> dict[str, Any]:
+        """{file, width, height} of the task's image; fetched and checked only when new."""
+        known = self.index.get(str(task_id))
+        if known and known["uri"] == uri and (self.dir / known["file"]).is_file():
+            self.reused += 1
+        else:
+            data = self.media.fetch(uri, task_id)
+            height, width = load_image(data, name=str(uri)).shape[:2]
+            name = content_name(data, Path(str(uri).split("?")[0]).suffix.lower() or ".img")
+            if not (self.dir / name).is_file():
+                write_atomically(self.dir / name, data)
+            known = {"uri": uri, "file": name, "width": width, "height": height}
+            self.fetched += 1
+            self.fetched_bytes += len(data)
+        self.kept[str(task_id)] = known
+        return known
+
+    def commit(self) -> None:
+        """The index of this run's tasks; images no task uses any more removed."""
+        used = {entry["file"] for entry in self.kept.values()}
+        for path in self.dir.iterdir():
+            if path.name not in used:
+                path.unlink()
+        write_json(self.index_path, dict(sorted(self.kept.items(), key=lambda kv: int(kv[0]))))
+
+
 def main() -> None:
     params = load_params()
     ls_params = params.get("labelstudio", {})
@@ -108,10 +157,8 @@ def main() -> None:
     only_gt = bool(ls_params.get("only_ground_truth", False))
     split_field = params.get("dataset", {}).get("split_field", "split")
 
-    images_dir = out / "images"
-    staging = out / ".images.incoming"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    store = ImageStore(out / "images", media,
+                       bool(params.get("dataset", {}).get("refetch_images", False)))
     coco: dict[str, Any] = {
         "images": [],
         "annotations": [],
@@ -126,16 +173,13 @@ def main() -> None:
             continue
         uri = (task.get("data") or {}).get(control.data_key)
         try:
-            data = media.fetch(uri, task["id"])
-            image = load_image(data, name=str(uri))
+            image = store.get(task["id"], uri)
         except (MediaError, ImageError) as exc:
             skipped.append({"task": task["id"], "image": uri, "reason": str(exc)})
             print(f"warning: task {task['id']} skipped: {exc}")
             continue
-        height, width = image.shape[:2]
-        name = content_name(data, Path(str(uri).split("?")[0]).suffix.lower() or ".img")
-        (staging / name).write_bytes(data)
-        entry = {"id": task["id"], "file_name": name, "width": width, "height": height}
+        width, height = image["width"], image["height"]
+        entry = {"id": task["id"], "file_name": image["file"], "width": width, "height": height}
         pin = (task.get("data") or {}).get(split_field)
         if isinstance(pin, str) and pin.strip():
             entry["split"] = pin.strip().lower()  # `split` decides what it means
@@ -152,7 +196,6 @@ def main() -> None:
                 }
             )
     if not coco["images"]:
-        shutil.rmtree(staging, ignore_errors=True)
         fail(
             f"project {project_id} has no accepted annotations yet ({len(tasks)} tasks, "
             f"{len(skipped)} skipped): label some images in Label Studio first"
@@ -163,9 +206,8 @@ def main() -> None:
     ):
         ann["id"] = i
     coco["annotations"].sort(key=lambda a: a["id"])
-    shutil.rmtree(images_dir, ignore_errors=True)
-    staging.replace(images_dir)
     write_json(out / "annotations.json", coco)
+    store.commit()
     counts = {name: 0 for name in categories}
     for ann in coco["annotations"]:
         counts[control.labels[ann["category_id"]]] += 1
@@ -178,6 +220,9 @@ def main() -> None:
             "images": len(coco["images"]),
             "boxes": len(coco["annotations"]),
             "boxes_per_class": counts,
+            "images_fetched": store.fetched,
+            "images_reused": store.reused,
+            "fetched_bytes": store.fetched_bytes,
             "skipped": skipped,
             "dropped_regions": dict(sorted(dropped.items())),
             "only_ground_truth": only_gt,
@@ -185,7 +230,8 @@ def main() -> None:
     )
     print(
         f"exported {len(coco['images'])} images, {len(coco['annotations'])} boxes "
-        f"{counts}; skipped {len(skipped)}"
+        f"{counts}; skipped {len(skipped)}; fetched {store.fetched} new or changed image(s) "
+        f"({store.fetched_bytes / 1e6:.1f} MB), reused {store.reused}"
     )
     for why, count in sorted(dropped.items()):
         print(f"warning: {count} region(s) left out of the dataset: {why}")

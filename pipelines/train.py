@@ -29,7 +29,8 @@ from backend.model_dir import write_model_dir
 from backend.recipe import Recipe, describe, parse_recipe, recipe_json
 from backend.registry import Registry, RegistryError
 
-from .coco import category_names, dataset_hash, load_samples, read_coco
+from .coco import category_names, dataset_hash, read_coco
+from .dataset import StreamedSamples
 from .params import PARAMS_FILE, fail, load_params
 
 OPTION_KEYS = (
@@ -37,6 +38,7 @@ OPTION_KEYS = (
     "batch_size",
     "lr",
     "warmup_iters",
+    "workers",
     "checkpoint_period",
     "seed",
     "weight_decay",
@@ -177,7 +179,7 @@ def main() -> None:
         )
         tmp.replace(checkpoint)
 
-    samples = load_samples(coco, images)
+    samples = StreamedSamples(coco, images)
     train(
         wrapped,
         samples,

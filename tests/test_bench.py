@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from backend.bench.engine import EngineBench, build_case, run_engine_benchmark
+from backend.bench.export import ExportBench, run_export_benchmark
 from backend.bench.prelabel import PrelabelBench, run_prelabel_benchmark
 from backend.bench.profile import ProfileRun, profile_case
 from backend.bench.training import TrainingBench, run_training_benchmark
+from backend.bench.training_memory import TrainingMemoryBench, run_training_memory_benchmark
 from backend.bench.workload import WorkloadCounter
 from backend.detection.predictor import Predictor
 from backend.synthetic import survey_scene
@@ -108,3 +110,20 @@ def test_gpu_check_fails_loudly_without_cuda(tmp_path):
     record = json.loads(line)
     assert (record["check"], record["ok"]) == ("cuda", False)
     assert "CUDA is not available" in record["error"]
+
+
+@pytest.mark.slow
+def test_export_bench_fetches_only_the_new_images_the_second_time(label_studio):
+    (record,) = run_export_benchmark(ExportBench(tasks=30, added_percent=10), label_studio)
+    assert (record["added"], record["second_fetched"], record["images"]) == (3, 3, 33)
+    assert 0 < record["second_bytes"] < record["first_bytes"] / 5
+    assert record["bytes_ratio"] == pytest.approx(
+        record["second_bytes"] / record["first_bytes"], abs=1e-4)
+
+
+def test_training_memory_bench_measures_the_train_stage_with_its_workers():
+    (record,) = run_training_memory_benchmark(TrainingMemoryBench(
+        images=5, height=400, width=600, iterations=2, tile_size=320, device="cpu"))
+    assert record["images"] == 5 and record["workers"] == 2
+    assert record["peak_pss_mb"] > 100 and record["within_target"] == (
+        record["peak_pss_mb"] < 4096)

@@ -132,6 +132,7 @@ def test_repro_exports_trains_evaluates_and_deploys(loop):
     assert corrupt["image"].endswith("corrupt.png") and "not an image file" in corrupt["reason"]
     assert sum(manifest["boxes_per_class"].values()) == manifest["boxes"] > 0
     assert manifest["dropped_regions"] == {}  # every drawn box made it into the dataset
+    assert manifest["images_fetched"] == 9 and manifest["fetched_bytes"] > 0
     val = json.loads((checkout / "data/split/val.json").read_text())
     assert loop["pinned"] in {image["id"] for image in val["images"]}
     metrics = json.loads((checkout / "metrics.json").read_text())
@@ -173,6 +174,10 @@ def test_second_repro_is_a_noop_after_export(loop):
     out = second.stdout + second.stderr
     assert "Running stage 'train'" not in out and "Running stage 'deploy'" not in out
     assert Registry(loop["dir"] / "models/registry").version_names() == ["v0001"]
+    # annotations re-read, images not: only the corrupt upload is fetched again
+    manifest = json.loads((loop["dir"] / "data/dataset/manifest.json").read_text())
+    assert (manifest["images_fetched"], manifest["images_reused"]) == (0, 9)
+    assert "fetched 0 new or changed image(s) (0.0 MB), reused 9" in out
 
 
 def test_datasets_and_models_push_to_and_pull_from_a_shared_remote(loop):

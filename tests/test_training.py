@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from backend.detection.config import bundled_config, load_config
 from backend.detection.model import GeneralizedRCNN
@@ -16,6 +18,7 @@ from backend.detection.training import (
     Sample,
     TrainOptions,
     init_from_scratch,
+    make_optimizer,
     random_crop,
     to_model_input,
     train,
@@ -165,3 +168,75 @@ def test_training_crops_follow_the_recipe_in_params():
     assert whole.whole_image == (cfg.min_size_test, cfg.max_size_test)
     with pytest.raises(SystemExit, match="crop_size is now the recipe's tile_size"):
         train_options({"crop_size": 320}, None, cfg)
+
+
+def _small_fp16_run() -> tuple[list[Sample], TrainOptions]:
+    rng = np.random.default_rng(0)
+    scenes = [survey_scene(rng, 160, 160, 4) for _ in range(3)]
+    options = TrainOptions(iterations=4, batch_size=2, lr=0.01, warmup_iters=1, crop_size=128,
+                           precision="fp16", checkpoint_period=2, workers=0)
+    return [Sample(s.image, s.boxes, s.classes) for s in scenes], options
+
+
+def _fresh() -> GeneralizedRCNN:
+    torch.manual_seed(0)
+    overrides = {"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 16}  # fp16 is emulated on CPUs
+    model = GeneralizedRCNN(load_config(bundled_config("tiny_tridentnet"), overrides))
+    init_from_scratch(model)
+    return model
+
+
+def _largest_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    theirs = b.state_dict()
+    return max(float((v.float() - theirs[k].float()).abs().max())
+               for k, v in a.state_dict().items())
+
+
+def test_a_resumed_mixed_precision_run_equals_an_uninterrupted_one():
+    """fp16 autocast with its loss scaler (on the CPU here, as on CUDA): a run stopped at a
+    checkpoint and resumed with the scaler's state ends with the uninterrupted run's weights,
+    and so does a run whose images were decoded by worker processes."""
+    samples, options = _small_fp16_run()
+    saved: dict = {}
+    straight = _fresh()
+
+    def checkpoint(done, optimizer, scaler) -> None:
+        if done == 2:
+            saved.update(model=copy.deepcopy(straight.state_dict()),
+                         optimizer=copy.deepcopy(optimizer.state_dict()),
+                         scaler=scaler.state_dict())
+
+    train(straight, samples, options, on_checkpoint=checkpoint)
+    assert saved["scaler"]["scale"] < 65536.0  # overflows happened: the scale moved
+
+    def resumed(scaler_state) -> GeneralizedRCNN:
+        model = _fresh()
+        model.load_state_dict(saved["model"])
+        optimizer = make_optimizer(model, options)
+        optimizer.load_state_dict(saved["optimizer"])
+        train(model, samples, options, start_iteration=2, optimizer=optimizer,
+              scaler_state=scaler_state)
+        return model
+
+    assert _largest_difference(straight, resumed(saved["scaler"])) == 0.0
+    assert _largest_difference(straight, resumed(None)) > 0.0  # the state is what matters
+    with_workers = _fresh()
+    train(with_workers, samples, dataclasses.replace(options, workers=2))
+    assert _largest_difference(straight, with_workers) == 0.0
+
+
+def test_training_images_are_decoded_when_a_step_reads_them(tmp_path):
+    from pipelines.dataset import StreamedSamples
+
+    scene = survey_scene(np.random.default_rng(0), 120, 160, 3)
+    Image.fromarray(scene.image).save(tmp_path / "a.png")
+    coco = {"images": [{"id": 7, "file_name": "a.png"}, {"id": 8, "file_name": "gone.png"}],
+            "annotations": [{"image_id": 7, "bbox": [1, 2, 10, 20], "category_id": 1}]}
+    samples = StreamedSamples(coco, tmp_path)  # nothing decoded yet: gone.png is not missed
+    assert len(samples) == 2
+    first = samples[0]
+    np.testing.assert_array_equal(first.image, scene.image)
+    np.testing.assert_array_equal(first.boxes, [[1, 2, 11, 22]])
+    assert first.classes.tolist() == [1] and samples.boxes[1].shape == (0, 4)
+    with pytest.raises(ValueError, match=r"gone\.png: file not found"):
+        samples[1]

@@ -32,16 +32,9 @@ from ..serving.jobs import TrainingJobs
 from ..serving.media import MediaFetcher, MediaSettings
 from ..serving.model_source import ModelSource
 from ..serving.server import serve_in_thread
-from ..synthetic import CLASSES, survey_scene
+from ..synthetic import LABEL_CONFIG, survey_scene
 from .timing import peak_rss_mb
 from .workload import conditioned_model_dir
-
-LABEL_CONFIG = (
-    "<View><Image name='image' value='$image'/><RectangleLabels name='label' "
-    "toName='image'>"
-    + "".join(f"<Label value='{c}'/>" for c in CLASSES)
-    + "</RectangleLabels></View>"
-)
 
 
 @dataclass(frozen=True)

@@ -174,17 +174,27 @@ class Matcher:
 
 
 def subsample_labels(
-    labels: torch.Tensor, num_samples: int, positive_fraction: float, bg_label: int
+    labels: torch.Tensor,
+    num_samples: int,
+    positive_fraction: float,
+    bg_label: int,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Randomly pick at most `num_samples` indices, at most `positive_fraction` foreground;
-    labels of -1 are never picked."""
+    labels of -1 are never picked. A (CPU) `generator` makes the draw the image's own."""
     positive = torch.nonzero((labels != -1) & (labels != bg_label), as_tuple=True)[0]
     negative = torch.nonzero(labels == bg_label, as_tuple=True)[0]
     num_pos = min(positive.numel(), int(num_samples * positive_fraction))
     num_neg = min(negative.numel(), num_samples - num_pos)
-    pos_idx = positive[torch.randperm(positive.numel(), device=positive.device)[:num_pos]]
-    neg_idx = negative[torch.randperm(negative.numel(), device=negative.device)[:num_neg]]
+    pos_idx = positive[_permutation(positive, generator)[:num_pos]]
+    neg_idx = negative[_permutation(negative, generator)[:num_neg]]
     return pos_idx, neg_idx
+
+
+def _permutation(index: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None:
+        return torch.randperm(index.numel(), device=index.device)
+    return torch.randperm(index.numel(), generator=generator).to(index.device)
 
 
 def smooth_l1_sum(pred: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:

@@ -105,7 +105,8 @@ class GeneralizedRCNN(nn.Module):
         targets = [t.to(self.device) for t in targets]
         features = self.backbone(batch.tensor)
         branches = active_branches(self.cfg.trident, training=True)
-        sizes, all_targets = batch.sizes * branches, targets * branches
+        sizes = batch.sizes * branches
+        all_targets = [t.reseeded(branch) for branch in range(branches) for t in targets]
         proposals, rpn_losses = self.proposal_generator(features, sizes, all_targets)
         _, head_losses = self.roi_heads(features, proposals, sizes, all_targets)
         return {**rpn_losses, **head_losses}

@@ -227,7 +227,8 @@ class ROIHeads(nn.Module):
         else:
             classes = torch.full_like(matched_idx, num_classes)
         fg, bg = subsample_labels(
-            classes, self.cfg.batch_size_per_image, self.cfg.positive_fraction, num_classes
+            classes, self.cfg.batch_size_per_image, self.cfg.positive_fraction, num_classes,
+            target.generator(1),
         )
         index = torch.cat([fg, bg])
         if len(target.boxes) > 0:

@@ -237,7 +237,8 @@ class RPN(nn.Module):
             )
             labels[~inside] = -1
         pos, neg = subsample_labels(
-            labels, self.cfg.batch_size_per_image, self.cfg.positive_fraction, 0
+            labels, self.cfg.batch_size_per_image, self.cfg.positive_fraction, 0,
+            target.generator(0),
         )
         labels.fill_(-1)
         labels.scatter_(0, pos, 1)

@@ -121,10 +121,26 @@ class BatchDetections:
 
 @dataclass
 class Targets:
-    """Ground truth of one image for training: boxes (K, 4) in input pixels, classes (K,)."""
+    """Ground truth of one image for training: boxes (K, 4) in input pixels, classes (K,),
+    and the seed of the image's own anchor and proposal sampling (None: torch's global
+    RNG). With a seed, what an image samples does not depend on which images share its
+    forward pass, so one process, several processes and any grouping train alike."""
 
     boxes: torch.Tensor
     classes: torch.Tensor
+    seed: int | None = None
 
     def to(self, device: torch.device | str) -> Targets:
-        return Targets(self.boxes.to(device), self.classes.to(device))
+        return Targets(self.boxes.to(device), self.classes.to(device), self.seed)
+
+    def reseeded(self, stream: int) -> Targets:
+        """The same boxes drawing from another stream (a trident branch's copy)."""
+        return self if self.seed is None else Targets(
+            self.boxes, self.classes, (self.seed * 1_000_003 + stream) % 2**63
+        )
+
+    def generator(self, stream: int) -> torch.Generator | None:
+        """The image's draws for one sampler (0: RPN anchors, 1: ROI proposals)."""
+        if self.seed is None:
+            return None
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + stream) % 2**63 + 1)

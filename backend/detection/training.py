@@ -56,28 +56,33 @@ class TrainOptions:
     precision: str = "auto"  # auto: fp16 AMP on CUDA, fp32 on CPU; or fp32, fp16, bf16
     seed: int = 0
     checkpoint_period: int = 0  # iterations between checkpoints; 0: only at the end
+    workers: int = 2  # processes that decode and crop ahead of the model; 0: in this one
 
 
 def random_crop(sample: Sample, rng: np.random.Generator, options: TrainOptions) -> Sample:
     """A crop_size window (whole image if smaller; the whole image, resized, with
     `whole_image`) after scale jitter, maybe flipped, with brightness/contrast jitter;
-    boxes clipped, mostly-cut ones dropped."""
+    boxes clipped, mostly-cut ones dropped. The window is cut from the original and only
+    it is resized: a 6000 x 4000 frame is never resized whole for one 800 px crop."""
     image, boxes = sample.image, sample.boxes.astype(np.float32)
     height, width = image.shape[:2]
     scale = float(rng.uniform(*options.scale_jitter))
-    crop_size = options.crop_size
     if options.whole_image is not None:
         scale *= resized_shape(height, width, *options.whole_image)[0] / height
-        crop_size = math.ceil(max(height, width) * scale)
-    if abs(scale - 1.0) > 1e-3:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-        boxes = boxes * np.array([size[0] / width, size[1] / height] * 2, dtype=np.float32)
-    height, width = image.shape[:2]
-    ch, cw = min(crop_size, height), min(crop_size, width)
-    y0, x0 = int(rng.integers(0, height - ch + 1)), int(rng.integers(0, width - cw + 1))
-    image = image[y0 : y0 + ch, x0 : x0 + cw]
-    shifted = boxes - np.array([x0, y0, x0, y0], dtype=np.float32)
+    scaled_h, scaled_w = max(1, round(height * scale)), max(1, round(width * scale))
+    crop_size = options.crop_size if options.whole_image is None else max(scaled_h, scaled_w)
+    ch, cw = min(crop_size, scaled_h), min(crop_size, scaled_w)
+    y0, x0 = int(rng.integers(0, scaled_h - ch + 1)), int(rng.integers(0, scaled_w - cw + 1))
+    oy0, ox0 = int(y0 * height / scaled_h), int(x0 * width / scaled_w)
+    oy1 = min(height, max(oy0 + 1, math.ceil((y0 + ch) * height / scaled_h)))
+    ox1 = min(width, max(ox0 + 1, math.ceil((x0 + cw) * width / scaled_w)))
+    image = image[oy0:oy1, ox0:ox1]
+    if image.shape[:2] != (ch, cw):
+        image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(
+            (cw, ch), Image.Resampling.BILINEAR))
+    fx, fy = cw / (ox1 - ox0), ch / (oy1 - oy0)
+    shifted = (boxes - np.array([ox0, oy0, ox0, oy0], dtype=np.float32)) * np.array(
+        [fx, fy, fx, fy], dtype=np.float32)
     clipped = np.clip(shifted, 0, [cw, ch, cw, ch]).astype(np.float32)
     area = lambda b: np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)  # noqa: E731
     visible = area(clipped) >= options.min_visible * np.maximum(area(shifted), 1e-6)
@@ -132,8 +137,52 @@ CheckpointCallback = Callable[[int, torch.optim.Optimizer, torch.amp.GradScaler]
 
 
 def _seed(*parts: int) -> int:
-    """A torch seed for one image of one step: the same wherever and whenever it runs."""
+    """A seed for one image of one step: the same wherever and whenever it runs."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass
+class _Crop:
+    iteration: int
+    image: torch.Tensor
+    target: Targets
+
+
+class StepCrops(torch.utils.data.Dataset):
+    """Item n of a run is one image of one step, in order: step `start + n // len(positions)`,
+    batch position `positions[n % len(positions)]` (this process's share of the batch). The
+    image, its crop and its sampling seed come from seeds of (seed, step, position), so it
+    is the same item whichever process or worker makes it, and whenever; `samples` may
+    decode lazily, here, in a DataLoader worker."""
+
+    def __init__(self, samples: Sequence[Sample], options: TrainOptions, positions: list[int],
+                 start: int, input_format: str) -> None:
+        self.samples, self.options, self.positions = samples, options, positions
+        self.start, self.input_format = start, input_format
+
+    def __len__(self) -> int:
+        return (self.options.iterations - self.start) * len(self.positions)
+
+    def __getitem__(self, n: int) -> _Crop:
+        options = self.options
+        iteration = self.start + n // len(self.positions)
+        k = self.positions[n % len(self.positions)]
+        pick = np.random.default_rng([options.seed, iteration]).integers(
+            len(self.samples), size=options.batch_size)[k]
+        crop = random_crop(self.samples[int(pick)],
+                           np.random.default_rng([options.seed, iteration, k]), options)
+        image, target = to_model_input(crop, self.input_format)
+        target.seed = _seed(options.seed, iteration, k)
+        return _Crop(iteration, image, target)
+
+
+def _same_shape(crops: list[_Crop]) -> list[list[_Crop]]:
+    """Crops grouped by shape, in order of appearance: a forward pass never pads one crop to
+    another's size (which would change its features near the edge)."""
+    groups: dict[tuple[int, ...], list[_Crop]] = {}
+    for crop in crops:
+        groups.setdefault(tuple(crop.image.shape), []).append(crop)
+    return list(groups.values())
 
 
 def train(
@@ -150,11 +199,14 @@ def train(
 ) -> torch.optim.Optimizer:
     """Run iterations [start_iteration, options.iterations).
 
-    Every image of every step draws its crop and its sampling from seeds of (seed, step,
-    position in the batch) and runs its own forward/backward; the batch gradient is their
-    mean. So a resumed run equals an uninterrupted one, and N DistributedDataParallel
-    processes (`model` wrapped, each taking every N-th image) equal one process. With fp16
-    the loss scaler's state is part of a checkpoint (`scaler_state` resumes it).
+    A DataLoader's `options.workers` processes decode and crop each step's images while the
+    model trains on the previous step's; the crops of one shape go through one forward pass.
+    Every image draws its crop and its anchor/proposal sampling from seeds of (seed, step,
+    position in the batch), and the detectron2 losses are means over images that sample
+    equal counts, so a resumed run equals an uninterrupted one, and N
+    DistributedDataParallel processes (`model` wrapped, each taking every N-th image) equal
+    one process. With fp16 the loss scaler's state is part of a checkpoint (`scaler_state`
+    resumes it).
     """
     if not samples:
         raise ValueError("no training samples")
@@ -170,39 +222,39 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if scaler_state:
         scaler.load_state_dict(scaler_state)
-    for iteration in range(start_iteration, options.iterations):
+    mine = list(range(rank, options.batch_size, world_size))
+    steps = torch.utils.data.DataLoader(
+        StepCrops(samples, options, mine, start_iteration, core.cfg.input_format),
+        batch_size=len(mine), collate_fn=list, num_workers=options.workers,
+        prefetch_factor=2 if options.workers else None,
+    )
+    for crops in steps:
+        iteration = crops[0].iteration
         for group in optimizer.param_groups:
             group["lr"] = lr_at(iteration, options)
-        picks = np.random.default_rng([options.seed, iteration]).integers(
-            len(samples), size=options.batch_size
-        )
-        mine = list(range(rank, options.batch_size, world_size))
         optimizer.zero_grad(set_to_none=True)
         logged: dict[str, float] = {}
-        for n, k in enumerate(mine):
-            crop = random_crop(
-                samples[picks[k]], np.random.default_rng([options.seed, iteration, k]), options
-            )
-            image, target = to_model_input(crop, core.cfg.input_format)
-            torch.manual_seed(_seed(options.seed, iteration, k))
-            last = n == len(mine) - 1
+        groups = _same_shape(crops)
+        for n, group in enumerate(groups):
+            last = n == len(groups) - 1
             sync = (
                 contextlib.nullcontext()
                 if last or not hasattr(model, "no_sync")
                 else model.no_sync()
             )
+            share = len(group) / len(crops)
             with sync:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    losses = model([image], [target])
+                    losses = model([c.image for c in group], [c.target for c in group])
                     total = sum(losses.values())
                 if not torch.isfinite(total):
                     raise FloatingPointError(
                         f"loss became {total.item()} at iteration {iteration}: "
                         f"{ {k: v.item() for k, v in losses.items()} }"
                     )
-                scaler.scale(total / len(mine)).backward()
+                scaler.scale(total * share).backward()
             for key, value in (("total_loss", total), *losses.items()):
-                logged[key] = logged.get(key, 0.0) + value.item() / len(mine)
+                logged[key] = logged.get(key, 0.0) + value.item() * share
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(core.parameters(), options.clip_grad_norm)
         scaler.step(optimizer)
