@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument(
         "--training", action="store_true", help="training images/s vs torchvision's"
     )
+    jobs.add_argument("--active-learning", action="store_true",
+                      help="the loop choosing by uncertainty vs at random, same label budget")
     jobs.add_argument("--training-memory", action="store_true",
                       help="peak RSS of the train stage on generated 6000x4000 frames")
     bench.add_argument("--training-images", type=int, default=300,
@@ -508,6 +510,11 @@ def _bench(args: argparse.Namespace) -> int:
             request_deadline=args.request_deadline, device=args.device,
             precision=args.precision,
         )))
+    if args.active_learning:
+        from .bench.active_learning import ActiveLearningBench, run_active_learning_benchmark
+
+        return print_records(run_active_learning_benchmark(ActiveLearningBench(
+            device=args.device if args.device != "auto" else "cpu")))
     if args.training_memory:
         from .bench.training_memory import TrainingMemoryBench, run_training_memory_benchmark
 

@@ -151,15 +151,9 @@ def run_demo(args: argparse.Namespace) -> int:
                 f"{kept_total} kept unchanged; dvc repro...",
                 flush=True,
             )
-            proc = subprocess.run(
-                ["dvc", "repro"], cwd=loop_dir, env=env, text=True, capture_output=True
-            )
-            (out / f"round{round_no}-dvc-repro.log").write_text(proc.stdout + proc.stderr)
-            if proc.returncode != 0:
-                raise RuntimeError(
-                    f"dvc repro failed in round {round_no}; see "
-                    f"{out / f'round{round_no}-dvc-repro.log'}"
-                )
+            log = out / f"round{round_no}-dvc-repro.log"
+            if _dvc_repro(loop_dir, env, log) != 0:
+                raise RuntimeError(f"dvc repro failed in round {round_no}; see {log}")
             row = _round_row(round_no, loop_dir, registry, offered, kept_total)
             row["ap50"] = _held_out_ap50(registry, held_out, args.device)
             rounds.append(row)
@@ -269,6 +263,24 @@ def _round_row(
         "pre_labels_offered": offered,
         "pre_labels_kept": kept,
     }
+
+
+_SHOWN = ("Running stage", "exported ", "train:", "evaluate:", "deploy", "select:")
+
+
+def _dvc_repro(loop_dir: Path, env: dict[str, str], log: Path) -> int:
+    """`dvc repro`, its whole output to `log` and its progress lines (stages, training
+    iterations with loss and ETA, AP50, the deploy decision) to the console as they come."""
+    with log.open("w") as saved, subprocess.Popen(
+        ["dvc", "repro"], cwd=loop_dir, env=env, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            saved.write(line)
+            if line.lstrip().startswith(_SHOWN):
+                print(f"    {line.strip()}", flush=True)
+    return proc.returncode
 
 
 def _print_table(rounds: list[dict[str, Any]]) -> None:

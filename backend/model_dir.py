@@ -22,6 +22,7 @@ import torch
 from .detection.checkpoint import read_state_dict
 from .detection.config import config_from_yaml_text, dump_config
 from .detection.predictor import Predictor
+from .detection.tiling import TilingOptions
 from .recipe import Recipe, describe, parse_recipe, recipe_json
 
 CONFIG_FILE = "config.yaml"
@@ -65,8 +66,7 @@ class ModelDir:
                 metadata = json.loads((path / METADATA_FILE).read_text())
             except json.JSONDecodeError as exc:
                 raise ModelDirError(f"{path / METADATA_FILE}: not valid JSON ({exc})") from exc
-        recipe = parse_recipe(metadata.get("recipe"), str(path / METADATA_FILE))
-        return cls(path, labels, metadata, recipe)
+        return cls(path, labels, metadata, _stored_recipe(metadata, path / METADATA_FILE))
 
     @property
     def version(self) -> str:
@@ -102,6 +102,16 @@ class ModelDir:
         generated image runs: what a server needs before it may switch to this model."""
         predictor = self.predictor(_SMOKE_TEST, device="cpu")
         predictor.predict([np.full((64, 64, 3), 127, np.uint8)])
+
+
+def _stored_recipe(metadata: dict[str, Any], where: Path) -> Recipe:
+    """The recipe in model.json. A model our loop trained before recipes were stored ran
+    tiled at its training crop size, and keeps doing so; any other model without one runs
+    whole, as DefaultPredictor."""
+    if "recipe" in metadata:
+        return parse_recipe(metadata["recipe"], str(where))
+    crop_size = (metadata.get("params") or {}).get("crop_size")
+    return TilingOptions(tile_size=int(crop_size)) if crop_size else None
 
 
 @contextmanager

@@ -7,6 +7,7 @@ distinct body shape and colour so that a tiny model learns it in a few hundred s
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +48,10 @@ def survey_scene(
     width: int,
     animals: int,
     classes: tuple[str, ...] = CLASSES,
+    frequencies: Sequence[float] | None = None,
 ) -> Scene:
-    """A scene with about `animals` non-overlapping animals (fewer if space runs out)."""
+    """A scene with about `animals` non-overlapping animals (fewer if space runs out), of
+    classes drawn uniformly or with the given relative `frequencies` (rare species)."""
     image = ground(rng, height, width)
     draw = ImageDraw.Draw(image)
     boxes: list[list[float]] = []
@@ -56,7 +59,8 @@ def survey_scene(
     for _ in range(animals * 20):
         if len(boxes) == animals:
             break
-        cls = int(rng.integers(len(classes)))
+        cls = (int(rng.integers(len(classes))) if frequencies is None
+               else int(rng.choice(len(classes), p=np.asarray(frequencies) / sum(frequencies))))
         colour, (low, high), ratio = _LOOKS[classes[cls]]
         length = float(rng.uniform(low, high))
         w, h = (length, length / ratio) if rng.random() < 0.5 else (length / ratio, length)

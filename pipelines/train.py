@@ -91,7 +91,21 @@ def _start_weights(
                         f"the new label set {current.labels} -> {labels}"), _sha256(weights)
             return f"deployed model {current.version}", _sha256(weights)
     init_from_scratch(model)
+    if registry_root:
+        print(f"train: {_why_no_deployed_model(Path(registry_root))}; starting from random "
+              "weights", flush=True)
     return "random weights", None
+
+
+def _why_no_deployed_model(registry: Path) -> str:
+    """`dvc exp run --temp` copies the repository, not the git-ignored registry: say so,
+    instead of silently training a different experiment from scratch."""
+    if ".dvc/tmp/exps" in Path.cwd().resolve().as_posix() and not registry.is_absolute():
+        return (f"no model registry at {registry} in this DVC temporary workspace (`dvc exp "
+                "run --temp` and queued experiments copy only what git tracks); to start "
+                "from the deployed model run `dvc exp run` in the workspace, or set "
+                "deploy.registry or train.base_weights to an absolute path")
+    return f"no deployed model in {registry} yet"
 
 
 def _sha256(path: str | Path) -> str:

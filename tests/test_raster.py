@@ -109,7 +109,7 @@ def test_a_raster_beyond_the_pixel_limit_runs_tiled_and_is_refused_whole(tmp_pat
     assert "run this raster tiled" in error
 
 
-def test_prelabel_reads_a_folder_of_tiled_tiffs_by_windows(tmp_path, survey):
+def test_prelabel_reads_a_folder_of_tiled_tiffs_by_windows(tmp_path, survey, capsys):
     path = tmp_path / "rasters" / "ortho.tif"
     path.parent.mkdir()
     write_mosaic(path, 700)
@@ -118,6 +118,7 @@ def test_prelabel_reads_a_folder_of_tiled_tiffs_by_windows(tmp_path, survey):
          "--output", str(out), "--device", "cpu", "--tile-size", "320"])
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert (record["width"], record["height"]) == (700, 700) and "error" not in record
+    assert "tiles=9" in capsys.readouterr().err  # one image, its progress counted in tiles
 
 
 def test_raster_bench_prints_peak_memory_beside_the_whole_decode_baseline():

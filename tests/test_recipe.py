@@ -184,3 +184,13 @@ def test_a_served_registry_runs_each_version_by_its_own_recipe(brought, tmp_path
     flagged = ModelSource(registry=registry, recipe_overrides=RecipeOverrides(tile_size=300),
                           device="cpu")
     assert flagged.get().tiling == TilingOptions(300)
+
+
+def test_a_model_the_loop_trained_before_recipes_keeps_running_on_its_training_tiles(
+    brought, tmp_path
+):
+    model = init_model_dir(tmp_path / "v0007", brought["config"], brought["weights"],
+                           brought["labels"], None)
+    (model.path / "model.json").write_text(json.dumps(
+        {"version": "v0007", "params": {"crop_size": 320, "iterations": 150}}))
+    assert ModelDir.open(model.path).recipe == TilingOptions(tile_size=320)

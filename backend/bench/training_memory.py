@@ -1,8 +1,9 @@
 """`tridentloop bench --training-memory`: the loop's `train` stage (`python -m
 pipelines.train`, as `dvc repro` runs it) on N generated 6000 x 4000 JPEG frames (default
 300: 21.6 GB decoded), with the peak memory of the stage and its DataLoader workers
-(proportional set size: pages they share counted once). Images are decoded when a step needs them, in the workers, and cropped before any
-resize: memory follows workers x batch, not the dataset (target: under 4 GB on CPU).
+(proportional set size: pages they share counted once). Images are decoded when a step
+needs them, in the workers, and cropped before any resize: memory follows workers x batch,
+not the dataset (target: under 4 GB on CPU).
 """
 
 from __future__ import annotations

@@ -189,15 +189,16 @@ def run_prelabel(args: argparse.Namespace, recipe: RecipeOverrides) -> int:
     report_path = args.report or _default_report(args)
     print(f"prelabel: {len(items)} image(s) to do, {already} already done, model {version}",
           file=sys.stderr)
-    results = _results(args, model, tiling, destination, items)
-    started = time.monotonic()  # the model is loaded: the rate is the survey's, not start-up's
     progress = tqdm(total=len(items), desc="prelabel", unit="img", mininterval=1.0)
+    tiles = _TileProgress(progress, report)
+    results = _results(args, model, tiling, destination, items, tiles.add)
+    started = time.monotonic()  # the model is loaded: the rate is the survey's, not start-up's
+    tiles.started = started
     try:
         for result in results:
             _record(result, destination, report, args.uncertainty)
             progress.update()
-            elapsed = max(time.monotonic() - started, 1e-9)
-            progress.set_postfix(tiles_s=f"{report.tiles / elapsed:.1f}", failed=len(report.failed))
+            tiles.show()
     except KeyboardInterrupt:
         report.interrupted = True
     finally:
@@ -210,12 +211,35 @@ def run_prelabel(args: argparse.Namespace, recipe: RecipeOverrides) -> int:
     return 130 if report.interrupted else (1 if report.failed else 0)
 
 
+class _TileProgress:
+    """Tiles run so far and their rate on the progress bar, refreshed as the device finishes
+    batches (at most once a second), not only when an image completes."""
+
+    def __init__(self, progress: tqdm, report: Report) -> None:
+        self.progress, self.report = progress, report
+        self.started = self.shown = time.monotonic()
+        self.done = 0
+
+    def add(self, crops: int) -> None:
+        self.done += crops
+        if time.monotonic() - self.shown >= 1.0:
+            self.show()
+
+    def show(self) -> None:
+        self.shown = time.monotonic()
+        done = max(self.done, self.report.tiles)  # Ray reports whole images only
+        rate = done / max(self.shown - self.started, 1e-9)
+        self.progress.set_postfix(tiles=done, tiles_s=f"{rate:.1f}",
+                                  failed=len(self.report.failed))
+
+
 def _results(
     args: argparse.Namespace,
     model: ModelDir,
     tiling: TilingOptions | None,
     destination: Destination,
     items: list[Item],
+    on_crops: Callable[[int], None],
 ) -> Iterator[ImageResult[Item]]:
     if args.ray is not None:
         try:
@@ -231,7 +255,7 @@ def _results(
     )
     predictors = [predictor, *uncertainty.counterparts(args.uncertainty, predictor)]
     return detect_stream(
-        items, destination.load, predictors, tiling, args.workers, args.batch_size
+        items, destination.load, predictors, tiling, args.workers, args.batch_size, on_crops
     )
 
 

@@ -87,10 +87,13 @@ def detect_stream(
     tiling: TilingOptions | None,
     workers: int = 4,
     batch_size: int | None = None,
+    on_crops: Callable[[int], None] | None = None,
 ) -> Iterator[ImageResult[T]]:
     """Results in the order images finish (each carries its item). An image that cannot be
-    loaded or run comes back with `error` set; the stream goes on. Closing the iterator
-    (Ctrl-C, `break`) stops the threads."""
+    loaded or run comes back with `error` set; the stream goes on. `on_crops(n)` hears, in
+    the caller's thread, of every n crops run: an orthomosaic of thousands of tiles is one
+    image, and its progress is in tiles. Closing the iterator (Ctrl-C, `break`) stops the
+    threads."""
     size = batch_size or (tiling.batch_size if tiling else None) or predictors[0].preferred_batch
     crops: queue.Queue = queue.Queue(maxsize=4 * size + 2 * workers)
     outputs: queue.Queue = queue.Queue(maxsize=4 * size + 2 * workers)
@@ -115,6 +118,8 @@ def detect_stream(
     pending: dict[int, tuple[_Planned, list[list[Detections | None]], int]] = {}
     try:
         while (message := outputs.get()) is not _DONE:
+            if on_crops is not None and isinstance(message, _Outputs):
+                on_crops(len(message.positions))
             result = _collect(message, pending, len(predictors))
             if result is not None:
                 yield result
