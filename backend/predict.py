@@ -25,8 +25,8 @@ from .imagery.images import (
     ImageError,
     PixelScaling,
 )
+from .imagery.overlay import draw_detections
 from .imagery.raster import WindowedRaster, open_image
-from .overlay import draw_detections
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .detection.structures import Detections
+from ..detection.structures import Detections
 
 PALETTE = (
     (230, 25, 75),
