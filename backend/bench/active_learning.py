@@ -17,6 +17,7 @@ a lower bound (`random_reached: false`, counted as if random reached it at its l
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -119,7 +120,7 @@ def at_random(_predictor: Predictor, unlabelled: list[int], k: int,
 
 
 def _run(bench: ActiveLearningBench, pool: _Scenes, held_out: _Scenes, coco: dict[str, Any],
-         choose: Chooser) -> list[tuple[int, float]]:
+         choose: Chooser, name: str) -> list[tuple[int, float]]:
     """(images labelled, AP50) after each round."""
     rng = np.random.default_rng(bench.seed)
     labelled = [int(i) for i in rng.choice(len(pool.samples), bench.initial, replace=False)]
@@ -134,6 +135,8 @@ def _run(bench: ActiveLearningBench, pool: _Scenes, held_out: _Scenes, coco: dic
         train(model, [pool.samples[i] for i in labelled], options)
         predictor = Predictor(model, device=bench.device)
         curve.append((len(labelled), _ap50(predictor, held_out, coco)))
+        print(f"active-learning: {name} round {round_no}: {curve[-1][0]} images labelled, "
+              f"AP50 {curve[-1][1]:.3f}", file=sys.stderr, flush=True)
         if round_no < bench.rounds:
             unlabelled = sorted(set(range(len(pool.samples))) - set(labelled))
             labelled += choose(predictor, unlabelled, bench.per_round, rng)
@@ -163,8 +166,8 @@ def run_active_learning_benchmark(bench: ActiveLearningBench) -> Iterator[dict]:
     held_out = _scenes(bench.held_out, bench.size, rng)
     coco = _coco(held_out)
     started = time.perf_counter()
-    active = _run(bench, pool, held_out, coco, by_doubt(pool))
-    random = _run(bench, pool, held_out, coco, at_random)
+    active = _run(bench, pool, held_out, coco, by_doubt(pool), "uncertainty")
+    random = _run(bench, pool, held_out, coco, at_random, "random")
     for round_no, ((labels, ap_active), (_, ap_random)) in enumerate(
             zip(active, random, strict=True), start=1):
         yield {"round": round_no, "labels": labels, "ap50_active": ap_active,
