@@ -166,7 +166,8 @@ def main() -> None:
     }
     skipped: list[dict[str, Any]] = []
     dropped: Counter[str] = Counter()
-    tasks = [_as_dict(t) for t in client.tasks.list(project=project_id, fields="all")]
+    listing = client.tasks.list(project=project_id, fields="all", page_size=500)
+    tasks = [_as_dict(t) for t in listing]  # pages of 500: fewer round trips on big projects
     for task in tqdm(tasks, desc="export", unit="task"):
         annotation = latest_accepted([_as_dict(a) for a in task.get("annotations") or []], only_gt)
         if annotation is None:
