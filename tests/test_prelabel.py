@@ -146,7 +146,7 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_finishes_the_rest(survey, tmp_path):
     root = tmp_path / "many"
     root.mkdir()
     rng = np.random.default_rng(5)
-    for i in range(12):
+    for i in range(30):  # ~30 s of work: the interrupt lands mid-run on a busy machine too
         Image.fromarray(survey_scene(rng, 320, 320, 4).image).save(root / f"s{i:02d}.png")
     out = tmp_path / "many.jsonl"
     cmd = [sys.executable, "-m", "backend.cli", "prelabel", "--images", str(root), "--model",
@@ -160,12 +160,12 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_finishes_the_rest(survey, tmp_path):
     assert proc.returncode == 130, err
     assert "run the same command to resume" in err
     saved = [json.loads(line)["image"] for line in out.read_text().splitlines()]
-    assert 1 <= len(saved) < 12
+    assert 1 <= len(saved) < 30
     assert json.loads((tmp_path / "many.report.json").read_text())["interrupted"]
 
     rerun = subprocess.run(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"{12 - len(saved)} image(s) to do, {len(saved)} already done" in rerun.stderr
+    assert f"{30 - len(saved)} image(s) to do, {len(saved)} already done" in rerun.stderr
     images = [json.loads(line)["image"] for line in out.read_text().splitlines()]
     assert sorted(images) == sorted(str(p) for p in root.glob("*.png"))
 
