@@ -151,7 +151,10 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_finishes_the_rest(survey, tmp_path):
     out = tmp_path / "many.jsonl"
     cmd = [sys.executable, "-m", "backend.cli", "prelabel", "--images", str(root), "--model",
            str(survey["model"]), "--output", str(out), "--device", "cpu", "--threads", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    # as a terminal's Ctrl-C finds it: SIGINT at its default, whatever the suite's own
+    # process inherited or set (an ignored SIGINT is inherited across exec)
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while (not out.exists() or not out.read_text()) and time.monotonic() < deadline:
         time.sleep(0.2)
