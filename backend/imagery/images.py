@@ -81,7 +81,7 @@ def load_image(
             try:
                 image = Image.open(stream)
             except Image.UnidentifiedImageError:
-                if not _is_tiff(stream):  # PIL cannot open multi-band float TIFFs at all
+                if not is_tiff(stream):  # PIL cannot open multi-band float TIFFs at all
                     raise
                 return _tiff_to_rgb(stream, max_pixels, name, scaling)
             _check_size(image.size, max_pixels, name)
@@ -141,7 +141,7 @@ def _eight_bit_tiff(image: Image.Image) -> bool:
     return image.mode in _EIGHT_BIT_MODES and all(b <= 8 for b in np.atleast_1d(bits))
 
 
-def _is_tiff(stream: str | Path | BinaryIO) -> bool:
+def is_tiff(stream: str | Path | BinaryIO) -> bool:
     if isinstance(stream, str | Path):
         with open(stream, "rb") as f:
             return f.read(4) in _TIFF_MAGIC

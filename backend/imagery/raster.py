@@ -31,6 +31,7 @@ from ..imagery.images import (
     array_to_rgb8,
     band_indices,
     gdal_nodata,
+    is_tiff,
     load_image,
     value_percentiles,
 )
@@ -187,9 +188,8 @@ def open_raster(path: str | Path, scaling: PixelScaling = DEFAULT_SCALING,
 
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            if f.read(4) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-                return None
+        if not is_tiff(path):
+            return None
         with tifffile.TiffFile(path) as tif:
             if not is_windowed(tif.pages[0]):
                 return None
