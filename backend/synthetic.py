@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -107,6 +108,22 @@ LABEL_CONFIG = (
     + "".join(f"<Label value='{c}'/>" for c in CLASSES)
     + "</RectangleLabels></View>"
 )
+
+
+def coco_of(scenes: Sequence[tuple[str, np.ndarray, np.ndarray, tuple[int, int]]]
+            ) -> dict[str, Any]:
+    """A COCO detection dataset of generated scenes, given as (file name, boxes (x0, y0, x1,
+    y1), classes, (height, width)); image ids are positions, categories CLASSES."""
+    coco: dict[str, Any] = {"images": [], "annotations": [],
+                            "categories": [{"id": i, "name": n} for i, n in enumerate(CLASSES)]}
+    for i, (name, boxes, classes, (height, width)) in enumerate(scenes):
+        coco["images"].append({"id": i, "file_name": name, "width": width, "height": height})
+        for box, cls in zip(boxes.tolist(), classes.tolist(), strict=True):
+            w, h = box[2] - box[0], box[3] - box[1]
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i,
+                                        "category_id": cls, "bbox": [box[0], box[1], w, h],
+                                        "area": w * h, "iscrowd": 0})
+    return coco
 
 
 def png_bytes(image: np.ndarray) -> bytes:

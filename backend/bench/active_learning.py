@@ -33,7 +33,7 @@ from ..detection.config import bundled_config, load_config
 from ..detection.model import GeneralizedRCNN
 from ..detection.predictor import Predictor
 from ..detection.training import Sample, TrainOptions, init_from_scratch, train
-from ..synthetic import CLASSES, survey_scene
+from ..synthetic import CLASSES, coco_of, survey_scene
 
 FLIGHTS = 8
 COMMON = (1.0, 1.0, 0.0)  # elephants and zebras only
@@ -69,21 +69,6 @@ def _scenes(count: int, size: int, rng: np.random.Generator) -> _Scenes:
         samples.append(Sample(scene.image, scene.boxes, scene.classes))
         flights.append(flight)
     return _Scenes(samples, flights)
-
-
-def _coco(scenes: _Scenes) -> dict[str, Any]:
-    coco: dict[str, Any] = {"images": [], "annotations": [],
-                            "categories": [{"id": i, "name": n} for i, n in enumerate(CLASSES)]}
-    for i, sample in enumerate(scenes.samples):
-        height, width = sample.image.shape[:2]
-        coco["images"].append({"id": i, "file_name": f"{i}.png", "width": width,
-                               "height": height})
-        for box, cls in zip(sample.boxes.tolist(), sample.classes.tolist(), strict=True):
-            w, h = box[2] - box[0], box[3] - box[1]
-            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i,
-                                        "category_id": cls, "bbox": [box[0], box[1], w, h],
-                                        "area": w * h, "iscrowd": 0})
-    return coco
 
 
 def _ap50(predictor: Predictor, held_out: _Scenes, coco: dict[str, Any]) -> float:
@@ -173,7 +158,8 @@ def run_active_learning_benchmark(bench: ActiveLearningBench) -> Iterator[dict]:
     rng = np.random.default_rng(bench.seed)
     pool = _scenes(bench.pool, bench.size, rng)
     held_out = _scenes(bench.held_out, bench.size, rng)
-    coco = _coco(held_out)
+    coco = coco_of([(f"{i}.png", x.boxes, x.classes, x.image.shape[:2])
+                    for i, x in enumerate(held_out.samples)])
     started = time.perf_counter()
     active = _run(bench, pool, held_out, coco, by_doubt(pool), "uncertainty")
     random = _run(bench, pool, held_out, coco, at_random, "random")

@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from ..synthetic import CLASSES, survey_scene
+from ..synthetic import coco_of, survey_scene
 from .timing import ProcessTreeMemory
 
 _UNIQUE = 4  # distinct frames, copied to N files: decoding is real work per file
@@ -47,26 +47,16 @@ def _dataset(root: Path, bench: TrainingMemoryBench) -> dict:
     rng = np.random.default_rng(0)
     images = root / "data/dataset/images"
     images.mkdir(parents=True)
-    coco: dict = {"images": [], "annotations": [],
-                  "categories": [{"id": i, "name": n} for i, n in enumerate(CLASSES)]}
     scenes = []
     for i in range(_UNIQUE):
         scene = survey_scene(rng, bench.height, bench.width, bench.height * bench.width // 80_000)
         Image.fromarray(scene.image).save(images / f"frame{i:04d}.jpg", quality=90)
         scenes.append(scene)
-    for i in range(bench.images):
-        name = f"frame{i:04d}.jpg"
-        if i >= _UNIQUE:
-            shutil.copyfile(images / f"frame{i % _UNIQUE:04d}.jpg", images / name)
-        coco["images"].append({"id": i, "file_name": name, "width": bench.width,
-                               "height": bench.height})
-        scene = scenes[i % _UNIQUE]
-        for box, cls in zip(scene.boxes.tolist(), scene.classes.tolist(), strict=True):
-            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i,
-                                        "category_id": cls, "iscrowd": 0,
-                                        "bbox": [box[0], box[1], box[2] - box[0],
-                                                 box[3] - box[1]]})
-    return coco
+    for i in range(_UNIQUE, bench.images):
+        shutil.copyfile(images / f"frame{i % _UNIQUE:04d}.jpg", images / f"frame{i:04d}.jpg")
+    return coco_of([(f"frame{i:04d}.jpg", scenes[i % _UNIQUE].boxes,
+                     scenes[i % _UNIQUE].classes, (bench.height, bench.width))
+                    for i in range(bench.images)])
 
 
 def run_training_memory_benchmark(bench: TrainingMemoryBench) -> Iterator[dict]:
