@@ -3,6 +3,7 @@ stage, a resumed run) never sees half of it, whatever stops the writer."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 
@@ -16,3 +17,9 @@ def write_atomically(path: str | Path, content: str | bytes) -> None:
     else:
         tmp.write_text(content)
     tmp.replace(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's SHA-256, read in chunks: lineage names weights exactly, whatever their size."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

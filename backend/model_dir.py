@@ -5,7 +5,6 @@ model must be run."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from .detection.checkpoint import read_state_dict
 from .detection.config import config_from_yaml_text, dump_config
 from .detection.predictor import Predictor
 from .detection.tiling import TilingOptions
+from .files import file_sha256
 from .recipe import Recipe, describe, parse_recipe, recipe_json
 
 CONFIG_FILE = "config.yaml"
@@ -69,12 +69,16 @@ class ModelDir:
         return cls(path, labels, metadata, _stored_recipe(metadata, path / METADATA_FILE))
 
     @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    @property
     def version(self) -> str:
         return str(self.metadata.get("version") or self.path.resolve().name)
 
     def predictor(self, overrides: dict[str, Any] | None = None, **kwargs: Any) -> Predictor:
         predictor = Predictor.from_files(
-            self.path / CONFIG_FILE, self.path / WEIGHTS_FILE, overrides, **kwargs
+            self.path / CONFIG_FILE, self.weights, overrides, **kwargs
         )
         num_classes = predictor.cfg.roi_heads.num_classes
         if self.labels is not None and len(self.labels) != num_classes:
@@ -141,6 +145,10 @@ def _write_files(
     (root / CONFIG_FILE).write_text(config_yaml)
     torch.save({"model": state_dict}, root / WEIGHTS_FILE)
     (root / LABELS_FILE).write_text("".join(f"{name}\n" for name in labels))
+    _write_metadata(root, metadata)
+
+
+def _write_metadata(root: Path, metadata: dict[str, Any]) -> None:
     (root / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
 
 
@@ -154,6 +162,17 @@ def write_model_dir(
     """Write a complete model directory atomically."""
     with _building(dest) as tmp:
         _write_files(tmp, config_yaml, state_dict, labels, metadata)
+    return ModelDir.open(dest)
+
+
+def copy_model_dir(source: ModelDir, dest: str | Path, metadata: dict[str, Any]) -> ModelDir:
+    """The same config, weights and labels, byte for byte (so the weights' SHA-256 still
+    names them), with new metadata; written atomically."""
+    with _building(dest) as tmp:
+        for name in (CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE):
+            if (source.path / name).is_file():
+                shutil.copyfile(source.path / name, tmp / name)
+        _write_metadata(tmp, metadata)
     return ModelDir.open(dest)
 
 
@@ -175,8 +194,7 @@ def init_model_dir(
     if len(names) != num_classes:
         raise ModelDirError(f"{labels} names {len(names)} classes but {config} has "
                             f"MODEL.ROI_HEADS.NUM_CLASSES={num_classes}")
-    with open(weights, "rb") as f:
-        source_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    source_sha256 = file_sha256(weights)
     metadata = {
         "version": version or Path(dest).name,
         "recipe": recipe_json(recipe),

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from backend.model_dir import ModelDir, write_model_dir
+from backend.model_dir import ModelDir, copy_model_dir
 from backend.registry import Registry
 
 from .coco import write_json
@@ -29,6 +29,8 @@ def gate(
     deployed = metrics.get("deployed")
     if deployed is None:
         return True, "no deployed model to compare with"
+    if deployed.get("is_candidate"):
+        return False, f"the candidate is deployed already, as {deployed['version']}"
     compared = (f"AP50 {metrics['ap50']:.4f} vs deployed {deployed['version']} "
                 f"{deployed['ap50']:.4f} on the same val images")
     if deployed.get("label_set_changed"):
@@ -90,23 +92,11 @@ def main() -> None:
             "deployed_at": time.time(),
             "previous": registry.current_name(),
         }
-        write_model_dir(
-            registry.versions_dir / name,
-            (candidate.path / "config.yaml").read_text(),
-            _weights(candidate.path / "model_final.pth"),
-            candidate.labels or [],
-            lineage,
-        )
+        copy_model_dir(candidate, registry.versions_dir / name, lineage)
         registry.switch(name, reason=f"deploy: {reason}")
         decision["version"] = name
     write_json(dp.get("record", "deploy.json"), decision)
     print(f"deploy: {'deployed ' + decision['version'] if ok else 'not deployed'} ({reason})")
-
-
-def _weights(path: Path):
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """DVC stage `evaluate`: COCO metrics (pycocotools) of the candidate and of the deployed
-model on the val split, each run by its own recipe (model.json), as serving runs it.
+model (the one the `deployed` stage's snapshot names) on the val split, each run by its own
+recipe (model.json), as serving runs it; a candidate that is the deployed model already is
+scored once.
 
 Writes `metrics.json` (for `dvc metrics diff`: AP, AP50, AP75, AP-small, per-class AP, and
 the deployed model's AP50 on the same images for the deploy gate) and `plots/pr.json`
@@ -18,12 +20,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from backend.files import file_sha256
 from backend.imagery.images import load_image
 from backend.model_dir import ModelDir
 from backend.recipe import Recipe
-from backend.registry import Registry, RegistryError
 
 from .coco import read_coco, write_json
+from .deployed import deployed_model
 from .params import fail, load_params
 
 
@@ -138,21 +141,19 @@ def main() -> None:
     )
     metrics["images"] = len(val["images"])
     metrics["deployed"] = None
-    registry_root = params.get("deploy", {}).get("registry")
-    try:
-        deployed = Registry(registry_root).current() if registry_root else None
-    except RegistryError:
-        deployed = None
+    deployed, snapshot = deployed_model(params)
     if deployed is not None:
-        deployed_metrics, _ = coco_metrics(
+        is_candidate = snapshot["weights_sha256"] == file_sha256(candidate.weights)
+        deployed_metrics = metrics if is_candidate else coco_metrics(
             val, detections_for(deployed, val, images, deployed.recipe, device), max_detections
-        )
+        )[0]
         metrics["deployed"] = {
-            "version": deployed.version,
+            "version": snapshot["version"],
             "ap50": deployed_metrics["ap50"],
             "ap": deployed_metrics["ap"],
             "labels": deployed.labels,
             "label_set_changed": deployed.labels != candidate.labels,
+            "is_candidate": is_candidate,  # the candidate is deployed already
         }
     write_json(ep.get("metrics", "metrics.json"), metrics)
     write_json(Path(ep.get("plots", "plots")) / "pr.json", curve)

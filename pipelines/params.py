@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -41,3 +42,25 @@ def label_studio_target(params: dict[str, Any], stage: str) -> tuple[str, str, i
             "labelstudio.project"
         )
     return url, api_key, project
+
+
+CODE_ROOTS = ("backend", "pipelines")
+
+
+def code_sha256(stage: str) -> str | None:
+    """SHA-256 of the source a stage declares in dvc.yaml (its deps under backend/ and
+    pipelines/), for a stage that must tell a code change from a re-run that changes
+    nothing; None outside a DVC project."""
+    try:
+        stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    except (OSError, KeyError, TypeError):
+        return None
+    digest = hashlib.sha256()
+    for dep in stages.get(stage, {}).get("deps", []):
+        root = Path(dep)
+        if root.parts[0] not in CODE_ROOTS:
+            continue
+        for file in sorted([root] if root.is_file() else root.rglob("*.py")):
+            digest.update(f"{file}\n".encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()

@@ -1,8 +1,10 @@
 """DVC stage `train`: fine-tune on the train split and write the candidate model directory.
 
 Starts from, in order: the last checkpoint of an interrupted run of the same settings
-(resume), `train.base_weights` when set, the registry's current model when its classes
-match, else random weights. Checkpoints every `train.checkpoint_period` iterations; metrics
+(resume), `train.base_weights` when set, the deployed model named by the `deployed` stage's
+snapshot (its box predictor re-initialised when the label set changed), else random
+weights. When the candidate already is this run's result (see `_already_trained`), it is
+kept and nothing is trained. Checkpoints every `train.checkpoint_period` iterations; metrics
 and plots go to dvclive. Under `torchrun` (several processes, GPUs or nodes) it trains with
 DistributedDataParallel and the same params give the same model as one process.
 """
@@ -25,13 +27,14 @@ from backend.detection.config import DetectorConfig, bundled_config, dump_config
 from backend.detection.device import distributed_setup, resolve_device
 from backend.detection.model import GeneralizedRCNN
 from backend.detection.training import TrainOptions, init_from_scratch, train
-from backend.model_dir import write_model_dir
+from backend.files import file_sha256
+from backend.model_dir import ModelDir, ModelDirError, write_model_dir
 from backend.recipe import Recipe, describe, parse_recipe, recipe_json
-from backend.registry import Registry, RegistryError
 
 from .coco import category_names, dataset_hash, read_coco
 from .dataset import StreamedSamples
-from .params import PARAMS_FILE, fail, load_params
+from .deployed import deployed_model
+from .params import PARAMS_FILE, code_sha256, fail, load_params
 
 OPTION_KEYS = (
     "iterations",
@@ -70,47 +73,40 @@ def _run_key(settings: object, dataset: str) -> str:
 
 
 def _start_weights(
-    model: GeneralizedRCNN, params: dict[str, Any], labels: list[str], registry_root: str | None
+    model: GeneralizedRCNN, params: dict[str, Any], labels: list[str],
+    deployed: ModelDir | None, deployed_sha256: str | None,
 ) -> tuple[str, str | None]:
     """Load the weights training starts from: (what they are, the SHA-256 of their file;
     None for random weights), so a model's lineage names its parent exactly."""
     if params.get("base_weights"):
         load_weights(model, params["base_weights"], for_inference=False)
-        return f"weights {params['base_weights']}", _sha256(params["base_weights"])
-    if registry_root:
-        try:
-            current = Registry(registry_root).current()
-        except RegistryError:
-            current = None
-        if current is not None:
-            weights = current.path / "model_final.pth"
-            load_weights(model, weights, for_inference=False)
-            if current.labels != labels:  # as detectron2 fine-tunes to new classes
-                model.roi_heads.box_predictor.reset_parameters()
-                return (f"deployed model {current.version}, box predictor re-initialised for "
-                        f"the new label set {current.labels} -> {labels}"), _sha256(weights)
-            return f"deployed model {current.version}", _sha256(weights)
+        return f"weights {params['base_weights']}", file_sha256(params["base_weights"])
+    if deployed is not None:
+        load_weights(model, deployed.weights, for_inference=False)
+        if deployed.labels != labels:  # as detectron2 fine-tunes to new classes
+            model.roi_heads.box_predictor.reset_parameters()
+            return (f"deployed model {deployed.version}, box predictor re-initialised for "
+                    f"the new label set {deployed.labels} -> {labels}"), deployed_sha256
+        return f"deployed model {deployed.version}", deployed_sha256
     init_from_scratch(model)
-    if registry_root:
-        print(f"train: {_why_no_deployed_model(Path(registry_root))}; starting from random "
-              "weights", flush=True)
     return "random weights", None
 
 
-def _why_no_deployed_model(registry: Path) -> str:
-    """`dvc exp run --temp` copies the repository, not the git-ignored registry: say so,
-    instead of silently training a different experiment from scratch."""
-    if ".dvc/tmp/exps" in Path.cwd().resolve().as_posix() and not registry.is_absolute():
-        return (f"no model registry at {registry} in this DVC temporary workspace (`dvc exp "
-                "run --temp` and queued experiments copy only what git tracks); to start "
-                "from the deployed model run `dvc exp run` in the workspace, or set "
-                "deploy.registry or train.base_weights to an absolute path")
-    return f"no deployed model in {registry} yet"
-
-
-def _sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def _already_trained(out: Path, lineage: dict[str, Any], start_sha256: str | None) -> bool:
+    """Whether the candidate in `out` is what this run would train: the same code, settings
+    and train split, and either trained from this start or itself this start. The second
+    case is the loop's fixed point: once the candidate is deployed, the deployed model
+    (train's start) changes, yet training it again on the data it was trained on would
+    only repeat its epochs."""
+    if start_sha256 is None or lineage["code_sha256"] is None:
+        return False
+    try:
+        candidate = ModelDir.open(out)
+    except ModelDirError:
+        return False
+    if any(candidate.metadata.get(key) != value for key, value in lineage.items()):
+        return False
+    return start_sha256 in (candidate.metadata.get("start_sha256"), file_sha256(candidate.weights))
 
 
 def main() -> None:
@@ -137,10 +133,22 @@ def main() -> None:
     options = train_options(tp, recipe, cfg)
     torch.manual_seed(options.seed)
     model = GeneralizedRCNN(cfg)
+    deployed, snapshot = deployed_model(params)
     origin, start_sha256 = _start_weights(
-        model, tp, labels, params.get("deploy", {}).get("registry")
+        model, tp, labels, deployed, snapshot.get("weights_sha256")
     )
-    key = _run_key([tp, recipe_json(recipe)], dataset_hash(split_dir / "train.json"))
+    lineage = {"dataset": dataset_hash(split_dir / "train.json"), "params": tp,
+               "recipe": recipe_json(recipe), "code_sha256": code_sha256("train")}
+    if _already_trained(out, lineage, start_sha256):
+        if rank == 0:
+            print(f"train: {out} was trained from {origin} with this code and these settings "
+                  "on this train split (or is it): kept as it is")
+        if distributed:
+            dist.destroy_process_group()
+        return
+    if start_sha256 is None and rank == 0:
+        print(f"train: {snapshot.get('why_none')}; starting from random weights", flush=True)
+    key = _run_key([tp, recipe_json(recipe)], lineage["dataset"])
     checkpoint = work / f"{key}.pth"
     start, state = 0, None
     if checkpoint.is_file():
@@ -215,13 +223,11 @@ def main() -> None:
             labels,
             {
                 "version": "candidate",
-                "dataset": dataset_hash(split_dir / "train.json"),
+                **lineage,
                 "iterations": options.iterations,
                 "start": origin,
                 "start_sha256": start_sha256,
                 "processes": world,
-                "params": tp,
-                "recipe": recipe_json(recipe),
             },
         )
         checkpoint.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from backend.registry import Registry
 from backend.serving.results import rectangle_region
 from backend.synthetic import CLASSES, png_bytes, survey_scene
 from pipelines.deploy import gate
+from pipelines.deployed import snapshot
 from pipelines.split import is_val
 from pipelines.workspace import create_loop_project
 
@@ -169,15 +170,30 @@ def test_repro_prelabels_the_pool_with_the_new_model_and_picks_the_next_batch(lo
     assert not tasks["scene00.png"].predictions  # labeled tasks are not pre-labelled again
 
 
-def test_second_repro_is_a_noop_after_export(loop):
-    second = run(["dvc", "repro"], loop["dir"], loop["env"])
+def test_after_a_deploy_the_loop_keeps_its_model_then_runs_nothing(loop):
+    """The deployed model is a declared input of train and evaluate: the run after a deploy
+    finds the candidate is that model and keeps it (nothing trained, nothing deployed), and
+    the run after that has nothing to do."""
+    checkout, env = loop["dir"], loop["env"]
+    lock = yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]
+    for stage in ("train", "evaluate"):
+        assert "data/deployed.json" in {dep["path"] for dep in lock[stage]["deps"]}
+    second = run(["dvc", "repro"], checkout, env)
     out = second.stdout + second.stderr
-    assert "Running stage 'train'" not in out and "Running stage 'deploy'" not in out
-    assert Registry(loop["dir"] / "models/registry").version_names() == ["v0001"]
+    assert "deployed: v0001" in out and "kept as it is" in out and "train: it " not in out
+    assert "the candidate is deployed already, as v0001" in out
+    registry = Registry(checkout / "models/registry")
+    assert registry.version_names() == ["v0001"]
+    assert json.loads((checkout / "data/deployed.json").read_text())["weights_sha256"] == (
+        hashlib.sha256(registry.current().weights.read_bytes()).hexdigest())
     # annotations re-read, images not: only the corrupt upload is fetched again
-    manifest = json.loads((loop["dir"] / "data/dataset/manifest.json").read_text())
+    manifest = json.loads((checkout / "data/dataset/manifest.json").read_text())
     assert (manifest["images_fetched"], manifest["images_reused"]) == (0, 9)
     assert "fetched 0 new or changed image(s) (0.0 MB), reused 9" in out
+    third = run(["dvc", "repro"], checkout, env)
+    out = third.stdout + third.stderr
+    for stage in ("split", "train", "evaluate", "deploy"):
+        assert f"Running stage '{stage}'" not in out, stage
 
 
 def test_datasets_and_models_push_to_and_pull_from_a_shared_remote(loop):
@@ -247,7 +263,8 @@ def _train_params(loop, tmp_path: Path, name: str, **train) -> dict[str, str]:
             **train,
         }
     )
-    params["deploy"]["registry"] = str(tmp_path / "no-registry")
+    params["deploy"]["snapshot"] = str(tmp_path / "nothing-deployed.json")
+    (tmp_path / "nothing-deployed.json").write_text(json.dumps(snapshot(str(tmp_path / "none"))))
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(params))
     return {**loop["env"], "TRIDENTLOOP_PARAMS": str(path)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,15 +241,3 @@ def test_training_images_are_decoded_when_a_step_reads_them(tmp_path):
     with pytest.raises(ValueError, match=r"gone\.png: file not found"):
         samples[1]
 
-
-def test_a_temporary_dvc_experiment_says_why_it_starts_from_scratch(tmp_path, monkeypatch):
-    from pipelines.train import _why_no_deployed_model
-
-    workspace = tmp_path / "repo/.dvc/tmp/exps/run/abc123"
-    workspace.mkdir(parents=True)
-    monkeypatch.chdir(workspace)
-    why = _why_no_deployed_model(Path("models/registry"))
-    assert "dvc exp run --temp" in why and "absolute path" in why
-    monkeypatch.chdir(tmp_path)
-    assert _why_no_deployed_model(Path("models/registry")) == (
-        "no deployed model in models/registry yet")
