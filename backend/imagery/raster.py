@@ -20,6 +20,7 @@ import math
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from ..imagery.images import (
     value_percentiles,
 )
 
+if TYPE_CHECKING:
+    import tifffile
+
 _SAMPLE_TILES = 64  # TIFF tiles read to find a deep raster's stretch range
 
 
@@ -45,13 +49,12 @@ class WindowedRaster:
     ndim = 3
     dtype = np.dtype(np.uint8)
 
-    def __init__(self, path: str | Path, scaling: PixelScaling = DEFAULT_SCALING,
+    def __init__(self, tif: tifffile.TiffFile, scaling: PixelScaling = DEFAULT_SCALING,
                  max_pixels: int = DEFAULT_MAX_PIXELS, cache_rows: int = 2) -> None:
-        import tifffile
-
-        self.name = str(path)
+        """Takes `tif` over (closes it)."""
+        self.name = str(tif.filehandle.path)
         self.max_pixels = max_pixels
-        self._tif = tifffile.TiffFile(path)
+        self._tif = tif
         self._lock = threading.Lock()
         try:
             page = self._tif.pages[0]
@@ -186,16 +189,16 @@ def open_raster(path: str | Path, scaling: PixelScaling = DEFAULT_SCALING,
     """A windowed view of `path` if it is a local tiled TIFF, else None (decode it whole)."""
     import tifffile
 
-    path = Path(path)
     try:
         if not is_tiff(path):
             return None
-        with tifffile.TiffFile(path) as tif:
-            if not is_windowed(tif.pages[0]):
-                return None
+        tif = tifffile.TiffFile(path)
     except (OSError, tifffile.TiffFileError):
         return None
-    return WindowedRaster(path, scaling, max_pixels)
+    if not is_windowed(tif.pages[0]):
+        tif.close()
+        return None
+    return WindowedRaster(tif, scaling, max_pixels)
 
 
 def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
