@@ -11,8 +11,6 @@ The mosaic is a generated tiled GeoTIFF (BigTIFF, 512 px deflate tiles, UTM geor
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 
 from ..synthetic import survey_scene
+from .timing import run_measured
 from .workload import conditioned_model_dir
 
 _CHUNK = 512  # px: TIFF tiles, and the side of the generated scenes the mosaic repeats
@@ -71,7 +70,7 @@ def write_mosaic(path: Path, size: int, tiled: bool = True) -> None:
 
 
 def _run_job(root: Path, model: Path, raster: Path, bench: RasterBench) -> dict:
-    """The batch job in a process of its own; its peak RSS from the kernel (wait4)."""
+    """The batch job in a process of its own, with its peak RSS."""
     out = root / f"{raster.stem}.jsonl"
     command = [
         sys.executable, "-m", "backend.cli", "prelabel", "--images", str(raster),
@@ -80,15 +79,11 @@ def _run_job(root: Path, model: Path, raster: Path, bench: RasterBench) -> dict:
         "--tile-overlap", str(bench.overlap), "--workers", str(bench.workers),
         "--threads", str(torch.get_num_threads()),
     ]
-    job = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(job.pid, 0)
-    job.returncode = os.waitstatus_to_exitcode(status)
-    if job.returncode:
-        raise RuntimeError(f"prelabel on {raster} failed (exit {job.returncode})")
+    measured = run_measured(command, f"prelabel on {raster}")
     report = json.loads(out.with_name(out.stem + ".report.json").read_text())
     return {"tiles": report["tiles"], "seconds": report["seconds"],
             "tiles_per_s": round(report["tiles"] / report["seconds"], 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024), "failed": len(report["failed"])}
+            "peak_rss_mb": round(measured.peak_rss_mb), "failed": len(report["failed"])}
 
 
 def run_raster_benchmark(bench: RasterBench) -> Iterator[dict]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,3 +85,24 @@ def _pss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+@dataclass(frozen=True)
+class MeasuredRun:
+    seconds: float
+    peak_rss_mb: float  # the process itself, from the kernel
+    tree_peak_pss_mb: float  # the process and its children, sampled
+
+
+def run_measured(command: list[str], what: str, cwd: Path | None = None) -> MeasuredRun:
+    """Run `command` to its end in a process of its own and measure it: a benchmark's
+    memory figure must not include the benchmark's own process. A failure raises."""
+    started = time.perf_counter()
+    child = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL)
+    tree = ProcessTreeMemory(child.pid)
+    _, status, usage = os.wait4(child.pid, 0)
+    tree_peak = tree.stop()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise RuntimeError(f"{what} failed (exit {child.returncode})")
+    return MeasuredRun(time.perf_counter() - started, usage.ru_maxrss / 1024, tree_peak)

@@ -9,12 +9,9 @@ not the dataset (target: under 4 GB on CPU).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +21,7 @@ import yaml
 from PIL import Image
 
 from ..synthetic import coco_of, survey_scene
-from .timing import ProcessTreeMemory
+from .timing import run_measured
 
 _UNIQUE = 4  # distinct frames, copied to N files: decoding is real work per file
 
@@ -74,20 +71,13 @@ def run_training_memory_benchmark(bench: TrainingMemoryBench) -> Iterator[dict]:
         }))
         (root / "deployed.json").write_text(json.dumps(
             {"version": None, "why_none": "the benchmark trains from random weights"}))
-        started = time.perf_counter()
-        stage = subprocess.Popen([sys.executable, "-m", "pipelines.train"], cwd=root,
-                                 stdout=subprocess.DEVNULL)
-        memory = ProcessTreeMemory(stage.pid)
-        _, status, usage = os.wait4(stage.pid, 0)
-        tree_peak = memory.stop()
-        seconds = time.perf_counter() - started
-        if os.waitstatus_to_exitcode(status):
-            raise RuntimeError(f"the train stage failed (exit {os.waitstatus_to_exitcode(status)})")
+        stage = run_measured([sys.executable, "-m", "pipelines.train"], "the train stage", root)
         yield {"case": "training-memory", "images": bench.images,
                "image_size": f"{bench.width}x{bench.height}",
                "decoded_dataset_gb": round(bench.images * bench.height * bench.width * 3 / 1e9, 1),
                "iterations": bench.iterations, "batch": bench.batch_size,
-               "workers": bench.workers, "crop": bench.tile_size, "seconds": round(seconds, 1),
-               "peak_pss_mb": round(tree_peak), "stage_process_peak_rss_mb":
-               round(usage.ru_maxrss / 1024), "target_peak_mb": 4096,
-               "within_target": tree_peak < 4096}
+               "workers": bench.workers, "crop": bench.tile_size,
+               "seconds": round(stage.seconds, 1),
+               "peak_pss_mb": round(stage.tree_peak_pss_mb), "stage_process_peak_rss_mb":
+               round(stage.peak_rss_mb), "target_peak_mb": 4096,
+               "within_target": stage.tree_peak_pss_mb < 4096}
