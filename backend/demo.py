@@ -38,7 +38,7 @@ from .serving.media import MediaFetcher, MediaSettings
 from .serving.model_source import ModelSource
 from .serving.results import rectangle_region
 from .serving.server import serve_in_thread
-from .synthetic import CLASSES, LABEL_CONFIG, Scene, png_bytes, survey_scene
+from .synthetic import CLASSES, LABEL_CONFIG, Scene, coco_of, png_bytes, survey_scene
 
 MARKER = ".tridentloop-demo"
 IMAGE_SIZE = (480, 640)  # (h, w): six 320 px tiles
@@ -206,35 +206,12 @@ def _start_backend(
 def _held_out_set(root: Path, rng: np.random.Generator, count: int = 6) -> dict[str, Any]:
     """Survey images never shown to Label Studio: the same yardstick for every round."""
     root.mkdir(parents=True)
-    coco: dict[str, Any] = {
-        "images": [],
-        "annotations": [],
-        "categories": [{"id": i, "name": c} for i, c in enumerate(CLASSES)],
-    }
+    scenes = []
     for i in range(count):
         scene = survey_scene(rng, *IMAGE_SIZE, 10)
         Image.fromarray(scene.image).save(root / f"held_out{i}.png")
-        coco["images"].append(
-            {
-                "id": i,
-                "file_name": f"held_out{i}.png",
-                "width": IMAGE_SIZE[1],
-                "height": IMAGE_SIZE[0],
-            }
-        )
-        for box, cls in zip(scene.boxes.tolist(), scene.classes.tolist(), strict=True):
-            w, h = box[2] - box[0], box[3] - box[1]
-            coco["annotations"].append(
-                {
-                    "id": len(coco["annotations"]) + 1,
-                    "image_id": i,
-                    "category_id": cls,
-                    "bbox": [box[0], box[1], w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
-    return {"coco": coco, "dir": root}
+        scenes.append((f"held_out{i}.png", scene.boxes, scene.classes, IMAGE_SIZE))
+    return {"coco": coco_of(scenes), "dir": root}
 
 
 def _held_out_ap50(registry: Registry, held_out: dict[str, Any], device: str) -> float:
