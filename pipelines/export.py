@@ -94,8 +94,39 @@ def _unusable(region: dict[str, Any], from_name: str, categories: dict[str, int]
     return None
 
 
-def _as_dict(obj: Any) -> dict[str, Any]:
-    return obj if isinstance(obj, dict) else obj.model_dump()
+EXPORT_TIMEOUT_S = 3600
+# What the dataset does not need stays out of the snapshot: predictions (hundreds of boxes a
+# task once pre-labelled), drafts, annotators' records, annotation history.
+_LEAN = {"drafts": {"only_id": True}, "predictions": {"only_id": True},
+         "annotations__completed_by": {"only_id": True}, "include_annotation_history": False}
+
+
+def annotated_tasks(client: Any, project_id: int) -> list[dict[str, Any]]:
+    """Every task with an annotation (skips included), its data and annotations, through a
+    Label Studio export snapshot: the server reads them in batches with the annotations
+    prefetched, a third of the paginated tasks API's time on 2,000 tasks (29.8 s -> ~10 s,
+    docs/benchmarks.md). The snapshot is deleted once read: repeated runs leave nothing
+    behind on the server (the one-request export endpoint keeps a copy of every export)."""
+    exports = client.projects.exports
+    long = {"timeout": EXPORT_TIMEOUT_S}  # Label Studio without a job queue exports in-request
+    snapshot = exports.create(project_id, title="tridentloop export",
+                              task_filter_options={"only_with_annotations": True},
+                              serialization_options=_LEAN, request_options=long)
+    try:
+        deadline = time.monotonic() + EXPORT_TIMEOUT_S
+        while snapshot.status not in ("completed", "failed"):
+            if time.monotonic() > deadline:
+                fail(f"Label Studio's export {snapshot.id} of project {project_id} did not "
+                     f"finish in {EXPORT_TIMEOUT_S} s")
+            time.sleep(0.5)
+            snapshot = exports.get(project_id, snapshot.id)
+        if snapshot.status == "failed":
+            fail(f"Label Studio's export {snapshot.id} of project {project_id} failed: see the "
+                 "Label Studio server's log")
+        return json.loads(b"".join(exports.download(project_id, snapshot.id, export_type="JSON",
+                                                    request_options=long)))
+    finally:
+        exports.delete(project_id, snapshot.id)
 
 
 class ImageStore:
@@ -166,10 +197,9 @@ def main() -> None:
     }
     skipped: list[dict[str, Any]] = []
     dropped: Counter[str] = Counter()
-    listing = client.tasks.list(project=project_id, fields="all", page_size=500)
-    tasks = [_as_dict(t) for t in listing]  # pages of 500: fewer round trips on big projects
+    tasks = annotated_tasks(client, project_id)
     for task in tqdm(tasks, desc="export", unit="task"):
-        annotation = latest_accepted([_as_dict(a) for a in task.get("annotations") or []], only_gt)
+        annotation = latest_accepted(task.get("annotations") or [], only_gt)
         if annotation is None:
             continue
         uri = (task.get("data") or {}).get(control.data_key)

@@ -134,6 +134,7 @@ def test_repro_exports_trains_evaluates_and_deploys(loop):
     assert sum(manifest["boxes_per_class"].values()) == manifest["boxes"] > 0
     assert manifest["dropped_regions"] == {}  # every drawn box made it into the dataset
     assert manifest["images_fetched"] == 9 and manifest["fetched_bytes"] > 0
+    assert not loop["ls"].projects.exports.list(loop["project"])  # its snapshot deleted once read
     val = json.loads((checkout / "data/split/val.json").read_text())
     assert loop["pinned"] in {image["id"] for image in val["images"]}
     metrics = json.loads((checkout / "metrics.json").read_text())
