@@ -16,6 +16,10 @@ LABEL_STUDIO_VERSION := 1.23.2
 GPU_PYTHON ?= python3
 D2_FIXTURES ?= ../shared/fixtures/detectron2
 GPU_REPORT ?= gpu-check.jsonl
+# An earlier tree to time beside this one on the same card, e.g. `git archive` of main:
+#   make gpu-check GPU_BEFORE=.gpu-before
+GPU_BEFORE ?=
+GPU_ARGS ?=
 
 .PHONY: setup setup-ls demo test lint bench gpu-check clean
 
@@ -54,7 +58,7 @@ bench: $(STAMP)
 # One JSON Lines report of the CUDA tests and GPU benchmarks; fails loudly without CUDA.
 gpu-check:
 	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m backend.bench.gpu_check \
-		--fixtures $(D2_FIXTURES) --report $(GPU_REPORT)
+		--fixtures $(D2_FIXTURES) --report $(GPU_REPORT) $(if $(GPU_BEFORE),--before $(GPU_BEFORE)) $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LS_VENV) demo-output .pytest_cache $(GPU_REPORT)

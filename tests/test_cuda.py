@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from backend.detection.nms import batched_greedy_nms
 from backend.detection.predictor import Predictor
 from backend.detection.tiling import TilingOptions
 from backend.detection.training import Sample, TrainOptions, init_from_scratch, train
@@ -40,6 +41,7 @@ from .conftest import (
     twin_fraction,
 )
 from .test_device import FAST
+from .test_nms import random_boxes, torchvision_reference
 
 pytestmark = pytest.mark.cuda
 
@@ -146,3 +148,36 @@ def test_amp_training_on_cuda_keeps_the_loss_finite_and_falling():
           on_step=lambda i, losses: history.append(losses["total_loss"]))
     assert all(np.isfinite(history))
     assert np.mean(history[-5:]) < 0.8 * np.mean(history[:5])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_nms_on_cuda_keeps_what_torchvision_s_cuda_kernel_keeps(seed):
+    """Random and integer (tie-heavy) boxes, 4 images of 6000 as the RPN gives them, at
+    detectron2's thresholds (where the CUDA kernel's float32 threshold and the CPU's
+    double one agree)."""
+    gen = torch.Generator().manual_seed(seed)
+    boxes = random_boxes(gen, 24_000, span=780, size=120)
+    if seed % 2:
+        boxes = boxes.round()
+    scores = torch.rand(24_000, generator=gen)
+    groups = torch.randint(3, (24_000,), generator=gen)
+    images = torch.arange(4).repeat_interleave(6000)
+    on_gpu = [t.cuda() for t in (boxes, scores, groups, images)]
+    for threshold, topk in ((0.7, 1000), (0.5, 100), (0.5, -1)):
+        got = batched_greedy_nms(*on_gpu, threshold, topk).cpu()
+        assert torch.equal(got, torchvision_reference(*on_gpu, threshold, topk))
+
+
+def test_roi_chunks_on_cuda_change_no_detection(fixture_image):
+    """The 3-branch TridentNet's 3,000 ROIs in chunks of 16 MB (about 20 ROIs) against the
+    device's default budget (one chunk), in fp32 with TF32 off."""
+    name = "tridentnet_3branch_R_50_C4_1x"
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        one = _on_cuda(name)(fixture_image)
+        chunked = _on_cuda(name, roi_budget_mb=16)(fixture_image)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    assert len(one) == len(chunked)
+    assert twin_fraction(one, chunked, min_score=0.0) == 1.0

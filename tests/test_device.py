@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from backend.detection.boxes import batched_nms, nms_per_image
 from backend.detection.device import DeviceOptions
 from backend.detection.predictor import Predictor
 from backend.detection.roi_heads import ROIPooler
@@ -108,9 +107,11 @@ def test_gpu_defaults_all_at_once_on_cpu_equal_one_image_at_a_time(monkeypatch, 
     assert len(pinned) == 4 and all(t.dtype == torch.uint8 for t in pinned)
     plain = _predictor(name)
     for tile, det in zip(tiles, batched, strict=True):
+        # Another batch size is another summation order: scores move by ~1e-6, and two
+        # detections whose scores tie that closely may trade places; each keeps its twin.
         alone = plain(tile)
-        assert torch.equal(alone.classes, det.classes)
-        assert torch.allclose(alone.boxes, det.boxes, atol=1e-2)
+        assert len(alone) == len(det)
+        assert twin_fraction(alone, det, min_score=0.0) == 1.0
         assert torch.allclose(alone.scores, det.scores, atol=1e-4)
 
 
@@ -146,22 +147,6 @@ def test_server_queue_batches_requests_of_one_input_shape(fixture_image):
     for photo, det in zip(photos, results, strict=True):
         assert det.image_size == photo.shape[:2]
         assert twin_fraction(plain(photo), det, min_score=0.0) >= 0.95
-
-
-def test_one_batched_nms_equals_nms_image_by_image():
-    gen = torch.Generator().manual_seed(0)
-    images, classes, topk = 3, 4, 7
-    xy = torch.rand(300, 2, generator=gen) * 200
-    boxes = torch.cat([xy, xy + 10 + torch.rand(300, 2, generator=gen) * 40], dim=1)
-    scores = torch.rand(300, generator=gen)
-    owner = torch.randint(images, (300,), generator=gen)
-    cls = torch.randint(classes, (300,), generator=gen)
-    keep = nms_per_image(boxes, scores, cls, owner, classes, 0.5, topk)
-    for image in range(images):
-        rows = torch.nonzero(owner == image)[:, 0]
-        alone = rows[batched_nms(boxes[rows], scores[rows], cls[rows], 0.5)][:topk]
-        assert torch.equal(keep[owner[keep] == image], alone)
-    assert torch.equal(owner[keep], torch.sort(owner[keep]).values)  # grouped by image
 
 
 def test_roi_coordinates_keep_fp32_precision_under_bf16():

@@ -3,13 +3,20 @@ model, precision and batch size, beside torchvision's fasterrcnn_resnet50_fpn ru
 same process on the same tiles, threads and precision. Both carry a trained model's
 workload (see `workload`), and every line says so with its proposals and detections per
 image. Compare `ratio_vs_torchvision` across machines, never the absolute numbers.
+
+`variants` times engine settings side by side (each on its own copy of the model, rounds
+interleaved): `default`, `torchvision-nms` (torchvision's batched NMS instead of ours),
+`folded`/`unfolded` (frozen norms folded into the convolutions or not), `compiled`
+(torch.compile, opt-in). Each line of a variant also gives its ratio to the first variant.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +46,13 @@ NARROW = {
     "MODEL.ROI_BOX_HEAD.FC_DIM": 256,
 }
 TILE = 800
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "torchvision-nms": {"nms": "torchvision"},
+    "folded": {"fold_norms": True},
+    "unfolded": {"fold_norms": False},
+    "compiled": {"compile": True},
+}
 
 
 @dataclass(frozen=True)
@@ -58,11 +72,16 @@ class EngineBench:
     device: str = "auto"
     baseline: bool = True
     survey: SurveySettings | None = None
+    variants: tuple[str, ...] = ("default",)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.cases) - set(CASES))
         if unknown:
             raise ValueError(f"unknown benchmark case(s) {unknown}; choose from {list(CASES)}")
+        unknown = sorted(set(self.variants) - set(VARIANTS))
+        if unknown or not self.variants:
+            raise ValueError(f"engine variant(s) {unknown or '(none)'}: choose from "
+                             f"{list(VARIANTS)}")
         if self.width not in ("full", "narrow"):
             raise ValueError(f"width {self.width!r} is not full or narrow")
 
@@ -117,7 +136,7 @@ def run_engine_benchmark(bench: EngineBench) -> Iterator[dict]:
             )
             for name, model in models.items():
                 try:
-                    yield _measure(name, model, tiles[:batch], options, baseline, bench)
+                    yield from _measure(name, model, tiles[:batch], options, baseline, bench)
                 except RuntimeError as exc:  # out of memory at a large batch, say
                     release_cached_memory(options.device)
                     yield {"case": name, "precision": precision, "batch": batch,
@@ -131,17 +150,15 @@ def _measure(
     options: DeviceOptions,
     baseline: tuple[Callable, torch.nn.Module] | None,
     bench: EngineBench,
-) -> dict:
-    predictor = Predictor(
-        model, options.device, options.precision, options.channels_last,
-        options.pin_memory, options.batch_size,
-    )
-    ours = WorkloadCounter()
-    stop = ours.watch_ours(predictor.model)
-    ours.add_outputs(len(tiles), sum(len(d) for d in predictor.predict(tiles)))
-    stop()
-    runs: list[Callable[[], object]] = [lambda: predictor.predict(tiles)]
-    record: dict = {
+) -> Iterator[dict]:
+    """One record per variant, every variant and the baseline timed in the same rounds."""
+    settings = options.settings()
+    predictors = [
+        Predictor(model if len(bench.variants) == 1 else copy.deepcopy(model),
+                  **{**settings, **VARIANTS[v]})
+        for v in bench.variants
+    ]
+    shared: dict = {
         "case": name,
         "width": bench.width,
         "device": device_name(options.device),
@@ -149,8 +166,17 @@ def _measure(
         "channels_last": options.channels_last,
         "threads": torch.get_num_threads(),
         "batch": len(tiles),
-        **ours.per_image(),
     }
+    counted = []
+    for predictor in predictors:
+        ours = WorkloadCounter()
+        stop = ours.watch_ours(predictor.model)
+        ours.add_outputs(len(tiles), sum(len(d) for d in predictor.predict(tiles)))
+        stop()
+        counted.append(ours.per_image())
+    runs: list[Callable[[], object]] = [
+        lambda p=p: p.predict(tiles) for p in predictors  # type: ignore[misc]
+    ]
     if baseline is not None:
         run_baseline, tv_model = baseline
         theirs = WorkloadCounter()
@@ -158,18 +184,25 @@ def _measure(
         theirs.add_outputs(len(tiles), sum(len(o["boxes"]) for o in run_baseline(tiles)))
         stop()
         runs.append(lambda: run_baseline(tiles))
-        record.update({f"torchvision_{k}": v for k, v in theirs.per_image().items()})
+        shared.update({f"torchvision_{k}": v for k, v in theirs.per_image().items()})
     seconds = time_interleaved(runs, bench.repeats, options.device)
-    ms = seconds[0] * 1000 / len(tiles)
-    record.update({"ms_per_tile": round(ms, 2), "tiles_per_s": round(1000 / ms, 2)})
-    if baseline is not None:
-        baseline_ms = seconds[1] * 1000 / len(tiles)
-        record["torchvision_frcnn_r50_fpn_ms_per_tile"] = round(baseline_ms, 2)
-        record["ratio_vs_torchvision"] = round(ms / baseline_ms, 3)
-    if bench.survey is not None:
-        s = bench.survey
-        record["survey"] = survey_cost(1000 / ms, s.images, s.tiles_per_image, s.price_per_hour)
-    return record
+    for i, (variant, predictor) in enumerate(zip(bench.variants, predictors, strict=True)):
+        engine = predictor.options
+        record = {**shared, "variant": variant, "nms": engine.nms,
+                  "fold_norms": engine.fold_norms, "compile": engine.compile, **counted[i]}
+        ms = seconds[i] * 1000 / len(tiles)
+        record.update({"ms_per_tile": round(ms, 2), "tiles_per_s": round(1000 / ms, 2)})
+        if i > 0:
+            record[f"ratio_vs_{bench.variants[0]}"] = round(seconds[i] / seconds[0], 3)
+        if baseline is not None:
+            baseline_ms = seconds[-1] * 1000 / len(tiles)
+            record["torchvision_frcnn_r50_fpn_ms_per_tile"] = round(baseline_ms, 2)
+            record["ratio_vs_torchvision"] = round(ms / baseline_ms, 3)
+        if bench.survey is not None:
+            s = bench.survey
+            record["survey"] = survey_cost(1000 / ms, s.images, s.tiles_per_image,
+                                           s.price_per_hour)
+        yield record
 
 
 def print_records(records: Iterator[dict]) -> int:

@@ -1,14 +1,20 @@
 """`make gpu-check`: what only a GPU can show, in one run and one JSON Lines report.
 
 Runs on a CUDA machine with torch already installed and no network, from the source tree
-(`PYTHONPATH=.`), in under 8 minutes on an H100:
-1. the CUDA tests (`pytest -m cuda`: fidelity, reduced precision, tiling, the prelabel
-   stream, the server's queue, AMP training), one report line per test;
-2. the survey batch job on generated 6000x4000 frames (54 tiles each) vs the bare engine;
-3. training: full-size TridentNet R50-C4 with AMP beside torchvision's training step;
-4. the engine benchmark: every case at bf16 / fp16 / fp32 and batches 1, 4, 8, 16, each
-   beside torchvision's Faster R-CNN R50-FPN in the same process, and what the fastest
-   TridentNet-Fast rate means for a 100,000-image survey.
+(`PYTHONPATH=.`), in about 5 minutes on an H200, most important first so that a run cut
+short keeps it:
+1. the CUDA tests (`pytest -m cuda`: fidelity, reduced precision, exact batched NMS against
+   torchvision's CUDA kernel, ROI chunks, tiling, the prelabel stream, the server's queue,
+   AMP training), one report line per test;
+2. the engine at bf16, batch 16, every case, with its variants side by side (default,
+   torchvision's NMS, folded norms) beside torchvision's Faster R-CNN R50-FPN, and what the
+   TridentNet-Fast rate means for a 100,000-image survey;
+3. with `--before DIR` (a copy of an earlier tree), that engine on the same card, same
+   settings, in its own process: the before/after of a change;
+4. the survey batch job on generated 6000x4000 frames (54 tiles each) vs the bare engine;
+5. torch.compile (opt-in) against the default, for TridentNet-Fast and R50-FPN;
+6. training: full-size TridentNet R50-C4 with AMP beside torchvision's training step;
+7. with `--matrix`, every case at bf16 / fp16 / fp32 and batches 1, 4, 8, 16.
 Without CUDA it fails at once, loudly: a check that skips would pass where nothing ran.
 """
 
@@ -31,11 +37,12 @@ import torch
 import torchvision
 
 from ..detection.device import device_name, resolve_device
-from .engine import EngineBench, SurveySettings, run_engine_benchmark
+from .engine import CASES, EngineBench, SurveySettings, run_engine_benchmark
 from .prelabel import PrelabelBench, run_prelabel_benchmark
 from .training import TrainingBench, run_training_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
+SECTIONS = ("tests", "engine", "before", "prelabel", "compiled", "training", "matrix")
 
 
 class Report:
@@ -88,16 +95,40 @@ def run_cuda_tests(report: Report, fixtures: Path | None) -> None:
             report.write("test", record)
 
 
+FAST, FPN = "tridentnet_fast_R_50_C4", "faster_rcnn_R_50_FPN"
+
+
 def _engine(report: Report, repeats: int) -> None:
     records = report.extend("engine", run_engine_benchmark(EngineBench(
-        precisions=("bf16", "fp16", "fp32"), batch_sizes=(1, 4, 8, 16),
-        repeats=repeats, device="cuda", survey=SurveySettings(),
+        precisions=("bf16",), batch_sizes=(16,), repeats=repeats, device="cuda",
+        survey=SurveySettings(), variants=("default", "torchvision-nms", "folded"),
     )))
-    fast = [r for r in records if r["case"] == "tridentnet_fast_R_50_C4" and "tiles_per_s" in r]
+    fast = [r for r in records if r["case"] == FAST and "tiles_per_s" in r]
     if fast:
         best = max(fast, key=lambda r: r["tiles_per_s"])
-        report.write("survey", {k: best[k] for k in ("case", "precision", "batch", "tiles_per_s",
-                                                     "survey")})
+        report.write("survey", {k: best[k] for k in ("case", "precision", "batch", "variant",
+                                                     "tiles_per_s", "survey")})
+
+
+def _before(report: Report, tree: Path, repeats: int) -> None:
+    """The engine of an earlier tree, on this card, in its own process (its own code)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "bench", "--device", "cuda", "--precisions",
+         "bf16", "--batch-sizes", "16", "--repeats", str(repeats), "--models", *CASES],
+        cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree.resolve())),
+        capture_output=True, text=True,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    report.extend("before", (json.loads(line) for line in lines))
+    if proc.returncode != 0:
+        report.write("before", {"ok": False, "error": proc.stderr[-1000:]})
+
+
+def _matrix(report: Report, repeats: int) -> None:
+    report.extend("matrix", run_engine_benchmark(EngineBench(
+        precisions=("bf16", "fp16", "fp32"), batch_sizes=(1, 4, 8, 16), repeats=repeats,
+        device="cuda",
+    )))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fixtures", type=Path, default=None,
                         help="detectron2 fixtures folder (default: ../shared/fixtures/detectron2)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["tests", "engine", "prelabel", "training"])
+    parser.add_argument("--before", type=Path, default=None,
+                        help="an earlier source tree whose engine to time on the same card")
+    parser.add_argument("--matrix", action="store_true",
+                        help="also every case at bf16/fp16/fp32 x batch 1/4/8/16")
+    parser.add_argument("--skip", nargs="*", default=[], choices=list(SECTIONS))
     args = parser.parse_args(argv)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     with args.report.open("w") as stream:
@@ -124,20 +158,29 @@ def main(argv: list[str] | None = None) -> int:
             "torchvision": torchvision.__version__, "python": platform.python_version(),
             "cpu_threads": torch.get_num_threads(),
         })
-        # Short sections first and the long engine matrix last, reduced precision (the
-        # targets) before fp32: a run cut short still reports what matters most.
+        # What matters most first: a run cut short still reports it.
         sections = {
             "tests": lambda: run_cuda_tests(report, args.fixtures),
+            "engine": lambda: _engine(report, args.repeats),
+            "before": lambda: _before(report, args.before, args.repeats),
             "prelabel": lambda: report.extend("prelabel", run_prelabel_benchmark(PrelabelBench(
                 images=16, device="cuda", precision="bf16", batch_size=16, workers=8,
+            ))),
+            "compiled": lambda: report.extend("compiled", run_engine_benchmark(EngineBench(
+                cases=(FAST, FPN), precisions=("bf16",), batch_sizes=(16,),
+                repeats=args.repeats, device="cuda", baseline=False,
+                variants=("default", "compiled"),
             ))),
             "training": lambda: report.extend(
                 "training", run_training_benchmark(TrainingBench(device="cuda"))
             ),
-            "engine": lambda: _engine(report, args.repeats),
+            "matrix": lambda: _matrix(report, args.repeats),
         }
+        assert set(sections) == set(SECTIONS)
         for name, section in sections.items():
-            if name in args.skip:
+            if name in args.skip or (name == "before" and args.before is None) or (
+                name == "matrix" and not args.matrix
+            ):
                 continue
             begun = time.monotonic()
             try:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms as _tv_batched_nms
 
+from .nms import batched_greedy_nms
+
 # Limit on exp(dw), dh so that a wild regression cannot make a box overflow.
 _SCALE_CLAMP = math.log(1000.0 / 16)
 
@@ -105,12 +107,7 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     )
 
 
-def batched_nms(
-    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float
-) -> torch.Tensor:
-    """Per-group NMS, in float32 whatever the autocast dtype: half precision lacks the range
-    for the offset trick, and bf16 scores tie where fp32 ones do not."""
-    return _tv_batched_nms(boxes.float(), scores.float(), groups, iou_threshold)
+NMS_METHODS = ("exact", "torchvision")
 
 
 def nms_per_image(
@@ -121,12 +118,20 @@ def nms_per_image(
     num_groups: int,
     iou_threshold: float,
     topk: int,
+    method: str = "exact",
 ) -> torch.Tensor:
     """Indices kept by NMS within each (image, class) group and then the first `topk` of
-    each image (all if negative), ordered by image, then by descending score. One NMS for a
-    whole batch: the same boxes as NMS image by image, with no per-image host round trip.
-    `classes` must be < `num_groups`."""
-    keep = batched_nms(boxes, scores, images * num_groups + classes, iou_threshold)
+    each image (all if negative), ordered by image, then by descending score; boxes and
+    scores in fp32 whatever the autocast. `exact` is one greedy NMS for the whole batch in
+    tensor ops (`nms.batched_greedy_nms`); `torchvision` is torchvision's `batched_nms`,
+    kept to compare against. `classes` must be < `num_groups`."""
+    if method == "exact":
+        return batched_greedy_nms(boxes, scores, classes, images, iou_threshold, topk)
+    if method != "torchvision":
+        raise ValueError(f"NMS method {method!r} is not one of {NMS_METHODS}")
+    keep = _tv_batched_nms(
+        boxes.float(), scores.float(), images * num_groups + classes, iou_threshold
+    )
     keep = keep[torch.sort(images[keep], stable=True).indices]
     if topk < 0 or len(keep) == 0:
         return keep

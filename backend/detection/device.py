@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .boxes import NMS_METHODS
+
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None,
     "fp16": torch.float16,
@@ -47,12 +49,20 @@ class DeviceOptions:
     pin_memory: bool = False  # page-locked host tensors, copied without blocking
     batch_size: int = 1  # images (tiles) per forward pass
     cudnn_benchmark: bool = False  # autotune convolutions for fixed tile shapes
+    roi_budget_mb: int = 512  # largest fp32 pooled-feature chunk of the ROI heads
+    nms: str = "exact"  # one greedy NMS per batch in tensor ops; or "torchvision"
+    fold_norms: bool = True  # frozen batch norms folded into their convolutions (fp32)
+    compile: bool = False  # torch.compile the backbone and the box head (opt-in)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {sorted(PRECISIONS)}")
         if self.batch_size < 1:
             raise ValueError(f"batch size {self.batch_size} must be at least 1")
+        if self.roi_budget_mb < 1:
+            raise ValueError(f"ROI budget {self.roi_budget_mb} MB must be at least 1")
+        if self.nms not in NMS_METHODS:
+            raise ValueError(f"NMS method {self.nms!r} is not one of {NMS_METHODS}")
 
     @classmethod
     def create(
@@ -62,9 +72,18 @@ class DeviceOptions:
         channels_last: bool | None = None,
         pin_memory: bool | None = None,
         batch_size: int | None = None,
+        roi_budget_mb: int | None = None,
+        nms: str = "exact",
+        fold_norms: bool | None = None,
+        compile: bool = False,
     ) -> DeviceOptions:
         """Defaults measured per device: on CPU, batches beyond 2 images cost more per image
-        and NHWC gains nothing; a GPU wants full batches, NHWC and pinned copies."""
+        and NHWC gains nothing; a GPU wants full batches, NHWC and pinned copies, and has the
+        memory for ROI chunks of 4 GB (a batch of 16 tiles in 3 chunks). Norms are folded
+        into convolutions in fp32 only: in bf16 the folded bias is rounded to 8 bits
+        relative to the shift rather than to the output, which cost TridentNet-Fast 2 of
+        its 37 detectron2 twins (measured on CPU), and on CUDA eager the bias still costs its
+        own pass (see docs/benchmarks.md)."""
         resolved = resolve_device(device)
         cuda = is_cuda(resolved)
         return cls(
@@ -74,7 +93,18 @@ class DeviceOptions:
             cuda if pin_memory is None else pin_memory,
             (8 if cuda else 1) if batch_size is None else batch_size,
             cuda,
+            (4096 if cuda else 512) if roi_budget_mb is None else roi_budget_mb,
+            nms,
+            precision == "fp32" if fold_norms is None else fold_norms,
+            compile,
         )
+
+    def settings(self) -> dict:
+        """The arguments of `create` that give these options again."""
+        return {"device": self.device, "precision": self.precision,
+                "channels_last": self.channels_last, "pin_memory": self.pin_memory,
+                "batch_size": self.batch_size, "roi_budget_mb": self.roi_budget_mb,
+                "nms": self.nms, "fold_norms": self.fold_norms, "compile": self.compile}
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

@@ -42,7 +42,18 @@ class FrozenBatchNorm2d(nn.Module):
 
 class ConvNorm(nn.Conv2d):
     """A bias-free conv followed by FrozenBN, named `conv.weight` / `conv.norm.*` as in
-    detectron2 checkpoints."""
+    detectron2 checkpoints.
+
+    For inference the norm can be folded into the convolution (`fold_norm`): weight times
+    scale, shift as the bias, so that the norm's pass over the activations disappears (the
+    CPU's convolution adds the bias in its own kernel). The folded tensors are buffers kept
+    out of the state dict, so checkpoints keep detectron2's layout; switching to training
+    drops them. Folding rounds differently from conv-then-norm: `fold_norm` is an option
+    (`DeviceOptions.fold_norms`) and the unfolded path stays detectron2's exact order.
+    """
+
+    folded_weight: torch.Tensor | None
+    folded_bias: torch.Tensor | None
 
     def __init__(
         self,
@@ -65,14 +76,56 @@ class ConvNorm(nn.Conv2d):
             bias=False,
         )
         self.norm = FrozenBatchNorm2d(out_channels)
+        self.register_buffer("folded_weight", None, persistent=False)
+        self.register_buffer("folded_bias", None, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(super().forward(x))
+    def forward(
+        self, x: torch.Tensor, dilation: int | None = None, stride: int | None = None
+    ) -> torch.Tensor:
+        """The conv and its norm; `dilation` (padding follows) runs the same weights at
+        another dilation, as trident branches do; `stride` overrides the stride."""
+        padding = self.padding if dilation is None else (dilation, dilation)
+        dilated = self.dilation if dilation is None else (dilation, dilation)
+        strided = self.stride if stride is None else (stride, stride)
+        if self.folded_weight is not None:
+            return F.conv2d(
+                x, self.folded_weight, self.folded_bias, strided, padding, dilated, self.groups
+            )
+        return self.norm(F.conv2d(x, self.weight, None, strided, padding, dilated, self.groups))
 
-    def forward_dilated(self, x: torch.Tensor, dilation: int) -> torch.Tensor:
-        """Run the same weights at another dilation (padding follows), as trident branches do."""
-        out = F.conv2d(x, self.weight, None, self.stride, dilation, dilation, self.groups)
-        return self.norm(out)
+    @torch.no_grad()
+    def fold_norm(self) -> None:
+        scale, shift = self.norm.scale_and_shift()
+        self.folded_weight = self.weight * scale.view(-1, 1, 1, 1)
+        self.folded_bias = shift.clone()
+
+    def unfold_norm(self) -> None:
+        self.folded_weight = self.folded_bias = None
+
+    def train(self, mode: bool = True) -> ConvNorm:
+        if mode:
+            self.unfold_norm()
+        return super().train(mode)
+
+
+def set_norms_folded(model: nn.Module, folded: bool) -> None:
+    """Fold every ConvNorm's frozen norm into its convolution (those not folded yet), or
+    undo it: a model is run folded or not by whichever predictor wraps it last."""
+    for conv in model.modules():
+        if isinstance(conv, ConvNorm) and folded != (conv.folded_weight is not None):
+            conv.fold_norm() if folded else conv.unfold_norm()
+
+
+def share_folded_norms(source: nn.Module, target: nn.Module) -> None:
+    """Give `target`, a model of the same layers over the same weights, `source`'s folded
+    tensors rather than a second copy of them."""
+    pairs = zip(
+        (m for m in source.modules() if isinstance(m, ConvNorm)),
+        (m for m in target.modules() if isinstance(m, ConvNorm)),
+        strict=True,
+    )
+    for a, b in pairs:
+        b.folded_weight, b.folded_bias = a.folded_weight, a.folded_bias
 
 
 def c2_msra_init(module: nn.Conv2d) -> None:

@@ -52,6 +52,21 @@ class GeneralizedRCNN(nn.Module):
             "pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False
         )
 
+    def configure_inference(self, nms_method: str, roi_budget_bytes: int) -> None:
+        """How the heads run (outputs unchanged either way): which NMS, and the ROI chunks'
+        memory bound (see ROIHeads)."""
+        self.proposal_generator.nms_method = nms_method
+        self.roi_heads.box_predictor.nms_method = nms_method
+        self.roi_heads.roi_budget_bytes = roi_budget_bytes
+
+    def compile_fixed_parts(self) -> None:
+        """torch.compile the parts whose shapes repeat batch after batch: the backbone (one
+        shape per tile size) and the box head (one per ROI chunk size, which varies, so it
+        is compiled for dynamic sizes). Their elementwise work (norms, ReLU, residual adds)
+        fuses into fewer passes; proposal selection and NMS stay eager."""
+        self.backbone.compile(dynamic=False)
+        self.roi_heads.box_network.compile(dynamic=True)
+
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
@@ -97,6 +112,7 @@ class GeneralizedRCNN(nn.Module):
             heads.num_classes,
             heads.nms_thresh_test,
             heads.detections_per_image,
+            self.roi_heads.box_predictor.nms_method,
         )
 
     def losses(self, images: list[torch.Tensor], targets: list[Targets]) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from .boxes import clip_boxes, nonempty
 from .checkpoint import load_weights
 from .config import DetectorConfig, load_config
 from .device import DeviceOptions
+from .layers import set_norms_folded, share_folded_norms
 from .model import GeneralizedRCNN
 from .structures import BatchDetections, Detections
 from .tiling import TilingOptions, predict_tiled
@@ -67,12 +68,18 @@ class Predictor:
         channels_last: bool | None = None,
         pin_memory: bool | None = None,
         batch_size: int | None = None,
+        **engine: Any,
     ) -> None:
+        """`engine`: DeviceOptions' `roi_budget_mb`, `nms`, `fold_norms`, `compile`."""
         self.options = DeviceOptions.create(
-            device, precision, channels_last, pin_memory, batch_size
+            device, precision, channels_last, pin_memory, batch_size, **engine
         )
         self.options.apply_backend_flags()
         self.model = model.eval().to(self.device, memory_format=self.options.memory_format)
+        self.model.configure_inference(self.options.nms, self.options.roi_budget_mb * 2**20)
+        set_norms_folded(self.model, self.options.fold_norms)
+        if self.options.compile:
+            self.model.compile_fixed_parts()
         self.cfg: DetectorConfig = model.cfg
 
     @property
@@ -101,15 +108,8 @@ class Predictor:
         say) over these very weight tensors: no second copy in memory."""
         model = GeneralizedRCNN(cfg)
         model.load_state_dict(self.model.state_dict(), assign=True)
-        options = self.options
-        return Predictor(
-            model,
-            options.device,
-            options.precision,
-            options.channels_last,
-            options.pin_memory,
-            options.batch_size,
-        )
+        share_folded_norms(self.model, model)
+        return Predictor(model, **self.options.settings())
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
         """RGB uint8 (H, W, 3) -> resized uint8 tensor ready to cross to the device (CPU

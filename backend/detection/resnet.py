@@ -63,16 +63,33 @@ class Bottleneck(nn.Module):
             if conv is not None:
                 c2_msra_init(conv)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_dilated(x, self.dilation)
+    @property
+    def strides_1x1_only(self) -> bool:
+        """Whether the block's stride sits on 1x1 convs alone (MSRA weights): then it reads
+        only every other row and column of its input, and may be given just those."""
+        return self.conv1.stride[0] > 1
 
-    def forward_dilated(self, x: torch.Tensor, dilation: int) -> torch.Tensor:
-        """The block with its 3x3 conv at `dilation`: a trident branch shares every weight."""
-        out = F.relu_(self.conv1(x))
-        out = F.relu_(self.conv2.forward_dilated(out, dilation))
+    def forward(
+        self, x: torch.Tensor, dilation: int | None = None, presampled: bool = False
+    ) -> torch.Tensor:
+        """The block, with its 3x3 conv at `dilation` if given (a trident branch shares
+        every weight); `presampled`: `x` is already the strided 1x1 convs' input
+        `x[..., ::s, ::s]` (only when `strides_1x1_only`), so they run at stride 1."""
+        stride = 1 if presampled else None
+        out = F.relu_(self.conv1(x, stride=stride))
+        out = F.relu_(self.conv2(out, dilation=dilation or self.dilation))
         out = self.conv3(out)
-        out = out + (x if self.shortcut is None else self.shortcut(x))
+        out += x if self.shortcut is None else self.shortcut(x, stride=stride)
         return F.relu_(out)
+
+
+class Stage(nn.Sequential):
+    """Bottleneck blocks in sequence; `presampled` goes to the first (see Bottleneck)."""
+
+    def forward(self, x: torch.Tensor, presampled: bool = False) -> torch.Tensor:
+        for i, block in enumerate(self):
+            x = block(x, presampled=presampled and i == 0)
+        return x
 
 
 def make_stage(
@@ -84,7 +101,7 @@ def make_stage(
     num_groups: int,
     stride_in_1x1: bool,
     dilation: int,
-) -> nn.Sequential:
+) -> Stage:
     blocks = []
     for i in range(num_blocks):
         blocks.append(
@@ -98,7 +115,7 @@ def make_stage(
                 dilation,
             )
         )
-    return nn.Sequential(*blocks)
+    return Stage(*blocks)
 
 
 def stage_widths(cfg: ResNetConfig, stage_index: int) -> tuple[int, int, int]:

@@ -109,6 +109,7 @@ class RPN(nn.Module):
         self.rpn_head = RPNHead(in_channels, self.anchor_generator.num_anchors)
         self.box_coder = BoxCoder(cfg.bbox_reg_weights)
         self.matcher = Matcher(cfg.iou_thresholds, cfg.iou_labels, allow_low_quality_matches=True)
+        self.nms_method = "exact"
 
     def forward(
         self,
@@ -184,6 +185,7 @@ class RPN(nn.Module):
                 len(anchors),
                 self.cfg.nms_thresh,
                 post_nms,
+                self.nms_method,
             )
         ]
         return Proposals(flat_boxes[keep], images[keep])

@@ -44,17 +44,24 @@ class TridentStage(nn.Sequential):
         branches = [x] * len(dilations)
         for block in self:
             branches = [
-                block.forward_dilated(b, d) for b, d in zip(branches, dilations, strict=True)
+                block(b, dilation=d) for b, d in zip(branches, dilations, strict=True)
             ]
         # Branch-major: [branch0 img0..imgN-1, branch1 img0.., ...].
         return torch.cat(branches) if len(branches) > 1 else branches[0]
 
 
 def merge_branches(
-    det: BatchDetections, num_images: int, num_classes: int, nms_thresh: float, topk: int
+    det: BatchDetections,
+    num_images: int,
+    num_classes: int,
+    nms_thresh: float,
+    topk: int,
+    nms_method: str = "exact",
 ) -> BatchDetections:
     """Join each image's detections from all branches (rows of "image" i + N*j belong to
     image i, branch j), then class-aware NMS and top-k per image."""
     images = det.images % num_images
-    keep = nms_per_image(det.boxes, det.scores, det.classes, images, num_classes, nms_thresh, topk)
+    keep = nms_per_image(
+        det.boxes, det.scores, det.classes, images, num_classes, nms_thresh, topk, nms_method
+    )
     return BatchDetections(det.boxes[keep], det.scores[keep], det.classes[keep], images[keep])
