@@ -25,6 +25,7 @@ import torch
 
 from backend.detection.nms import batched_greedy_nms
 from backend.detection.predictor import Predictor
+from backend.detection.roi_align import roi_align_channels_last
 from backend.detection.tiling import TilingOptions
 from backend.detection.training import Sample, TrainOptions, init_from_scratch, train
 from backend.prelabel.stream import detect_stream
@@ -181,3 +182,23 @@ def test_roi_chunks_on_cuda_change_no_detection(fixture_image):
         torch.backends.cudnn.allow_tf32 = saved
     assert len(one) == len(chunked)
     assert twin_fraction(one, chunked, min_score=0.0) == 1.0
+
+
+def test_triton_roi_align_on_cuda_matches_torchvision_s():
+    """RPN-like boxes over a channels-last feature map: fp32 within FMA rounding, bf16
+    within one bf16 step of torchvision's fp32 result rounded to bf16."""
+    from torchvision.ops import roi_align
+
+    gen = torch.Generator().manual_seed(0)
+    feature = torch.randn(4, 256, 50, 50, generator=gen).cuda()
+    xy = torch.rand(2000, 2, generator=gen) * 760
+    rois = torch.cat([torch.randint(4, (2000, 1), generator=gen).float(), xy,
+                      xy + 8 + torch.rand(2000, 2, generator=gen) * 500], dim=1).cuda()
+    expected = roi_align(feature, rois, (14, 14), 1 / 16, 0, True)
+    nhwc = feature.contiguous(memory_format=torch.channels_last)
+    got = roi_align_channels_last(nhwc, rois, (14, 14), 1 / 16, 0, True)
+    assert (got - expected).abs().max() < 1e-5
+    half = roi_align_channels_last(nhwc.bfloat16(), rois, (14, 14), 1 / 16, 0, True, step=2)
+    reference = roi_align(feature.bfloat16().float(), rois, (14, 14), 1 / 16, 0, True)
+    reference = reference[:, :, ::2, ::2]
+    assert ((half.float() - reference).abs() <= reference.abs() / 128 + 1e-6).all()

@@ -6,6 +6,7 @@ image. Compare `ratio_vs_torchvision` across machines, never the absolute number
 
 `variants` times engine settings side by side (each on its own copy of the model, rounds
 interleaved): `default`, `torchvision-nms` (torchvision's batched NMS instead of ours),
+`torchvision-roi-align` (torchvision's ROIAlign instead of the Triton kernel),
 `folded`/`unfolded` (frozen norms folded into the convolutions or not), `compiled`
 (torch.compile, opt-in). Each line of a variant also gives its ratio to the first variant.
 """
@@ -49,6 +50,7 @@ TILE = 800
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "torchvision-nms": {"nms": "torchvision"},
+    "torchvision-roi-align": {"roi_align": "torchvision"},
     "folded": {"fold_norms": True},
     "unfolded": {"fold_norms": False},
     "compiled": {"compile": True},
@@ -188,7 +190,7 @@ def _measure(
     seconds = time_interleaved(runs, bench.repeats, options.device)
     for i, (variant, predictor) in enumerate(zip(bench.variants, predictors, strict=True)):
         engine = predictor.options
-        record = {**shared, "variant": variant, "nms": engine.nms,
+        record = {**shared, "variant": variant, "nms": engine.nms, "roi_align": engine.roi_align,
                   "fold_norms": engine.fold_norms, "compile": engine.compile, **counted[i]}
         ms = seconds[i] * 1000 / len(tiles)
         record.update({"ms_per_tile": round(ms, 2), "tiles_per_s": round(1000 / ms, 2)})

@@ -7,8 +7,8 @@ short keeps it:
    torchvision's CUDA kernel, ROI chunks, tiling, the prelabel stream, the server's queue,
    AMP training), one report line per test;
 2. the engine at bf16, batch 16, every case, with its variants side by side (default,
-   torchvision's NMS, folded norms) beside torchvision's Faster R-CNN R50-FPN, and what the
-   TridentNet-Fast rate means for a 100,000-image survey;
+   torchvision's NMS or ROIAlign, folded norms) beside torchvision's Faster R-CNN R50-FPN,
+   and what the TridentNet-Fast rate means for a 100,000-image survey;
 3. with `--before DIR` (a copy of an earlier tree), that engine on the same card, same
    settings, in its own process: the before/after of a change;
 4. the survey batch job on generated 6000x4000 frames (54 tiles each) vs the bare engine;
@@ -101,7 +101,8 @@ FAST, FPN = "tridentnet_fast_R_50_C4", "faster_rcnn_R_50_FPN"
 def _engine(report: Report, repeats: int) -> None:
     records = report.extend("engine", run_engine_benchmark(EngineBench(
         precisions=("bf16",), batch_sizes=(16,), repeats=repeats, device="cuda",
-        survey=SurveySettings(), variants=("default", "torchvision-nms", "folded"),
+        survey=SurveySettings(),
+        variants=("default", "torchvision-nms", "torchvision-roi-align", "folded"),
     )))
     fast = [r for r in records if r["case"] == FAST and "tiles_per_s" in r]
     if fast:

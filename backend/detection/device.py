@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from . import roi_align as triton_roi_align
 from .boxes import NMS_METHODS
+
+ROI_ALIGN_METHODS = ("torchvision", "triton")
 
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None,
@@ -51,6 +54,7 @@ class DeviceOptions:
     cudnn_benchmark: bool = False  # autotune convolutions for fixed tile shapes
     roi_budget_mb: int = 512  # largest fp32 pooled-feature chunk of the ROI heads
     nms: str = "exact"  # one greedy NMS per batch in tensor ops; or "torchvision"
+    roi_align: str = "torchvision"  # or "triton": a C4 head's pooling (roi_align.py)
     fold_norms: bool = True  # frozen batch norms folded into their convolutions (fp32)
     compile: bool = False  # torch.compile the backbone and the box head (opt-in)
 
@@ -63,6 +67,10 @@ class DeviceOptions:
             raise ValueError(f"ROI budget {self.roi_budget_mb} MB must be at least 1")
         if self.nms not in NMS_METHODS:
             raise ValueError(f"NMS method {self.nms!r} is not one of {NMS_METHODS}")
+        if self.roi_align not in ROI_ALIGN_METHODS:
+            raise ValueError(f"ROIAlign {self.roi_align!r} is not one of {ROI_ALIGN_METHODS}")
+        if self.roi_align == "triton" and not triton_roi_align.available():
+            raise ValueError("ROIAlign 'triton' needs the triton package (pip install triton)")
 
     @classmethod
     def create(
@@ -74,16 +82,18 @@ class DeviceOptions:
         batch_size: int | None = None,
         roi_budget_mb: int | None = None,
         nms: str = "exact",
+        roi_align: str | None = None,
         fold_norms: bool | None = None,
         compile: bool = False,
     ) -> DeviceOptions:
         """Defaults measured per device: on CPU, batches beyond 2 images cost more per image
         and NHWC gains nothing; a GPU wants full batches, NHWC and pinned copies, and has the
-        memory for ROI chunks of 4 GB (a batch of 16 tiles in 3 chunks). Norms are folded
-        into convolutions in fp32 only: in bf16 the folded bias is rounded to 8 bits
-        relative to the shift rather than to the output, which cost TridentNet-Fast 2 of
-        its 37 detectron2 twins (measured on CPU), and on CUDA eager the bias still costs its
-        own pass (see docs/benchmarks.md)."""
+        memory for ROI chunks of 4 GB (a batch of 16 tiles in 3 chunks) and the Triton
+        ROIAlign where Triton is installed. Norms are folded into convolutions on the CPU in
+        fp32 only: in bf16 the folded bias is rounded to 8 bits relative to the shift
+        rather than to the output, which cost TridentNet-Fast 2 of its 37 detectron2 twins
+        (measured on CPU), and on CUDA eager the bias costs its own pass, so folding was
+        slower there (see docs/benchmarks.md)."""
         resolved = resolve_device(device)
         cuda = is_cuda(resolved)
         return cls(
@@ -95,7 +105,9 @@ class DeviceOptions:
             cuda,
             (4096 if cuda else 512) if roi_budget_mb is None else roi_budget_mb,
             nms,
-            precision == "fp32" if fold_norms is None else fold_norms,
+            ("triton" if cuda and triton_roi_align.available() else "torchvision")
+            if roi_align is None else roi_align,
+            (not cuda and precision == "fp32") if fold_norms is None else fold_norms,
             compile,
         )
 
@@ -104,7 +116,8 @@ class DeviceOptions:
         return {"device": self.device, "precision": self.precision,
                 "channels_last": self.channels_last, "pin_memory": self.pin_memory,
                 "batch_size": self.batch_size, "roi_budget_mb": self.roi_budget_mb,
-                "nms": self.nms, "fold_norms": self.fold_norms, "compile": self.compile}
+                "nms": self.nms, "roi_align": self.roi_align, "fold_norms": self.fold_norms,
+                "compile": self.compile}
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

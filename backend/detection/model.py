@@ -52,12 +52,14 @@ class GeneralizedRCNN(nn.Module):
             "pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False
         )
 
-    def configure_inference(self, nms_method: str, roi_budget_bytes: int) -> None:
-        """How the heads run (outputs unchanged either way): which NMS, and the ROI chunks'
-        memory bound (see ROIHeads)."""
+    def configure_inference(self, nms_method: str, roi_budget_bytes: int, roi_align: str) -> None:
+        """How the heads run (the same detections either way): which NMS, the ROI chunks'
+        memory bound (see ROIHeads), which ROIAlign for a C4 head (see roi_align.py)."""
         self.proposal_generator.nms_method = nms_method
         self.roi_heads.box_predictor.nms_method = nms_method
         self.roi_heads.roi_budget_bytes = roi_budget_bytes
+        if not self.cfg.fpn:
+            self.roi_heads.pooler.method = roi_align
 
     def compile_fixed_parts(self) -> None:
         """torch.compile the parts whose shapes repeat batch after batch: the backbone (one

@@ -70,13 +70,16 @@ class Predictor:
         batch_size: int | None = None,
         **engine: Any,
     ) -> None:
-        """`engine`: DeviceOptions' `roi_budget_mb`, `nms`, `fold_norms`, `compile`."""
+        """`engine`: DeviceOptions' `roi_budget_mb`, `nms`, `roi_align`, `fold_norms`,
+        `compile`."""
         self.options = DeviceOptions.create(
             device, precision, channels_last, pin_memory, batch_size, **engine
         )
         self.options.apply_backend_flags()
         self.model = model.eval().to(self.device, memory_format=self.options.memory_format)
-        self.model.configure_inference(self.options.nms, self.options.roi_budget_mb * 2**20)
+        self.model.configure_inference(
+            self.options.nms, self.options.roi_budget_mb * 2**20, self.options.roi_align
+        )
         set_norms_folded(self.model, self.options.fold_norms)
         if self.options.compile:
             self.model.compile_fixed_parts()

@@ -27,6 +27,7 @@ from .boxes import (
 from .config import ResNetConfig, ROIHeadsConfig
 from .layers import c2_xavier_init
 from .resnet import make_stage, stage_widths
+from .roi_align import roi_align_channels_last
 from .structures import BatchDetections, Proposals, Targets
 
 
@@ -50,6 +51,7 @@ class ROIPooler(nn.Module):
         self.aligned = aligned
         self.min_level = int(-math.log2(scales[0]))
         self.max_level = int(-math.log2(scales[-1]))
+        self.method = "torchvision"  # or "triton": see roi_align.py
 
     def forward(
         self,
@@ -81,8 +83,14 @@ class ROIPooler(nn.Module):
         memory_format: torch.memory_format = torch.contiguous_format,
         step: int = 1,
     ) -> torch.Tensor:
-        """ROIAlign in fp32: in bf16, box coordinates of 512-1023 px fall on 4 px steps. The
-        bins kept, the cast back and the layout change are one pass."""
+        """ROIAlign with fp32 coordinates: in bf16, box coordinates of 512-1023 px fall on
+        4 px steps. torchvision's kernel also takes fp32 features; the bins kept, the cast
+        back and the layout change are then one pass. The Triton kernel reads the features
+        in their dtype and writes the kept bins channels-last directly."""
+        if self.method == "triton":
+            return roi_align_channels_last(
+                feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned, step
+            ).contiguous(memory_format=memory_format)
         pooled = roi_align(
             feature.float(), rois, self.output_size, scale, self.sampling_ratio, self.aligned
         )
