@@ -32,6 +32,12 @@ def _add_device_args(parser: argparse.ArgumentParser) -> None:
         help="NHWC activations (default: on for CUDA, off for CPU)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the backbone and box head (opt-in: minutes of compiling first, "
+        "then ~15-20%% faster on an H200)",
+    )
 
 
 def _add_tiling_args(parser: argparse.ArgumentParser) -> None:
@@ -441,6 +447,7 @@ def _predict(args: argparse.Namespace) -> int:
         "device": args.device,
         "precision": args.precision,
         "channels_last": args.channels_last,
+        "compile": args.compile,
     }
     if args.model is not None:
         model_dir = ModelDir.open(args.model)

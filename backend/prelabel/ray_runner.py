@@ -47,11 +47,12 @@ class _Replica:
     """One model on one device, fed decoded images by Ray Data."""
 
     def __init__(self, model: str, device: str, precision: str, channels_last: bool | None,
-                 method: str, tiling: TilingOptions | None, threads: int | None) -> None:
+                 compile: bool, method: str, tiling: TilingOptions | None,
+                 threads: int | None) -> None:
         if threads:
             torch.set_num_threads(threads)
         predictor = ModelDir.open(model).predictor(
-            device=device, precision=precision, channels_last=channels_last
+            device=device, precision=precision, channels_last=channels_last, compile=compile
         )
         self.predictors = [predictor, *uncertainty.counterparts(method, predictor)]
         self.tiling = tiling
@@ -114,6 +115,7 @@ def ray_detect_stream(
             fn_constructor_kwargs={
                 "model": str(model.path.resolve()), "device": args.device,
                 "precision": args.precision, "channels_last": args.channels_last,
+                "compile": args.compile,
                 "method": args.uncertainty, "tiling": tiling,
                 # The driver's thread count: CPU replicas then compute exactly what it would.
                 "threads": None if gpus else (args.threads or torch.get_num_threads()),

@@ -42,6 +42,7 @@ def build_backend(args: argparse.Namespace, recipe: RecipeOverrides) -> Backend:
         device=args.device,
         precision=args.precision,
         channels_last=args.channels_last,
+        compile=args.compile,
     )
     media = MediaFetcher(
         MediaSettings(
