@@ -64,9 +64,10 @@ def test_megadetector_output_has_the_documented_fields(tmp_path):
 def test_counts_per_image_and_class_with_the_survey_total(tmp_path):
     rows = counts.table(_records(tmp_path), LABELS, threshold=0.5)
     assert rows[0] == ["image", "zebra", "gnu", "total"]
-    assert [row[1:] for row in rows[1:]] == [[1, 0, 1], [0, 0, 0], [0, 1, 1], [1, 1, 2]]
+    assert [row[1:] for row in rows[1:]] == [[1, 0, 1], [0, 0, 0], ["", "", ""], [0, 1, 1],
+                                             [1, 1, 2]]
+    assert rows[3][0].endswith("cut.jpg")  # the unreadable image: listed, no zero count
     assert rows[-1][0] == counts.TOTAL
-    assert len(rows) == 5  # the unreadable image is no zero count: it is left out
     # A model without labels still gets a column per class it found.
     assert counts.table(_records(tmp_path), None, 0.5)[0] == [
         "image", "class0", "class1", "total"]
@@ -113,6 +114,8 @@ def test_a_survey_job_writes_them_from_its_results_file(survey, tmp_path):
     records = read_results(out)
     doc = json.loads(md.read_text())
     assert len(doc["images"]) == len(records) > 0
+    (broken,) = [i for i in doc["images"] if i["file"].endswith("broken.jpg")]  # as predict
+    assert broken["detections"] is None and "cannot be decoded" in broken["failure"]
     assert doc["info"]["detector"] == "survey-v1"
     assert list(doc["detection_categories"].values()) == ["Elephant", "zebra", "BIRD"]
     with table.open() as stream:
@@ -146,17 +149,16 @@ def test_a_box_on_a_geotiff_lands_at_its_map_coordinates(tmp_path, variant):
                                   0, 0, 0, 0, 0, 0, 0, 1))
     record = {"image": str(path), "width": 200, "height": 100, "detections": [
         {"box": [20.0, 10.0, 60.0, 30.0], "score": 0.9, "class_id": 1, "label": "gnu"}]}
-    doc = geojson.document([record], LABELS, "survey-v3")
+    (doc,) = geojson.documents([record], LABELS, "survey-v3").values()
     assert doc["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32633"
     (feature,) = doc["features"]
     shift = -0.25 if variant == "pixel-is-point" else 0.0  # half a 0.5 m pixel
     x0, y0, x1, y1 = 500010 + shift, 4099995 - shift, 500030 + shift, 4099985 - shift
     ring = feature["geometry"]["coordinates"][0]
-    expected = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    expected = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]][::-1]  # counter-clockwise
     assert np.allclose(ring, expected, rtol=0, atol=1e-6), ring
     assert feature["properties"] == {"class": "gnu", "class_id": 1, "score": 0.9,
-                                     "image": str(path), "model_version": "survey-v3",
-                                     "crs": "EPSG:32633"}
+                                     "image": str(path), "model_version": "survey-v3"}
 
 
 def test_predict_writes_geojson_for_georeferenced_images_only(tmp_path, caplog):

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
 
 from backend.cli import main
 from backend.detection.predictor import Predictor
 from backend.detection.structures import Detections
 from backend.detection.tiling import TilingOptions
 from backend.prelabel.retry import OutageError, with_retry
+from backend.prelabel.sinks import read_results
 from backend.prelabel.sources import FileLoader, Item, image_files
 from backend.prelabel.stream import detect_stream
 from backend.synthetic import survey_scene
@@ -97,8 +99,10 @@ def test_folder_job_writes_results_coco_and_a_report_and_resumes(survey, tmp_pat
             "--output", str(out), "--coco", str(tmp_path / "coco.json"), "--device", "cpu",
             "--tile-size", "320"]
     assert main([*args, "--limit", "3"]) == 1  # the broken file is among the first three
-    first = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(first) == 2
+    first = read_results(out)
+    assert len(first) == 3  # the broken file has its line, with the error, as predict's
+    (failed,) = [r for r in first if "error" in r]
+    assert failed["image"].endswith("broken.jpg")
     report = json.loads((tmp_path / "out.report.json").read_text())
     assert report["failed"][0]["image"].endswith("broken.jpg")
     assert (report["done"], report["model_version"]) == (2, "survey-v1")
@@ -106,18 +110,18 @@ def test_folder_job_writes_results_coco_and_a_report_and_resumes(survey, tmp_pat
     # A kill mid-write leaves half a line: it is dropped and that image redone.
     out.write_text(out.read_text() + '{"image": "half')
     main(args)
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    images = [r["image"] for r in records]
-    assert sorted(images) == sorted(set(images)) and len(images) == 4
+    records = read_results(out)  # each image's last line
+    assert len(records) == 5 and sum("error" in r for r in records) == 1
     assert "3 image(s) to do, 2 already done" in capsys.readouterr().err  # broken: retried
-    record = records[0]
+    record = next(r for r in records if "error" not in r)
     assert record["model_version"] == "survey-v1" and 0 <= record["uncertainty"] <= 1
     assert {"box", "score", "class_id", "label"} <= set(record["detections"][0])
 
-    coco = json.loads((tmp_path / "coco.json").read_text())
-    assert len(coco["images"]) == 4
-    assert len(coco["annotations"]) == sum(len(r["detections"]) for r in records)
-    assert [c["name"] for c in coco["categories"]] == ["Elephant", "zebra", "BIRD"]
+    coco = COCO(str(tmp_path / "coco.json"))  # pycocotools reads it, info() included
+    coco.info()
+    assert len(coco.getImgIds()) == 4  # COCO has no place for a failure
+    assert len(coco.getAnnIds()) == sum(len(r.get("detections") or []) for r in records)
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["Elephant", "zebra", "BIRD"]
 
 
 def test_images_are_read_from_any_fsspec_url(survey, tmp_path):

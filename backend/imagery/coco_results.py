@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,16 +12,20 @@ from ..files import write_atomically
 from .records import class_names
 
 
-def write(path: Path, records: Sequence[dict[str, Any]], labels: list[str] | None) -> None:
-    """All detections as COCO: `images`, `categories` and `annotations` carrying `score`,
-    so pycocotools reads it as a dataset and its annotations as results."""
+def write(path: Path, records: Sequence[dict[str, Any]], labels: list[str] | None,
+          detector: str) -> None:
+    """All detections as COCO: `info`, `images`, `categories` and `annotations` carrying
+    `score`, so pycocotools reads it as a dataset and its annotations as results. Images
+    that failed are left out (COCO has no place for a failure; the JSON Lines has it)."""
     names = class_names(labels, records)
     coco: dict[str, Any] = {
+        "info": {"description": "tridentloop detections", "version": detector,
+                 "date_created": time.strftime("%Y-%m-%d %H:%M:%S")},
         "images": [],
         "annotations": [],
         "categories": [{"id": i, "name": n} for i, n in enumerate(names)],
     }
-    for image_id, record in enumerate(records, start=1):
+    for image_id, record in enumerate((r for r in records if "error" not in r), start=1):
         coco["images"].append(
             {
                 "id": image_id,

@@ -1,8 +1,9 @@
 """How many of each class per image, and for the whole survey: what an ecologist reports.
 
-A CSV with one row per image that was read (an unreadable image is not a zero count: it is
-left out, and the run's report names it), one column per class, a `total` column, and a
-last row `TOTAL`. Only detections scoring at least `threshold` count.
+A CSV with one row per image, one column per class, a `total` column, and a last row
+`TOTAL`. An unreadable image is not a zero count: its row is there with blank counts (so
+no image goes missing from a survey), and the run's report names the error. Only
+detections scoring at least `threshold` count.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ TOTAL = "TOTAL"
 def table(
     records: Sequence[dict[str, Any]], labels: list[str] | None, threshold: float
 ) -> list[list[Any]]:
-    """Header, one row per image, then the survey's totals."""
+    """Header, one row per image (blank counts for an image that could not be read), then
+    the survey's totals."""
     names = class_names(labels, records)
     rows: list[list[Any]] = [["image", *names, "total"]]
     totals = [0] * len(names)
     for record in records:
-        if "error" in record:
+        if "error" in record:  # listed, so no image goes missing from the survey
+            rows.append([record["image"], *[""] * len(names), ""])
             continue
         counts = [0] * len(names)
         for detection in record["detections"]:

@@ -33,4 +33,4 @@ class Exports:
         if self.geojson is not None:
             geojson.write(self.geojson, records, labels, detector)
         if self.coco is not None:
-            coco_results.write(self.coco, records, labels)
+            coco_results.write(self.coco, records, labels, detector)

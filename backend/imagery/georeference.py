@@ -1,5 +1,7 @@
 """Where a raster's pixels lie on the map: the GeoTIFF tags, read by tifffile from the
-header only (no pixels decoded), as one affine transform and the CRS's EPSG code."""
+header only (no pixels decoded), as one affine transform and the CRS: its EPSG code, or
+for a CRS the keys define without one, its WKT as GDAL builds it from them (rasterio, the
+optional `geo` extra; libgeotiff's mapping of keys to CRSs is not ours to redo)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import fsspec
 import numpy as np
 
 _USER_DEFINED = 32767  # a GeoKey value meaning "not an EPSG code"
+WGS84 = "EPSG:4326"
 
 
 @dataclass(frozen=True)
@@ -18,7 +21,7 @@ class Georeference:
     pixel) -> map coordinates: X = a*x + b*y + c, Y = d*x + e*y + f."""
 
     affine: tuple[float, float, float, float, float, float]
-    crs: str | None  # "EPSG:32633"; None when the file names no EPSG code
+    crs: str | None  # "EPSG:32633", or a WKT; None when it cannot be named
 
     def to_map(self, x: float, y: float) -> tuple[float, float]:
         a, b, c, d, e, f = self.affine
@@ -34,7 +37,10 @@ def read_georeference(uri: str) -> Georeference | None:
             metadata = tif.geotiff_metadata if tif.is_geotiff else None
     except (OSError, ValueError, tifffile.TiffFileError):
         return None
-    return from_geotiff_metadata(metadata) if metadata else None
+    where = from_geotiff_metadata(metadata) if metadata else None
+    if where is not None and where.crs is None and _defines_a_crs(metadata):
+        return Georeference(where.affine, _wkt_from_gdal(uri))
+    return where
 
 
 def from_geotiff_metadata(metadata: dict[str, Any]) -> Georeference | None:
@@ -54,8 +60,35 @@ def from_geotiff_metadata(metadata: dict[str, Any]) -> Georeference | None:
     return Georeference((a, b, c, d, e, f), _epsg(metadata))
 
 
+def _crs_key(metadata: dict[str, Any]) -> str:
+    """The key naming the CRS of the model type: a projected CRS is named by its own key
+    alone (its base geographic CRS, often EPSG:4326, is not the raster's CRS)."""
+    projected = int(metadata.get("GTModelTypeGeoKey", 1)) == 1
+    return "ProjectedCSTypeGeoKey" if projected else "GeographicTypeGeoKey"
+
+
 def _epsg(metadata: dict[str, Any]) -> str | None:
-    for key in ("ProjectedCSTypeGeoKey", "GeographicTypeGeoKey"):
-        if key in metadata and 0 < int(metadata[key]) < _USER_DEFINED:
-            return f"EPSG:{int(metadata[key])}"
-    return None
+    code = int(metadata.get(_crs_key(metadata), 0))
+    return f"EPSG:{code}" if 0 < code < _USER_DEFINED else None
+
+
+def _defines_a_crs(metadata: dict[str, Any]) -> bool:
+    return int(metadata.get(_crs_key(metadata), 0)) == _USER_DEFINED
+
+
+def _wkt_from_gdal(uri: str) -> str | None:
+    """The WKT of a user-defined CRS, as GDAL reads the GeoTIFF's keys; None without
+    rasterio (the GeoJSON writer then says what to install)."""
+    try:
+        import rasterio
+    except ImportError:
+        return None
+    opener = None if "://" not in uri else (lambda path, mode: fsspec.open(path, mode).open())
+    try:
+        with rasterio.open(uri, opener=opener) as dataset:
+            if not dataset.crs:
+                return None
+            code = dataset.crs.to_epsg()  # GDAL may recognise the keys as an EPSG CRS
+            return f"EPSG:{code}" if code else dataset.crs.to_wkt()
+    except rasterio.errors.RasterioError:
+        return None

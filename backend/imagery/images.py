@@ -43,7 +43,8 @@ class PixelScaling:
     data in a 16-bit file would be nearly black if divided by 65535, and a float raster has
     no fixed range at all. `value_range` fixes the range instead (e.g. 0 4095), the same for
     every image of a survey. Pixels equal to `nodata` (default: the file's GDAL_NODATA tag)
-    or not finite are left out of the percentiles and come out black. `bands` picks bands,
+    or not finite, and pixels an alpha band or GDAL's internal mask marks transparent, are
+    left out of the percentiles and come out black. `bands` picks bands,
     1-based as GDAL numbers them (one for grey, three for RGB); by default the first three
     (or the one). 8-bit images are never rescaled unless `value_range` says so."""
 
@@ -85,7 +86,9 @@ def load_image(
                     raise
                 return _tiff_to_rgb(stream, max_pixels, name, scaling)
             _check_size(image.size, max_pixels, name)
-            if image.format == "TIFF" and not _eight_bit_tiff(image):
+            if image.format == "TIFF" and (
+                not _eight_bit_tiff(image) or _has_internal_mask(stream)
+            ):
                 return _tiff_to_rgb(stream, max_pixels, name, scaling)
             image = ImageOps.exif_transpose(image)
             return _to_rgb8(image, scaling, name)
@@ -151,6 +154,20 @@ def is_tiff(stream: str | Path | BinaryIO) -> bool:
     return head in _TIFF_MAGIC
 
 
+def _has_internal_mask(stream: str | Path | BinaryIO) -> bool:
+    """Whether a TIFF carries GDAL's internal mask (PIL would ignore it)."""
+    import tifffile
+
+    if hasattr(stream, "seek"):
+        stream.seek(0)  # type: ignore[union-attr]
+    try:
+        with tifffile.TiffFile(stream) as tif:
+            return internal_mask(tif, tif.pages[0]) is not None
+    finally:
+        if hasattr(stream, "seek"):
+            stream.seek(0)  # type: ignore[union-attr]
+
+
 def _tiff_to_rgb(
     source: str | Path | BinaryIO, max_pixels: int, name: str, scaling: PixelScaling
 ) -> np.ndarray:
@@ -163,9 +180,15 @@ def _tiff_to_rgb(
         _check_size((page.imagewidth, page.imagelength), max_pixels, name)
         nodata = scaling.nodata if scaling.nodata is not None else gdal_nodata(page)
         array = page.asarray()
+        mask = internal_mask(tif, page)
+        valid = mask.asarray().astype(bool) if mask is not None else None
     if array.ndim == 3 and page.planarconfig == 2:  # SEPARATE: (bands, H, W)
         array = np.moveaxis(array, 0, -1)
-    return array_to_rgb8(array, dataclasses.replace(scaling, nodata=nodata), name)
+    alpha = alpha_sample(page)
+    if alpha is not None:
+        opaque = array[:, :, alpha] > 0
+        valid = opaque if valid is None else valid & opaque
+    return array_to_rgb8(array, dataclasses.replace(scaling, nodata=nodata), name, valid)
 
 
 def gdal_nodata(page) -> float | None:
@@ -177,15 +200,20 @@ def gdal_nodata(page) -> float | None:
 def _to_rgb8(image: Image.Image, scaling: PixelScaling, name: str) -> np.ndarray:
     if image.mode not in _EIGHT_BIT_MODES:  # 16/32-bit integer or float grey
         return array_to_rgb8(np.asarray(image), scaling, name)
-    if scaling.value_range is not None or scaling.bands is not None:
-        return array_to_rgb8(np.asarray(image.convert("RGB")), scaling, name)
+    valid = np.asarray(image.getchannel("A")) > 0 if image.mode in ("RGBA", "LA") else None
+    if scaling.value_range is not None or scaling.bands is not None or valid is not None:
+        return array_to_rgb8(np.asarray(image.convert("RGB")), scaling, name, valid)
     if image.mode != "RGB":
-        image = image.convert("RGB")  # grey, palette, CMYK; RGBA drops its alpha
+        image = image.convert("RGB")  # grey, palette, CMYK
     return np.ascontiguousarray(np.asarray(image))
 
 
-def array_to_rgb8(array: np.ndarray, scaling: PixelScaling, name: str) -> np.ndarray:
-    """(H, W) or (H, W, B) pixels of any dtype -> (H, W, 3) uint8 RGB, per `scaling`."""
+def array_to_rgb8(
+    array: np.ndarray, scaling: PixelScaling, name: str, valid: np.ndarray | None = None
+) -> np.ndarray:
+    """(H, W) or (H, W, B) pixels of any dtype -> (H, W, 3) uint8 RGB, per `scaling`;
+    pixels where `valid` (H, W) is False (transparent, masked) come out black and stay out
+    of the stretch, so the model never sees a mask's fill."""
     if array.ndim == 2:
         array = array[:, :, None]
     try:
@@ -193,10 +221,33 @@ def array_to_rgb8(array: np.ndarray, scaling: PixelScaling, name: str) -> np.nda
     except ValueError as exc:
         raise ImageError(name, str(exc)) from exc
     if bands.dtype != np.uint8 or scaling.value_range is not None:
-        bands = _stretch(bands, scaling)
+        bands = _stretch(bands, scaling, valid)
+    elif valid is not None:
+        bands = np.where(valid[:, :, None], bands, np.uint8(0))
     if bands.shape[2] == 1:
         bands = np.repeat(bands, 3, axis=2)
     return np.ascontiguousarray(bands)
+
+
+def alpha_sample(page) -> int | None:
+    """The 0-based sample of a TIFF page that is alpha (ExtraSamples 1 or 2, as GDAL's
+    ALPHA=YES writes it), if any."""
+    extras = [int(e) for e in (page.extrasamples or ())]
+    for i, kind in enumerate(extras):
+        if kind in (1, 2):  # associated or unassociated alpha
+            return page.samplesperpixel - len(extras) + i
+    return None
+
+
+def internal_mask(tif, page):
+    """GDAL's internal mask of `page` (a later IFD flagged as a mask, same size; nonzero is
+    valid), if the file has one."""
+    for candidate in tif.pages[1:]:
+        if candidate.is_mask and (candidate.imagelength, candidate.imagewidth) == (
+            page.imagelength, page.imagewidth
+        ):
+            return candidate
+    return None
 
 
 def band_indices(count: int, bands: Sequence[int] | None) -> list[int]:
@@ -209,11 +260,13 @@ def band_indices(count: int, bands: Sequence[int] | None) -> list[int]:
     return [0] if count < 3 else [0, 1, 2]
 
 
-def _stretch(bands: np.ndarray, scaling: PixelScaling) -> np.ndarray:
+def _stretch(bands: np.ndarray, scaling: PixelScaling, valid: np.ndarray | None) -> np.ndarray:
     """Linear map of [low, high] to [0, 255] in float32 (a mosaic's memory is what it is
     twice at most, not eight times), invalid pixels black."""
     values = bands.astype(np.float32)
     invalid = _invalid(bands, values, scaling.nodata)
+    if valid is not None:
+        invalid |= ~valid
     if scaling.value_range is not None:
         low, high = scaling.value_range
     else:  # about a million samples on a regular grid: the range of every pixel, cheaply

@@ -9,8 +9,9 @@ not the raster.
 Why tifffile and not rasterio/GDAL: tifffile is already how we read TIFF headers and deep
 rasters, it is pure Python over numpy (no GDAL binary to match on a GPU machine or a
 cluster), and its per-segment decoder (`TiffPage.decode`) is exactly the primitive a windowed
-read needs. Codecs beyond zlib/deflate, LZMA and PackBits (JPEG, LZW, ZSTD, WebP) come with
-the optional `imagecodecs` package; without it such a file fails with an error naming it.
+read needs. Codecs beyond zlib/deflate, LZMA and PackBits (JPEG, LZW, ZSTD, WebP: what
+photogrammetry tools write) come with `imagecodecs`, a dependency; an installation without
+it fails on such a file with an error naming it.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from ..imagery.images import (
     DEFAULT_SCALING,
     ImageError,
     PixelScaling,
+    alpha_sample,
     array_to_rgb8,
     band_indices,
     gdal_nodata,
+    internal_mask,
     is_tiff,
     load_image,
     value_percentiles,
@@ -71,10 +74,16 @@ class WindowedRaster:
                 self._bands = band_indices(samples, scaling.bands)
             except ValueError as exc:
                 raise ImageError(self.name, str(exc)) from exc
+            self._alpha = alpha_sample(page)
+            mask = internal_mask(tif, page)
+            if mask is not None and not (mask.is_tiled and (mask.tilelength, mask.tilewidth)
+                                         == self._tile_hw):
+                raise ImageError(self.name, "its internal mask is not tiled as the image is")
+            self._mask = mask
             nodata = scaling.nodata if scaling.nodata is not None else gdal_nodata(page)
             self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
-            self._cache_size = max(8, cache_rows * self._grid[1] * (len(self._bands)
-                                                                   if self._separate else 1))
+            planes = (len(self._bands) + (self._alpha is not None)) if self._separate else 1
+            self._cache_size = max(8, cache_rows * self._grid[1] * (planes + (mask is not None)))
             self._scaling = dataclasses.replace(
                 scaling, bands=None, nodata=nodata,
                 value_range=scaling.value_range or self._sampled_range(scaling, nodata),
@@ -90,7 +99,10 @@ class WindowedRaster:
         if (y1 - y0) * (x1 - x0) > self.max_pixels:
             raise ImageError(self.name, f"a {x1 - x0}x{y1 - y0} window exceeds the pixel limit "
                              f"of {self.max_pixels:,}: run this raster tiled (--tile-size)")
-        return array_to_rgb8(self._read(y0, y1, x0, x1), self._scaling, self.name)
+        window = self._read(y0, y1, x0, x1)
+        values, valid = window[:, :, :-1], window[:, :, -1].astype(bool)
+        return array_to_rgb8(values, self._scaling, self.name,
+                             None if self._opaque else valid)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         whole = self[:, :]
@@ -109,8 +121,13 @@ class WindowedRaster:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def _opaque(self) -> bool:
+        return self._alpha is None and self._mask is None
+
     def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """The chosen bands of [y0:y1, x0:x1] in the file's own dtype, (h, w, bands)."""
+        """The chosen bands of [y0:y1, x0:x1] in the file's own dtype and, last, whether
+        each pixel is valid (alpha and internal mask): (h, w, bands + 1)."""
         th, tw = self._tile_hw
         out = None
         for ty in range(y0 // th, (y1 - 1) // th + 1):
@@ -128,18 +145,30 @@ class WindowedRaster:
         return out
 
     def _tile_bands(self, ty: int, tx: int) -> np.ndarray:
+        """One TIFF tile's chosen bands and its validity (last), (th, tw, bands + 1)."""
         if self._separate:
-            return np.concatenate([self._segment(b, ty, tx) for b in self._bands], axis=2)
-        return self._segment(0, ty, tx)[:, :, self._bands]
+            bands = np.concatenate([self._segment(self._page, b, ty, tx) for b in self._bands],
+                                   axis=2)
+        else:
+            pixels = self._segment(self._page, 0, ty, tx)
+            bands = pixels[:, :, self._bands]
+        valid = np.ones(bands.shape[:2], bool)
+        if self._alpha is not None:
+            alpha = (self._segment(self._page, self._alpha, ty, tx) if self._separate
+                     else pixels[:, :, self._alpha:self._alpha + 1])
+            valid &= alpha[:, :, 0] > 0
+        if self._mask is not None:
+            valid &= self._segment(self._mask, 0, ty, tx)[:, :, 0].astype(bool)
+        return np.concatenate([bands, valid[:, :, None].astype(bands.dtype)], axis=2)
 
-    def _segment(self, plane: int, ty: int, tx: int) -> np.ndarray:
-        """One decoded TIFF tile (tilelength, tilewidth, samples), from the cache if there."""
-        key = (plane, ty, tx)
+    def _segment(self, page, plane: int, ty: int, tx: int) -> np.ndarray:
+        """One decoded TIFF tile (tilelength, tilewidth, samples) of `page` (the image or
+        its mask), from the cache if there."""
+        key = (page.index, plane, ty, tx)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            page = self._page
             index = (plane * self._grid[0] + ty) * self._grid[1] + tx
             offset, count = page.dataoffsets[index], page.databytecounts[index]
             fh = self._tif.filehandle
@@ -163,17 +192,22 @@ class WindowedRaster:
     def _sampled_range(self, scaling: PixelScaling, nodata: float | None
                        ) -> tuple[float, float] | None:
         """A deep raster's stretch range from TIFF tiles spread over it (8-bit data is not
-        stretched): the percentiles of the whole, without decoding the whole."""
+        stretched): the percentiles of the whole, without decoding the whole. Only image
+        pixels count: not the padding of tiles that cross the right or bottom edge, nor
+        transparent or masked ones."""
         if self._page.dtype == np.uint8:
             return None
         rows, cols = self._grid
+        (th, tw), (height, width) = self._tile_hw, self.shape[:2]
         picks = np.unique(np.linspace(0, rows * cols - 1, min(_SAMPLE_TILES, rows * cols))
                           .round().astype(int))
-        values = np.concatenate([
-            self._tile_bands(int(i) // cols, int(i) % cols).reshape(-1, len(self._bands))
-            for i in picks
-        ])
-        return value_percentiles(values, nodata, scaling.percentiles)
+        values = []
+        for pick in picks:
+            ty, tx = divmod(int(pick), cols)
+            tile = self._tile_bands(ty, tx)[: height - ty * th, : width - tx * tw]
+            pixels = tile.reshape(-1, tile.shape[2])
+            values.append(pixels[pixels[:, -1] != 0, :-1])
+        return value_percentiles(np.concatenate(values), nodata, scaling.percentiles)
 
 
 def is_windowed(page) -> bool:

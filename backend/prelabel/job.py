@@ -52,6 +52,8 @@ class Destination(Protocol):
 
     def save(self, item: Item, det: Detections, height: int, width: int, score: float) -> None: ...
 
+    def fail(self, item: Item, error: str) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -108,6 +110,9 @@ class LabelStudioProject:
         return project_tasks(self.client, self.project, self.data_key, self.version,
                              self.args.retry_for, self.args.only_unlabeled)
 
+    def fail(self, item: Item, error: str) -> None:
+        """A task that failed stays out of Label Studio (the run's report lists it)."""
+
     def save(self, item: Item, det: Detections, height: int, width: int, score: float) -> None:
         regions = []
         for control, class_map in self.usable:
@@ -142,6 +147,11 @@ class ResultFiles:
         files = image_files(self.pattern)
         todo = [Item(f) for f in files if f not in self.sink.done]
         return todo, len(files) - len(todo)
+
+    def fail(self, item: Item, error: str) -> None:
+        """A failed image gets its line with the `error`, as `predict` writes it, so every
+        export lists it (MegaDetector's `failure`); a rerun tries it again."""
+        self.sink.write({"image": item.uri, "model_version": self.version, "error": error})
 
     def save(self, item: Item, det: Detections, height: int, width: int, score: float) -> None:
         self.sink.write(
@@ -266,6 +276,7 @@ def _record(
     if result.error is not None:
         report.failed.append({"image": result.item.uri, "task": result.item.task_id,
                               "error": result.error})
+        destination.fail(result.item, result.error)
         return
     score = uncertainty.score(method, result.detections)
     destination.save(result.item, result.detections[0], result.height, result.width, score)

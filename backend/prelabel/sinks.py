@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,8 @@ class JsonLinesSink:
         self._file = path.open("a")
 
     def _recover(self) -> set[str]:
-        """Images already done; a line cut short by a kill is dropped (and redone)."""
+        """Images already done; a line cut short by a kill is dropped (and redone), and so
+        is an image whose last line is a failure (tried again)."""
         if not self.path.is_file():
             return set()
         lines = self.path.read_text().splitlines(keepends=True)
@@ -71,7 +73,8 @@ class JsonLinesSink:
         if len(complete) != len(lines):
             log.warning("%s: dropping %d incomplete line(s)", self.path, len(lines) - len(complete))
             self.path.write_text("".join(complete))
-        return {json.loads(line)["image"] for line in complete}
+        return {r["image"] for r in latest(json.loads(line) for line in complete)
+                if "error" not in r}
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -88,5 +91,15 @@ def _parses(line: str) -> bool:
         return False
 
 
+def latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each image's last record (a rerun's result replaces an earlier failure), in the
+    order images first appeared."""
+    by_image: dict[str, dict[str, Any]] = {}
+    for record in records:
+        by_image[record["image"]] = record
+    return list(by_image.values())
+
+
 def read_results(jsonl: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in jsonl.read_text().splitlines()]
+    """The results file, one record per image (its last)."""
+    return latest(json.loads(line) for line in jsonl.read_text().splitlines())
