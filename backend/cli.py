@@ -8,7 +8,6 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from .imagery.images import DEFAULT_MAX_PIXELS
 from .recipe import RecipeOverrides
@@ -85,14 +84,23 @@ def recipe_overrides(args: argparse.Namespace) -> RecipeOverrides:
     )
 
 
-def _parse_opts(pairs: list[str]) -> dict[str, Any]:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--opt {pair!r}: expected KEY=VALUE")
-        overrides[key] = value
-    return overrides
+def _key_value(pair: str) -> tuple[str, str]:
+    key, sep, value = pair.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{pair!r}: expected KEY=VALUE")
+    return key, value
+
+
+def _add_opt_arg(parser: argparse.ArgumentParser) -> None:
+    """detectron2-style config overrides; `dict(args.opt)` is what the model is built with."""
+    parser.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="config override, e.g. MODEL.ROI_HEADS.NMS_THRESH_TEST=0.3 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,13 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", type=Path, help="detectron2 config.yaml")
     source.add_argument("--weights", type=Path, help="checkpoint (.pth or model-zoo .pkl)")
     source.add_argument("--labels", type=Path, help="class names, one per line")
-    predict.add_argument(
-        "--opt",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, e.g. MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.5",
-    )
+    _add_opt_arg(predict)
     predict.add_argument("--output", "-o", type=Path, help="JSON Lines file (default: stdout)")
     predict.add_argument("--overlays", type=Path, help="also draw each image's boxes to a PNG here")
     predict.add_argument(
@@ -292,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--download-timeout", type=float, default=30.0, help="seconds")
     serve.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     _add_device_args(serve)
+    _add_pixel_args(serve)
+    _add_opt_arg(serve)
     _add_tiling_args(serve)
 
     prelabel = sub.add_parser(
@@ -309,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel.add_argument("--coco", type=Path, help="--images: also write COCO results here")
     _add_export_args(prelabel, "--images: ")
     _add_pixel_args(prelabel)
+    _add_opt_arg(prelabel)
     prelabel.add_argument("--report", type=Path,
                           help="run report (default: beside --output, or in the current dir)")
     prelabel.add_argument("--uncertainty", default=DEFAULT_UNCERTAINTY, choices=METHODS,
@@ -442,7 +447,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .model_dir import ModelDir, read_labels
     from .predict import run_predict
 
-    overrides = _parse_opts(args.opt)
+    overrides = dict(args.opt)
     device = {
         "device": args.device,
         "precision": args.precision,

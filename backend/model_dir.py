@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .detection.checkpoint import read_state_dict
-from .detection.config import config_from_yaml_text, dump_config
+from .detection.config import DetectorConfig, config_from_yaml_text, dump_config, load_config
 from .detection.predictor import Predictor
 from .detection.tiling import TilingOptions
 from .files import file_sha256
@@ -71,6 +71,10 @@ class ModelDir:
     @property
     def weights(self) -> Path:
         return self.path / WEIGHTS_FILE
+
+    @property
+    def config(self) -> DetectorConfig:
+        return load_config(self.path / CONFIG_FILE)
 
     @property
     def version(self) -> str:

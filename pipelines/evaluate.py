@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from backend.detection.tiling import TilePlan
 from backend.files import file_sha256
 from backend.imagery.images import load_image
 from backend.model_dir import ModelDir
@@ -60,6 +62,30 @@ def detections_for(
 
 
 DEFAULT_MAX_DETECTIONS = 300
+
+
+def detection_cap(setting: Any, model: ModelDir, coco: dict[str, Any], tiling: Recipe) -> int:
+    """pycocotools' `maxDets` (per image and class). `auto`: at least as many as the model can
+    return for the largest val image by its recipe, DETECTIONS_PER_IMAGE per pass times its
+    passes (tiles, and the full-image pass if any), so that no detection is cut: a tiled
+    model on a whole orthophoto returns far more than 300."""
+    if setting != "auto":
+        return int(setting)
+    per_pass = model.config.roi_heads.detections_per_image
+    passes = max(len(TilePlan.for_image(im["height"], im["width"], tiling).crops)
+                 for im in coco["images"])
+    return max(per_pass * passes, DEFAULT_MAX_DETECTIONS)
+
+
+def warn_if_capped(records: list[dict[str, Any]], cap: int, version: str) -> None:
+    """Say so when an image and class reach the cap: their later detections are not
+    counted, which lowers recall and AP."""
+    counts = Counter((r["image_id"], r["category_id"]) for r in records)
+    over = [key for key, n in counts.items() if n >= cap]
+    if over:
+        print(f"warning: evaluate {version}: {len(over)} image/class pair(s) reach "
+              f"evaluate.max_detections={cap} (e.g. image {over[0][0]}: {counts[over[0]]} "
+              "detections); the rest are not counted: raise it, or set it to auto")
 
 
 def coco_metrics(
@@ -135,18 +161,21 @@ def main() -> None:
         fail("the val split is empty: nothing to evaluate on")
     device = ep.get("device", "auto")
     candidate = ModelDir.open(params.get("train", {}).get("output", "models/candidate"))
-    max_detections = int(ep.get("max_detections", DEFAULT_MAX_DETECTIONS))
-    metrics, curve = coco_metrics(
-        val, detections_for(candidate, val, images, candidate.recipe, device), max_detections
-    )
+    setting = ep.get("max_detections", "auto")
+    max_detections = detection_cap(setting, candidate, val, candidate.recipe)
+    records = detections_for(candidate, val, images, candidate.recipe, device)
+    warn_if_capped(records, max_detections, candidate.version)
+    metrics, curve = coco_metrics(val, records, max_detections)
     metrics["images"] = len(val["images"])
     metrics["deployed"] = None
     deployed, snapshot = deployed_model(params)
     if deployed is not None:
         is_candidate = snapshot["weights_sha256"] == file_sha256(candidate.weights)
-        deployed_metrics = metrics if is_candidate else coco_metrics(
-            val, detections_for(deployed, val, images, deployed.recipe, device), max_detections
-        )[0]
+        if not is_candidate:
+            cap = max(max_detections, detection_cap(setting, deployed, val, deployed.recipe))
+            records = detections_for(deployed, val, images, deployed.recipe, device)
+            warn_if_capped(records, cap, deployed.version)
+        deployed_metrics = metrics if is_candidate else coco_metrics(val, records, cap)[0]
         metrics["deployed"] = {
             "version": snapshot["version"],
             "ap50": deployed_metrics["ap50"],

@@ -92,21 +92,25 @@ def _start_weights(
     return "random weights", None
 
 
-def _already_trained(out: Path, lineage: dict[str, Any], start_sha256: str | None) -> bool:
-    """Whether the candidate in `out` is what this run would train: the same code, settings
+def _already_trained(
+    out: Path, lineage: dict[str, Any], start_sha256: str | None
+) -> ModelDir | None:
+    """The candidate in `out` if it is what this run would train: the same code, settings
     and train split, and either trained from this start or itself this start. The second
     case is the loop's fixed point: once the candidate is deployed, the deployed model
     (train's start) changes, yet training it again on the data it was trained on would
     only repeat its epochs."""
     if start_sha256 is None or lineage["code_sha256"] is None:
-        return False
+        return None
     try:
         candidate = ModelDir.open(out)
     except ModelDirError:
-        return False
+        return None
     if any(candidate.metadata.get(key) != value for key, value in lineage.items()):
-        return False
-    return start_sha256 in (candidate.metadata.get("start_sha256"), file_sha256(candidate.weights))
+        return None
+    same = start_sha256 in (candidate.metadata.get("start_sha256"),
+                            file_sha256(candidate.weights))
+    return candidate if same else None
 
 
 def main() -> None:
@@ -117,6 +121,8 @@ def main() -> None:
     out = Path(tp.get("output", "models/candidate"))
     work = Path(tp.get("checkpoints", "models/checkpoints"))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if int(tp.get("threads") or 0) > 0:  # beside other jobs, all cores is oversubscription
+        torch.set_num_threads(int(tp["threads"]))
     device = resolve_device(tp.get("device", "auto"))
     if distributed:
         backend, device = distributed_setup(device, int(os.environ.get("LOCAL_RANK", 0)))
@@ -137,30 +143,34 @@ def main() -> None:
     origin, start_sha256 = _start_weights(
         model, tp, labels, deployed, snapshot.get("weights_sha256")
     )
-    lineage = {"dataset": dataset_hash(split_dir / "train.json"), "params": tp,
+    settings = {k: v for k, v in tp.items() if k != "threads"}  # threads change no result
+    lineage = {"dataset": dataset_hash(split_dir / "train.json"), "params": settings,
                "recipe": recipe_json(recipe), "code_sha256": code_sha256("train")}
-    if _already_trained(out, lineage, start_sha256):
+    kept = _already_trained(out, lineage, start_sha256)
+    if kept is not None:
         if rank == 0:
-            print(f"train: {out} was trained from {origin} with this code and these settings "
-                  "on this train split (or is it): kept as it is")
+            print(f"train: {out} was trained from {kept.metadata.get('start')} with this code "
+                  "and these settings on this train split: kept as it is")
         if distributed:
             dist.destroy_process_group()
         return
-    if start_sha256 is None and rank == 0:
-        print(f"train: {snapshot.get('why_none')}; starting from random weights", flush=True)
-    key = _run_key([tp, recipe_json(recipe)], lineage["dataset"])
+    key = _run_key([settings, recipe_json(recipe)], lineage["dataset"])
     checkpoint = work / f"{key}.pth"
-    start, state = 0, None
+    start, state, resumed = 0, None, ""
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         start = int(state["iteration"])
-        origin = f"checkpoint {checkpoint} at iteration {start}"
+        # The lineage names what the run started from, not the checkpoint (deleted at the end).
+        origin = state.get("origin", origin)
         start_sha256 = state.get("start_sha256")  # the resumed run's own starting point
+        resumed = f", resumed at iteration {start} from {checkpoint}"
+    elif start_sha256 is None and rank == 0:
+        print(f"train: {snapshot.get('why_none')}; starting from random weights", flush=True)
     model.to(device)
     if rank == 0:
         print(
-            f"train: {len(coco['images'])} images, classes {labels}, from {origin}, "
+            f"train: {len(coco['images'])} images, classes {labels}, from {origin}{resumed}, "
             f"{world} process(es) on {device}; recipe: {describe(recipe)}"
         )
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
@@ -173,7 +183,7 @@ def main() -> None:
     if state is not None and "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
 
-    live = _live() if rank == 0 else None
+    live = _live(start) if rank == 0 else None
     progress = Progress(start, options.iterations) if rank == 0 else None
 
     def on_step(iteration: int, losses: dict[str, float]) -> None:
@@ -195,6 +205,7 @@ def main() -> None:
                 "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict(),
                 "iteration": done,
+                "origin": origin,
                 "start_sha256": start_sha256,
             },
             tmp,
@@ -226,6 +237,7 @@ def main() -> None:
                 **lineage,
                 "iterations": options.iterations,
                 "start": origin,
+                **({"resumed_at_iteration": start} if start else {}),
                 "start_sha256": start_sha256,
                 "processes": world,
             },
@@ -256,12 +268,17 @@ class Progress:
               f"ETA {int(eta) // 60}:{int(eta) % 60:02d}", flush=True)
 
 
-def _live():
+def _live(start: int):
+    """dvclive's logger; its metrics and plots are declared in our dvc.yaml, so it must not
+    write them there itself (the first `dvc repro` left dvc.yaml modified). A resumed run
+    goes on from its iteration, not from step 0."""
     try:
         from dvclive import Live
     except ImportError:
         return None
-    return Live("dvclive", save_dvc_exp=False, report=None)
+    live = Live("dvclive", save_dvc_exp=False, report=None, dvcyaml=False, resume=start > 0)
+    live.step = start
+    return live
 
 
 if __name__ == "__main__":

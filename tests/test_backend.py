@@ -307,6 +307,26 @@ def test_registry_switch_changes_the_version_without_failing_requests(world):
     registry.switch("v1")
 
 
+def test_health_and_setup_name_a_new_deployment_without_a_predict_first(world):
+    """The registry's watcher reloads on its own: /health, which must never block, names
+    the new version within seconds, and /setup names it at once."""
+    registry = world["registry"]
+
+    def health_names(c: httpx.Client, version: str) -> None:
+        deadline = time.monotonic() + 30
+        while c.get("/health").json()["model_version"] != version:
+            assert time.monotonic() < deadline, f"/health does not name {version}"
+            time.sleep(0.2)
+
+    with client(world) as c:
+        health_names(c, "v1")  # an earlier test may have just switched back
+        registry.switch("v2")
+        health_names(c, "v2")
+        registry.switch("v1")
+        setup = c.post("/setup", json={"project": "1", "schema": CONFIG})
+        assert setup.json()["model_version"] == "v1"
+
+
 def test_basic_auth_header_is_parsed_strictly(world):
     garbage = {"Authorization": "Basic " + base64.b64encode(b"\xff\xfe").decode()}
     assert httpx.get(world["url"] + "/versions", headers=garbage).status_code == 401
@@ -358,3 +378,20 @@ def test_setup_state_stays_bounded(tmp_path, world):
     assert backend.predict({"tasks": [], "project": "9.1"}) == {"results": []}
     with pytest.raises(HTTPError, match="no label config for project 0"):
         backend.predict({"tasks": [], "project": "0.1"})
+
+
+def test_serve_takes_config_overrides_and_a_value_range(tmp_path):
+    """`serve --opt` (a lower NMS threshold, say) and `--value-range` for deep rasters, as
+    `predict` and `prelabel` take them."""
+    from backend.cli import build_parser, recipe_overrides
+    from backend.serving.server import build_backend
+
+    model = make_model_dir(tmp_path / "m", version="v1")
+    args = build_parser().parse_args([
+        "serve", "--model", str(model), "--device", "cpu", "--work-dir", str(tmp_path / "w"),
+        "--opt", "MODEL.ROI_HEADS.NMS_THRESH_TEST=0.3", "--value-range", "0", "4095"])
+    backend = build_backend(args, recipe_overrides(args))
+    assert backend.models.current().predictor.cfg.roi_heads.nms_thresh_test == 0.3
+    assert list(backend.settings.scaling.value_range) == [0, 4095]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", str(model), "--opt", "NO_EQUALS"])

@@ -46,9 +46,24 @@ def test_evaluation_counts_every_box_of_a_dense_scene(dense_scene):
     assert all(point["precision"] == pytest.approx(1.0) for point in curve)
 
 
-def test_the_loop_evaluates_dense_scenes_by_default():
-    params = load_params()
-    assert params["evaluate"]["max_detections"] >= 300
+def test_the_loop_evaluates_dense_scenes_by_default(tmp_path, capsys):
+    """`auto`: every detection a tiled model can return on the largest val image counts
+    (100 per 320 px tile x 25 tiles of 1600 x 1600); a fixed cap that an image reaches is
+    said."""
+    from backend.detection.tiling import TilingOptions
+    from backend.model_dir import ModelDir
+    from pipelines.evaluate import detection_cap, warn_if_capped
+
+    from .servers import make_model_dir
+
+    assert load_params()["evaluate"]["max_detections"] == "auto"
+    model = ModelDir.open(make_model_dir(tmp_path / "m"))
+    coco = {"images": [{"id": 1, "height": 1600, "width": 1600}]}
+    per_tile = model.config.roi_heads.detections_per_image
+    assert detection_cap("auto", model, coco, TilingOptions(320, 0.0)) == per_tile * 25
+    assert detection_cap(120, model, coco, None) == 120
+    warn_if_capped([{"image_id": 1, "category_id": 0}] * 120, 120, "v1")
+    assert "1 image/class pair(s) reach evaluate.max_detections=120" in capsys.readouterr().out
 
 
 def _dense(scores: list[float]) -> Detections:

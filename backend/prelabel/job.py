@@ -261,8 +261,8 @@ def _results(
 
         return ray_detect_stream(args, model, tiling, destination.load, items)
     predictor = model.predictor(
-        device=args.device, precision=args.precision, channels_last=args.channels_last,
-        compile=args.compile,
+        dict(args.opt), device=args.device, precision=args.precision,
+        channels_last=args.channels_last, compile=args.compile,
     )
     predictors = [predictor, *uncertainty.counterparts(args.uncertainty, predictor)]
     return detect_stream(

@@ -46,13 +46,14 @@ class _Decode:
 class _Replica:
     """One model on one device, fed decoded images by Ray Data."""
 
-    def __init__(self, model: str, device: str, precision: str, channels_last: bool | None,
-                 compile: bool, method: str, tiling: TilingOptions | None,
-                 threads: int | None) -> None:
+    def __init__(self, model: str, overrides: dict[str, str], device: str, precision: str,
+                 channels_last: bool | None, compile: bool, method: str,
+                 tiling: TilingOptions | None, threads: int | None) -> None:
         if threads:
             torch.set_num_threads(threads)
         predictor = ModelDir.open(model).predictor(
-            device=device, precision=precision, channels_last=channels_last, compile=compile
+            overrides, device=device, precision=precision, channels_last=channels_last,
+            compile=compile,
         )
         self.predictors = [predictor, *uncertainty.counterparts(method, predictor)]
         self.tiling = tiling
@@ -113,7 +114,8 @@ def ray_detect_stream(
         ds = ds.map_batches(
             _Replica,
             fn_constructor_kwargs={
-                "model": str(model.path.resolve()), "device": args.device,
+                "model": str(model.path.resolve()), "overrides": dict(args.opt),
+                "device": args.device,
                 "precision": args.precision, "channels_last": args.channels_last,
                 "compile": args.compile,
                 "method": args.uncertainty, "tiling": tiling,

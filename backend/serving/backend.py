@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import uncertainty
-from ..imagery.images import DEFAULT_MAX_PIXELS, load_image
+from ..imagery.images import DEFAULT_MAX_PIXELS, DEFAULT_SCALING, PixelScaling, load_image
 from .auth import BasicAuth
 from .inference_queue import InferenceQueue, QueueFull
 from .jobs import TrainingJobs
@@ -44,6 +44,7 @@ class ServerSettings:
     label_mapping: dict[str, str] | None = None
     max_request_bytes: int = 32 * 1024**2
     max_pixels: int = DEFAULT_MAX_PIXELS
+    scaling: PixelScaling = DEFAULT_SCALING  # deep rasters: --value-range, --bands, --nodata
     request_deadline: float = 80.0  # s; Label Studio gives up on /predict after 100 s
     tasks_in_flight_per_request: int = 4
     fetch_workers: int = 32
@@ -138,7 +139,7 @@ class Backend:
         schema = body.get("schema")
         if not isinstance(schema, str) or not schema.strip():
             raise HTTPError(400, "/setup needs the project's labeling config in 'schema'")
-        model = self.models.current()
+        model = self.models.get()
         usable = self._usable(self.label_config(schema), model)
         extra = body.get("extra_params") or {}
         threshold = extra.get("score_threshold") if isinstance(extra, dict) else None
@@ -228,7 +229,8 @@ class Backend:
 
     def _detect(self, uri: Any, task_id: int | None, model: LoadedModel, deadline: float):
         raw = self.media.fetch(uri, task_id, deadline)
-        image = load_image(raw, max_pixels=self.settings.max_pixels, name=str(uri))
+        image = load_image(raw, max_pixels=self.settings.max_pixels, name=str(uri),
+                           scaling=self.settings.scaling)
         future = self.queue.submit(model.predictor, image, model.tiling)
         try:
             det = future.result(timeout=max(0.0, deadline - time.monotonic()))
@@ -260,7 +262,7 @@ class Backend:
             return {"versions": [self.models.current().version]}
         return {
             "versions": registry.version_names(),
-            "current": self.models.current().version,
+            "current": self.models.get().version,
             "details": registry.describe(),
         }
 

@@ -34,17 +34,25 @@ class LoadedModel:
 
 
 class ModelSource:
+    """The model a server answers with: a model directory, or a registry's current version,
+    reloaded when the registry moves. A watcher thread looks at the registry's pointer every
+    `watch_seconds`, so `/health` and `/setup` name a newly deployed version within seconds,
+    not only after the next `/predict`."""
+
     def __init__(
         self,
         model_dir: Path | None = None,
         registry: Registry | None = None,
         recipe_overrides: RecipeOverrides | None = None,
+        overrides: dict[str, Any] | None = None,
+        watch_seconds: float = 2.0,
         **predictor_kwargs: Any,
     ) -> None:
         if (model_dir is None) == (registry is None):
             raise ValueError("serve needs exactly one of --model DIR or --registry DIR")
         self.registry = registry
         self.recipe_overrides = recipe_overrides or RecipeOverrides()
+        self.overrides = overrides or {}
         self.predictor_kwargs = predictor_kwargs
         self._lock = threading.Lock()
         self._stamp = registry.pointer_stamp() if registry else None
@@ -53,6 +61,17 @@ class ModelSource:
         else:
             assert registry is not None
             self._current = self._load(registry.current(), registry.current_name())
+        self._stop = threading.Event()
+        if registry is not None:
+            threading.Thread(target=self._watch, args=(watch_seconds,), daemon=True,
+                             name="model-source-watch").start()
+
+    def _watch(self, seconds: float) -> None:
+        while not self._stop.wait(seconds):
+            self.get()
+
+    def close(self) -> None:
+        self._stop.set()
 
     def _load(self, model_dir: ModelDir, name: str | None) -> LoadedModel:
         if model_dir.labels is None:
@@ -60,7 +79,7 @@ class ModelSource:
                 f"{model_dir.path} has no labels.txt: Label Studio needs class "
                 "names to map to its labels"
             )
-        predictor = model_dir.predictor(**self.predictor_kwargs)
+        predictor = model_dir.predictor(self.overrides, **self.predictor_kwargs)
         version = name or model_dir.version
         tiling = self.recipe_overrides.apply(model_dir.recipe, version)
         log.info("serving model %s from %s", version, model_dir.path)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import uvicorn
 
+from ..imagery.images import PixelScaling
 from ..recipe import RecipeOverrides
 from ..registry import Registry
 from .app import create_app
@@ -39,6 +40,7 @@ def build_backend(args: argparse.Namespace, recipe: RecipeOverrides) -> Backend:
         model_dir=args.model,
         registry=Registry(args.registry) if args.registry else None,
         recipe_overrides=recipe,
+        overrides=dict(args.opt),
         device=args.device,
         precision=args.precision,
         channels_last=args.channels_last,
@@ -62,6 +64,7 @@ def build_backend(args: argparse.Namespace, recipe: RecipeOverrides) -> Backend:
             score_threshold=args.score_threshold,
             label_mapping=read_mapping(args.label_mapping) if args.label_mapping else None,
             max_pixels=args.max_pixels,
+            scaling=PixelScaling(args.value_range, args.bands, args.nodata),
             request_deadline=args.request_deadline,
             basic_auth=auth,
             uncertainty=args.uncertainty,
