@@ -173,11 +173,11 @@ def test_predictions_equal_the_engine_in_percent_of_the_original(world):
             assert region["score"] == pytest.approx(want["score"], abs=1e-5)
         width, height = Image.open(images / name).size
         assert {(r["original_width"], r["original_height"]) for r in regions} == {(width, height)}
-        # The task score is the image's uncertainty (top-doubt: the mean doubt of its ten
-        # most doubtful boxes), over every box the model kept.
+        # The task score is the image's uncertainty (error-rate: expected errors per
+        # expected object), over every box the model kept.
         every = [r["score"] for r in expected_regions(images / name, threshold=0.0)]
-        doubts = sorted((2 * min(s, 1 - s) for s in every), reverse=True)
-        assert answer["score"] == pytest.approx(sum(doubts[:10]) / 10, abs=1e-5)
+        errors = sum(min(s, 1 - s) for s in every) / (sum(every) + 1)
+        assert answer["score"] == pytest.approx(errors, abs=1e-5)
 
 
 def test_threshold_from_setup_extra_params_wins(world):

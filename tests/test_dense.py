@@ -10,7 +10,7 @@ import torch
 
 from backend.detection.structures import Detections
 from backend.synthetic import survey_scene
-from backend.uncertainty import entropy, least_confidence, score, top_doubt
+from backend.uncertainty import entropy, error_rate, least_confidence, score, top_doubt
 from pipelines.evaluate import coco_metrics
 from pipelines.params import load_params
 
@@ -92,3 +92,43 @@ def test_top_doubt_is_bounded_and_scores_the_doubt_an_annotator_resolves():
     assert top_doubt(_dense([0.5] * 5 + [0.99] * 3)) == pytest.approx(0.5 + 0.006, abs=1e-3)
     assert top_doubt(_dense([0.5] * 50)) == pytest.approx(1.0)
     assert score("top-doubt", [_dense([0.5])]) == top_doubt(_dense([0.5]))
+
+
+def _ranks(values: list[float]) -> np.ndarray:
+    return np.argsort(np.argsort(values)).astype(float)
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+
+
+def test_error_rate_ranks_a_dense_pool_by_the_error_a_person_will_fix():
+    """200 dense tiles (100-300 boxes each) of a calibrated model: a box of score s is an
+    animal with probability s. A tile is harder the larger its share of boxes near 0.5.
+    Its realised error is what an annotator fixes at the 0.5 threshold (false boxes shown,
+    animals not shown) per animal. error-rate follows it; top-doubt saturates (every tile
+    has ten near coin flips: 0.94-1.0) and orders the pool far less well."""
+    rng = np.random.default_rng(0)
+    pool, realised = [], []
+    for _ in range(200):
+        n, hard = int(rng.integers(100, 300)), rng.uniform(0.15, 0.5)
+        coin = rng.random(n) < hard
+        sure_real = rng.random(n) < 0.6
+        scores = np.where(coin, rng.uniform(0.42, 0.58, n),
+                          np.where(sure_real, rng.uniform(0.9, 0.99, n), rng.uniform(0.01, 0.1, n)))
+        real = rng.random(n) < scores
+        shown = scores >= 0.5
+        realised.append(((shown & ~real).sum() + (~shown & real).sum()) / max(real.sum(), 1))
+        pool.append(_dense(scores.tolist()))
+    ours = _spearman([error_rate(d) for d in pool], realised)
+    saturated = _spearman([top_doubt(d) for d in pool], realised)
+    assert min(top_doubt(d) for d in pool) > 0.9  # every tile: ten near coin flips
+    assert ours > 0.85 and ours > saturated + 0.2, (ours, saturated)  # 0.90 and 0.59
+
+
+def test_error_rate_is_bounded_and_zero_for_sure_answers():
+    assert error_rate(_dense([])) == 0.0
+    assert error_rate(_dense([0.999] * 50 + [0.001] * 50)) < 0.01
+    assert error_rate(_dense([0.5])) == pytest.approx(0.5 / 1.5)
+    assert 0 <= error_rate(_dense([0.5] * 500)) < 1
+    assert score("error-rate", [_dense([0.5])]) == error_rate(_dense([0.5]))

@@ -292,7 +292,11 @@ def test_killed_training_resumes_from_its_checkpoint(loop, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = run([sys.executable, "-m", "pipelines.train"], loop["dir"], env)
-    assert "from checkpoint" in resumed.stdout
+    assert "resumed at iteration" in resumed.stdout
+    assert "random weights" not in resumed.stdout.split("resumed at iteration")[0]
+    lineage = json.loads((tmp_path / "killed" / "model" / "model.json").read_text())
+    assert "checkpoint" not in lineage["start"]  # the checkpoint is gone; the start is not
+    assert lineage["resumed_at_iteration"] > 0
     straight_env = _train_params(loop, tmp_path, "straight", iterations=12, checkpoint_period=4)
     run([sys.executable, "-m", "pipelines.train"], loop["dir"], straight_env)
     got = _weights(tmp_path / "killed" / "model")

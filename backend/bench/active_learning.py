@@ -1,7 +1,7 @@
 """`tridentloop bench --active-learning`: does labelling what the model doubts beat labelling
 at random? The loop is run twice on one generated pool, with the same seed, the same first
 labelled images and the same label budget per round: once choosing each next batch as the
-`select` stage does (top-doubt uncertainty, spread across flights), once at random. Each
+`select` stage does (its default uncertainty, spread across flights), once at random. Each
 round fine-tunes the previous round's model on everything labelled so far, as `dvc repro`
 does, and scores AP50 (pycocotools) on held-out scenes.
 
@@ -88,14 +88,16 @@ Chooser = Callable[[Predictor, list[int], int, np.random.Generator], list[int]]
 
 
 def by_doubt(pool: _Scenes) -> Chooser:
-    """What the `select` stage does: top-doubt per image, the batch taken from the flights
-    in turn (most doubtful flight first) so one confusing flight cannot fill it."""
+    """What the `select` stage does: the default uncertainty per image, the batch taken
+    from the flights in turn (most doubtful flight first) so one confusing flight cannot
+    fill it."""
     from pipelines.select import spread
 
     def choose(predictor: Predictor, unlabelled: list[int], k: int,
                _rng: np.random.Generator) -> list[int]:
         scored = [{"id": i, "group": pool.flights[i], "uncertainty": uncertainty.score(
-                       "top-doubt", [predictor(pool.samples[i].image)])} for i in unlabelled]
+                       uncertainty.DEFAULT, [predictor(pool.samples[i].image)])}
+                  for i in unlabelled]
         return [c["id"] for c in spread(scored, k)]
 
     return choose
