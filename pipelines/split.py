@@ -8,6 +8,10 @@ through the API. That keeps a holdout (one flight, one camera station) fixed how
 project grows, and it needs no Label Studio Enterprise feature (open source has no task
 tags). Export carries the value into `annotations.json`; other values are reported and the
 task is split by hash.
+
+Pins do not switch the hash off: unpinned tasks still go to val at `split.val_percent`. To
+validate on the pinned tasks alone (a holdout flight, nothing else), set `val_percent: 0`;
+the stage says which rule it followed, and warns when val pins sit beside hashed val tasks.
 """
 
 from __future__ import annotations
@@ -65,8 +69,15 @@ def main() -> None:
         )
     write_json(out / "train.json", subset(coco, train_ids))
     write_json(out / "val.json", subset(coco, val_ids))
+    pinned_val = sum(im.get("split") == "val" for im in coco["images"])
     pinned = sum(im.get("split") in PINS for im in coco["images"])
-    print(f"split: {len(train_ids)} train, {len(val_ids)} val ({pinned} pinned)")
+    by_hash = len(val_ids) - pinned_val
+    percent = float(split.get("val_percent", 20))
+    print(f"split: {len(train_ids)} train, {len(val_ids)} val ({pinned_val} pinned to val, "
+          f"{by_hash} by hash at val_percent {percent:g}; {pinned} task(s) pinned in all)")
+    if pinned_val and by_hash:
+        print(f"note: {by_hash} unpinned task(s) went to val by hash beside the {pinned_val} "
+              "pinned there; to validate on the pinned tasks alone, set split.val_percent: 0")
 
 
 if __name__ == "__main__":

@@ -32,3 +32,30 @@ def test_unknown_pin_values_are_reported_and_split_by_hash():
     _, val, unknown = assign(_images(20, {3: "holdout", 4: "holdout", 5: "test"}), 25, 0)
     assert unknown == {"holdout": 2, "test": 1}
     assert (3 in val) == is_val(3, 25, 0)
+
+
+def test_val_percent_zero_validates_on_the_pinned_tasks_alone(tmp_path, monkeypatch, capsys):
+    """The pinning trap: pins leave the hash on for the other tasks (and the stage says
+    so); val_percent 0 keeps val to the pinned holdout."""
+    import json
+
+    import yaml
+
+    from pipelines import split
+
+    holdout = {i: "val" for i in range(1, 6)}
+    _, val, _ = assign(_images(100, holdout), 0, 0)
+    assert val == set(holdout)
+    dataset = tmp_path / "data/dataset"
+    dataset.mkdir(parents=True)
+    (dataset / "annotations.json").write_text(json.dumps(
+        {"images": _images(100, holdout), "annotations": [], "categories": []}))
+    params = tmp_path / "params.yaml"
+    monkeypatch.chdir(tmp_path)
+    for percent, note in ((25, True), (0, False)):
+        params.write_text(yaml.safe_dump({"split": {"val_percent": percent, "dir": "s"}}))
+        monkeypatch.setenv("TRIDENTLOOP_PARAMS", str(params))
+        split.main()
+        out = capsys.readouterr().out
+        assert "5 pinned to val" in out
+        assert ("set split.val_percent: 0" in out) == note
