@@ -374,6 +374,22 @@ def build_parser() -> argparse.ArgumentParser:
     versions = sub.add_parser("versions", help="list a registry's versions")
     versions.add_argument("--registry", type=Path, required=True)
 
+    init = sub.add_parser(
+        "init", help="a new git + DVC checkout of the loop for a Label Studio project")
+    init.add_argument("dir", type=Path, help="the checkout to create (new or empty)")
+    init.add_argument("--project", type=int, help="the Label Studio project id to learn from")
+    init.add_argument("--label-studio-url", help="Label Studio's URL (params.yaml; the API key "
+                      "comes from LABEL_STUDIO_API_KEY when the stages run)")
+    init.add_argument("--remote", help="the default DVC remote for datasets and models "
+                      "(s3://bucket/loop, /mnt/share/loop, ...)")
+    init.add_argument("--set", action="append", default=[], type=_key_value,
+                      metavar="SECTION.KEY=VALUE",
+                      help="any params.yaml setting, the value read as YAML "
+                      "(e.g. train.iterations=2000, recipe.tile_size=800); repeatable")
+    init.add_argument("--refresh-code", action="store_true",
+                      help="in an existing checkout, replace backend/ and pipelines/ with this "
+                      "installation's (after an upgrade); params and data are left alone")
+
     demo = sub.add_parser("demo", help="the main job on generated survey images")
     demo.add_argument("--output", type=Path, default=Path("demo-output"))
     demo.add_argument("--rounds", type=int, default=3, help="label -> retrain -> redeploy rounds")
@@ -628,6 +644,35 @@ def _versions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipelines.workspace import copy_code, create_loop_project
+
+    if args.refresh_code:
+        if not (args.dir / "dvc.yaml").is_file():
+            raise ValueError(f"{args.dir} is no loop checkout (no dvc.yaml)")
+        copy_code(args.dir)
+        print(f"init: replaced the code in {args.dir}; `git diff --stat` shows what changed, "
+              "commit it, then `dvc repro` re-runs the stages whose code changed")
+        return 0
+    if args.project is None:
+        raise ValueError("give --project: the id of the Label Studio project to learn from")
+    updates: dict[str, dict] = {"labelstudio": {"project": args.project}}
+    if args.label_studio_url:
+        updates["labelstudio"]["url"] = args.label_studio_url
+    for dotted, value in args.set:
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ValueError(f"--set {dotted}: expected SECTION.KEY=VALUE")
+        updates.setdefault(section, {})[key] = yaml.safe_load(value)
+    checkout = create_loop_project(args.dir, updates, remote=args.remote)
+    print(f"init: {checkout} is a git + DVC checkout of the loop for Label Studio project "
+          f"{args.project}.\nNext: cd {checkout}; export LABEL_STUDIO_API_KEY=<token>; "
+          "dvc repro   (then `git add -A; git commit` after each run)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -643,6 +688,7 @@ COMMANDS = {
     "rollback": _rollback,
     "versions": _versions,
     "demo": _demo,
+    "init": _init,
 }
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from backend.synthetic import CLASSES, png_bytes, survey_scene
 from pipelines.deploy import gate
 from pipelines.deployed import snapshot
 from pipelines.split import is_val
-from pipelines.workspace import create_loop_project
 
 pytestmark = pytest.mark.slow
 
@@ -50,23 +49,15 @@ def run(
     return proc
 
 
-def new_project(root: Path, project_id: int, env: dict[str, str], **train) -> Path:
-    """A git + DVC checkout of the loop with tiny training settings."""
-    return create_loop_project(
-        root,
-        {
-            "labelstudio": {"project": project_id},
-            "train": {
-                "iterations": 12,
-                "checkpoint_period": 4,
-                "warmup_iters": 4,
-                "device": "cpu",
-                **train,
-            },
-            "evaluate": {"device": "cpu"},
-        },
-        env,
-    )
+def new_project(root: Path, project_id: int, env: dict[str, str]) -> Path:
+    """A git + DVC checkout of the loop made as a user makes one, `tridentloop init`, with
+    tiny training settings."""
+    settings = {"train.iterations": 12, "train.checkpoint_period": 4, "train.warmup_iters": 4,
+                "train.device": "cpu", "evaluate.device": "cpu"}
+    run([sys.executable, "-m", "backend.cli", "init", str(root), "--project", str(project_id),
+         *[a for key, value in settings.items() for a in ("--set", f"{key}={value}")]],
+        Path(__file__).resolve().parents[1], env)
+    return root
 
 
 def annotate(ls: LabelStudio, task_id: int, boxes: np.ndarray, classes: np.ndarray,
@@ -113,7 +104,9 @@ def loop(label_studio, tmp_path_factory):
     }
     checkout = new_project(root / "project", project.id, env)
     first = run(["dvc", "repro"], checkout, env)
+    status = run(["git", "status", "--porcelain"], checkout, env).stdout
     return {
+        "status_after_first": status,
         "ls": ls,
         "project": project.id,
         "root": root,
@@ -123,6 +116,18 @@ def loop(label_studio, tmp_path_factory):
         "label_studio": label_studio,
         "pinned": pinned,
     }
+
+
+def test_init_makes_a_loop_whose_first_repro_changes_no_tracked_file(loop):
+    """`tridentloop init` wrote dvc.yaml, params.yaml, the code, git and DVC; `dvc repro`
+    then only adds what a user commits (dvc.lock, metrics, .gitignore entries): dvc.yaml,
+    params.yaml and the code stay as committed (dvclive once rewrote dvc.yaml)."""
+    changed = [line for line in loop["status_after_first"].splitlines()
+               if not line.startswith("??")]
+    assert all(line.endswith(".gitignore") for line in changed), changed
+    params = yaml.safe_load((loop["dir"] / "params.yaml").read_text())
+    assert params["labelstudio"]["project"] == loop["project"]
+    assert params["train"]["iterations"] == 12
 
 
 def test_repro_exports_trains_evaluates_and_deploys(loop):
