@@ -1,0 +1,105 @@
+"""Annotator effort (backend/effort.py): the corrections a person makes to pre-labels, the
+thresholds that make the fewest, and what a survey's counts come to."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backend.effort import (
+    NOT_OFFERED,
+    EffortSettings,
+    best_threshold,
+    choose_thresholds,
+    curve,
+    match,
+    report,
+    score_coco,
+)
+
+
+def _coco(truth: dict[int, list[tuple[str, list[float]]]], names=("zebra", "bird")) -> dict:
+    ids = {n: i for i, n in enumerate(names)}
+    annotations = [{"id": k, "image_id": image, "category_id": ids[name], "bbox": box}
+                   for k, (image, name, box) in enumerate(
+                       (im, n, b) for im, boxes in truth.items() for n, b in boxes)]
+    return {"images": [{"id": i} for i in sorted(truth)], "annotations": annotations,
+            "categories": [{"id": i, "name": n} for n, i in ids.items()]}
+
+
+def _record(image: int, cls: int, box: list[float], score: float) -> dict:
+    return {"image_id": image, "category_id": cls, "bbox": box, "score": score}
+
+
+def test_corrections_count_deletions_and_drawings_at_each_threshold():
+    """Three zebras; boxes at 0.9 (hit), 0.8 (miss), 0.7 (hit), 0.3 (miss), 0.2 (hit)."""
+    coco = _coco({1: [("zebra", [0, 0, 10, 10]), ("zebra", [20, 0, 10, 10]),
+                      ("zebra", [40, 0, 10, 10])]})
+    records = [_record(1, 0, [0, 0, 10, 10], 0.9), _record(1, 0, [60, 0, 10, 10], 0.8),
+               _record(1, 0, [20, 1, 10, 10], 0.7), _record(1, 0, [80, 0, 10, 10], 0.3),
+               _record(1, 0, [40, 0, 10, 10], 0.2)]
+    scored = score_coco(coco, records)
+    at = {t: report(scored, {"zebra": t})["per_class"]["zebra"] for t in (0.9, 0.7, 0.2)}
+    assert (at[0.7]["kept"], at[0.7]["deleted"], at[0.7]["drawn"]) == (2, 1, 1)
+    assert (at[0.2]["kept"], at[0.2]["deleted"], at[0.2]["drawn"]) == (3, 2, 0)
+    assert at[0.7]["effort_ratio"] == pytest.approx(2 / 3, abs=1e-4)
+    assert at[0.7]["precision"] == at[0.7]["recall"] == pytest.approx(2 / 3, abs=1e-4)
+    # 2 corrections at 0.9, 0.7 and 0.2 alike: the highest threshold wins the tie.
+    assert best_threshold(*scored.subset(0), EffortSettings()) == (0.9, pytest.approx(2 / 3))
+    # A delete that costs twice a draw moves it: offering less is cheaper.
+    assert best_threshold(*scored.subset(0), EffortSettings(delete_cost=0.5))[0] == 0.2
+
+
+def test_a_box_is_kept_once_greedily_by_score():
+    truth = np.array([[0, 0, 10, 10]], float)
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 10, 10]], float)
+    assert match(boxes, np.array([0.5, 0.9, 0.7]), truth, 0.5).tolist() == [False, True, False]
+    assert not match(boxes, np.array([0.5, 0.9, 0.7]), np.zeros((0, 4)), 0.5).any()
+
+
+def test_a_class_no_threshold_makes_cheaper_than_drawing_is_not_offered():
+    """Birds: 12 real, the model's bird boxes mostly elsewhere; zebras: good boxes."""
+    truth = {i: [("zebra", [0, 0, 10, 10]), ("bird", [50, 50, 5, 5])] for i in range(12)}
+    records = [_record(i, 0, [0, 0, 10, 10], 0.8) for i in range(12)]
+    records += [_record(i, 1, [90, 90, 5, 5], 0.6 + i / 100) for i in range(12)]
+    records += [_record(i, 1, [50, 50, 5, 5], 0.1) for i in range(2)]
+    chosen = choose_thresholds(score_coco(_coco(truth), records))
+    assert chosen["per_class"]["zebra"] == 0.8
+    assert chosen["per_class"]["bird"] == NOT_OFFERED  # 0.5+ corrections per bird at best
+    figures = report(score_coco(_coco(truth), records), chosen["per_class"])
+    assert figures["per_class"]["bird"]["effort_ratio"] == 1.0  # drawn from scratch
+    assert figures["overall"]["effort_ratio"] == pytest.approx(12 / 24)
+    assert figures["overall"]["corrections_per_image"] == pytest.approx(1.0)
+
+
+def test_a_rare_class_takes_the_pooled_threshold_and_counts_are_reported():
+    truth = {i: [("zebra", [0, 0, 10, 10])] for i in range(20)}
+    truth[0].append(("bird", [50, 50, 5, 5]))  # one bird in val: too few to choose on
+    records = [_record(i, 0, [0, 0, 10, 10], 0.7) for i in range(20)]
+    records += [_record(i, 0, [30, 30, 10, 10], 0.3) for i in range(20)]  # false zebras
+    records.append(_record(0, 1, [50, 50, 5, 5], 0.2))
+    scored = score_coco(_coco(truth), records)
+    chosen = choose_thresholds(scored)
+    assert chosen["pooled"] == 0.7 and chosen["per_class"]["bird"] == 0.7
+    zebra = report(scored, chosen["per_class"])["per_class"]["zebra"]
+    assert (zebra["count_predicted"], zebra["count_true"]) == (20, 20)
+    assert zebra["count_relative_error"] == 0.0 and zebra["count_mae_per_image"] == 0.0
+    low = report(scored, {"zebra": 0.3, "bird": 0.3})["per_class"]["zebra"]
+    assert low["count_relative_error"] == 1.0 and low["count_mae_per_image"] == 1.0
+
+
+def test_the_plotted_curve_and_the_matching_agree_at_every_threshold():
+    """One greedy pass gives every threshold: matching only the boxes above a threshold
+    anew gives the same kept count."""
+    rng = np.random.default_rng(0)
+    truth = {i: [("zebra", [*rng.uniform(0, 80, 2), 10, 10]) for _ in range(5)]
+             for i in range(8)}
+    records = [_record(i, 0, list(np.add(b, rng.normal(0, 2, 4) * [1, 1, 0, 0])),
+                       float(rng.uniform())) for i, boxes in truth.items() for _, b in boxes
+               for _ in range(2)]
+    scored = score_coco(_coco(truth, names=("zebra",)), records)
+    for point in curve(scored):
+        t = point["threshold"]
+        above = [r for r in records if r["score"] >= t]
+        again = report(score_coco(_coco(truth, names=("zebra",)), above), {"zebra": t})
+        assert point["effort_ratio"] == again["per_class"]["zebra"]["effort_ratio"]
