@@ -262,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--score-threshold",
         type=float,
-        default=0.5,
-        help="default; a project's /setup extra_params.score_threshold wins",
+        default=None,
+        help="one threshold for every class instead of the model's (chosen on validation; "
+        "0.5 for a model without); a project's /setup extra_params.score_threshold wins",
     )
     serve.add_argument(
         "--label-mapping", type=Path, help='JSON {"model class": "Label Studio label"}'
@@ -318,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="run report (default: beside --output, or in the current dir)")
     prelabel.add_argument("--uncertainty", default=DEFAULT_UNCERTAINTY, choices=METHODS,
                           help="the prediction score annotators sort by (default: %(default)s)")
-    prelabel.add_argument("--score-threshold", type=float, default=0.5,
-                          help="--project: boxes below this are not shown to annotators")
+    prelabel.add_argument("--score-threshold", type=float, default=None,
+                          help="--project: one threshold for every class instead of the "
+                          "model's (chosen on validation; 0.5 for a model without)")
     prelabel.add_argument("--label-mapping", type=Path,
                           help='--project: JSON {"model class": "Label Studio label"}')
     prelabel.add_argument("--workers", type=int, default=4,
@@ -453,8 +455,9 @@ def _add_export_args(parser: argparse.ArgumentParser, only: str = "") -> None:
     parser.add_argument("--geojson", type=Path, metavar="FILE.geojson",
                         help=f"{only}also write each detection of a GeoTIFF as a polygon in "
                         "its map coordinates")
-    parser.add_argument("--count-threshold", type=float, default=0.5,
-                        help="score from which a detection counts (default: %(default)s)")
+    parser.add_argument("--count-threshold", type=float, default=None,
+                        help="score from which a detection counts, for every class (default: "
+                        "the model's per-class thresholds, chosen on validation; else 0.5)")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -462,6 +465,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .imagery.images import PixelScaling
     from .model_dir import ModelDir, read_labels
     from .predict import run_predict
+    from .thresholds import ScoreThresholds
 
     overrides = dict(args.opt)
     device = {
@@ -474,11 +478,13 @@ def _predict(args: argparse.Namespace) -> int:
         model_dir = ModelDir.open(args.model)
         predictor = model_dir.predictor(overrides, **device)
         labels, detector, recipe = model_dir.labels, model_dir.version, model_dir.recipe
+        thresholds = model_dir.thresholds
     elif args.config is not None and args.weights is not None:
         from .detection.predictor import Predictor
 
         predictor = Predictor.from_files(args.config, args.weights, overrides, **device)
         labels, detector, recipe = None, args.weights.name, None
+        thresholds = ScoreThresholds.of_model({}, None)
     else:
         raise SystemExit("tridentloop predict: give --model DIR, or --config and --weights")
     if args.labels is not None:
@@ -494,7 +500,9 @@ def _predict(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             scaling=PixelScaling(args.value_range, args.bands, args.nodata),
             overlays=args.overlays,
-            exports=Exports(args.megadetector, args.counts, args.count_threshold, args.geojson),
+            exports=Exports(args.megadetector, args.counts,
+                            thresholds.resolve(args.count_threshold, "--count-threshold"),
+                            args.geojson),
             detector=detector,
         )
     finally:

@@ -24,6 +24,7 @@ from .detection.predictor import Predictor
 from .detection.tiling import TilingOptions
 from .files import file_sha256
 from .recipe import Recipe, describe, parse_recipe, recipe_json
+from .thresholds import ScoreThresholds
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model_final.pth"
@@ -71,6 +72,11 @@ class ModelDir:
     @property
     def weights(self) -> Path:
         return self.path / WEIGHTS_FILE
+
+    @property
+    def thresholds(self) -> ScoreThresholds:
+        """The score each class needs to be offered (chosen on validation, or 0.5)."""
+        return ScoreThresholds.of_model(self.metadata, self.labels)
 
     @property
     def config(self) -> DetectorConfig:

@@ -10,9 +10,10 @@ are exactly those below the display threshold.
   doubtful boxes outrank one, which `least-confidence` cannot tell apart (one coin flip
   scores 0.5, two 0.75).
 - `error-rate` (default): the share of the image's objects the model is expected to get
-  wrong. A box of score s is wrong with probability min(s, 1 - s) when it is shown at 0.5
-  (kept but false: 1 - s; dropped but real: s), and is an object with probability s, so
-  the score is sum(min(s, 1 - s)) / (sum(s) + 1): expected errors per expected object, the
+  wrong. A box of score s shown (s at or above its class's threshold t: the model's own,
+  or 0.5) is wrong with probability 1 - s, one not shown is a missed object with
+  probability s; it is an object with probability s, so the score is
+  sum(wrong) / (sum(s) + 1): expected errors per expected object, the
   +1 a prior object so that an image of a few faint boxes does not outrank everything. It
   does not saturate on dense scenes: a tile of 100 sure animals (0.95) and 5 coin flips
   scores 0.08, one with 50 coin flips 0.25 (top-doubt: 0.55 and 1.0, and on real dense
@@ -45,7 +46,9 @@ import torch
 from .detection.boxes import pairwise_iou
 from .detection.predictor import Predictor
 from .detection.structures import Detections
+from .thresholds import ScoreThresholds
 
+HALF = ScoreThresholds.uniform(0.5, "error-rate's default")
 Method = Literal["error-rate", "top-doubt", "least-confidence", "entropy", "disagreement"]
 METHODS: tuple[Method, ...] = (
     "error-rate", "top-doubt", "least-confidence", "entropy", "disagreement"
@@ -59,9 +62,10 @@ def _doubt(det: Detections) -> torch.Tensor:
     return 2 * torch.minimum(det.scores, 1 - det.scores)
 
 
-def error_rate(det: Detections) -> float:
+def error_rate(det: Detections, thresholds: ScoreThresholds | None = None) -> float:
     s = det.scores.double()
-    return float(torch.minimum(s, 1 - s).sum() / (s.sum() + 1))
+    shown = (thresholds or HALF).offered(det)
+    return float(torch.where(shown, 1 - s, s).sum() / (s.sum() + 1))
 
 
 def least_confidence(det: Detections) -> float:
@@ -100,11 +104,13 @@ def disagreement(a: Detections, b: Detections) -> float:
     return max(0.0, 1.0 - agreement / total)
 
 
-def score(method: Method, detections: Sequence[Detections]) -> float:
+def score(method: Method, detections: Sequence[Detections],
+          thresholds: ScoreThresholds | None = None) -> float:
     """`detections[0]` is what the served model found; `disagreement` also needs
-    `detections[1]`, the branch counterpart's view of the same image."""
+    `detections[1]`, the branch counterpart's view of the same image; `error-rate` counts
+    errors at the thresholds in force (0.5 if not given)."""
     if method == "error-rate":
-        return error_rate(detections[0])
+        return error_rate(detections[0], thresholds)
     if method == "top-doubt":
         return top_doubt(detections[0])
     if method == "least-confidence":

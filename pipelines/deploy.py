@@ -1,7 +1,11 @@
-"""DVC stage `deploy`: put the candidate into the registry and serve it, only if it is not
-worse than the deployed model on the same val images (AP50 >= deployed - tolerance), and
-never automatically when the label set changed (unless `deploy.allow_label_change`): a
-renamed or added class is a decision a person makes, not a metric.
+"""DVC stage `deploy`: put the candidate into the registry and serve it, only if its
+pre-labels save annotators work and it is not worse than the deployed model on the same val
+images, for annotators and for AP: its effort ratio below `deploy.max_effort_ratio` (1.0:
+no cheaper than drawing every box) and at most the deployed model's + `tolerance`, and its
+AP50 at least the deployed model's - `tolerance`. Never automatically when the label set
+changed (unless `deploy.allow_label_change`): a renamed or added class is a decision a
+person makes, not a metric. The deployed version's model.json carries the score thresholds
+`evaluate` chose for it on val, which serving, prelabel and predict then use.
 
 The new version is written atomically (temp dir + rename) with `model.json` lineage (dataset
 hash, training params, git revision, metrics), then `current` is switched; a running
@@ -23,14 +27,26 @@ from .coco import write_json
 from .params import load_params
 
 
+def _effort(metrics: dict[str, Any]) -> float | None:
+    figures = metrics.get("effort")
+    return None if figures is None else float(figures["overall"]["effort_ratio"])
+
+
 def gate(
-    metrics: dict[str, Any], tolerance: float, allow_label_change: bool = False
+    metrics: dict[str, Any], tolerance: float, allow_label_change: bool = False,
+    max_effort_ratio: float = 1.0,
 ) -> tuple[bool, str]:
     deployed = metrics.get("deployed")
-    if deployed is None:
-        return True, "no deployed model to compare with"
-    if deployed.get("is_candidate"):
+    effort = _effort(metrics)
+    if deployed is not None and deployed.get("is_candidate"):
         return False, f"the candidate is deployed already, as {deployed['version']}"
+    if effort is not None and effort >= max_effort_ratio:
+        return False, (f"effort ratio {effort:.3f} is not below deploy.max_effort_ratio "
+                       f"{max_effort_ratio}: its pre-labels would cost annotators as much as "
+                       "drawing every box")
+    if deployed is None:
+        return True, "no deployed model to compare with" + (
+            f" (effort ratio {effort:.3f})" if effort is not None else "")
     compared = (f"AP50 {metrics['ap50']:.4f} vs deployed {deployed['version']} "
                 f"{deployed['ap50']:.4f} on the same val images")
     if deployed.get("label_set_changed"):
@@ -41,10 +57,19 @@ def gate(
             f"candidate: {sorted(metrics.get('per_class_ap', {}))}): not deployed "
             f"automatically ({compared}); set deploy.allow_label_change: true to deploy it"
         )
+    deployed_effort = _effort(deployed)
+    if effort is not None and deployed_effort is not None and (
+        effort > deployed_effort + tolerance
+    ):
+        return False, (f"effort ratio {effort:.3f} > deployed {deployed['version']} "
+                       f"{deployed_effort:.3f} + {tolerance}: annotators would correct more; "
+                       f"keeping {deployed['version']}")
     if metrics["ap50"] >= deployed["ap50"] - tolerance:
+        efforts = ("" if effort is None or deployed_effort is None else
+                   f"; effort ratio {effort:.3f} vs {deployed_effort:.3f}")
         return True, (
             f"AP50 {metrics['ap50']:.4f} >= deployed {deployed['version']} "
-            f"{deployed['ap50']:.4f} - {tolerance}"
+            f"{deployed['ap50']:.4f} - {tolerance}{efforts}"
         )
     return False, (
         f"AP50 {metrics['ap50']:.4f} < deployed {deployed['version']} "
@@ -73,11 +98,13 @@ def main() -> None:
         Path(params.get("evaluate", {}).get("metrics", "metrics.json")).read_text()
     )
     tolerance = float(dp.get("tolerance", 0.0))
-    ok, reason = gate(metrics, tolerance, bool(dp.get("allow_label_change", False)))
+    ok, reason = gate(metrics, tolerance, bool(dp.get("allow_label_change", False)),
+                      float(dp.get("max_effort_ratio", 1.0)))
     decision: dict[str, Any] = {
         "deployed": ok,
         "reason": reason,
         "ap50": metrics["ap50"],
+        "effort_ratio": _effort(metrics),
         "time": time.time(),
     }
     if ok:
@@ -91,6 +118,8 @@ def main() -> None:
             "git_revision": git_revision(),
             "deployed_at": time.time(),
             "previous": registry.current_name(),
+            **({"score_thresholds": metrics["score_thresholds"]}
+               if "score_thresholds" in metrics else {}),
         }
         copy_model_dir(candidate, registry.versions_dir / name, lineage)
         registry.switch(name, reason=f"deploy: {reason}")

@@ -1,11 +1,17 @@
-"""DVC stage `evaluate`: COCO metrics (pycocotools) of the candidate and of the deployed
-model (the one the `deployed` stage's snapshot names) on the val split, each run by its own
-recipe (model.json), as serving runs it; a candidate that is the deployed model already is
-scored once.
+"""DVC stage `evaluate`: COCO metrics (pycocotools) and annotator effort of the candidate
+and of the deployed model (the one the `deployed` stage's snapshot names) on the val split,
+each run by its own recipe (model.json), as serving runs it; a candidate that is the
+deployed model already is scored once.
 
-Writes `metrics.json` (for `dvc metrics diff`: AP, AP50, AP75, AP-small, per-class AP, and
-the deployed model's AP50 on the same images for the deploy gate) and `plots/pr.json`
-(precision-recall at IoU 0.5 per class, for `dvc plots`).
+Annotator effort (backend/effort.py): for each model, the per-class score thresholds that
+leave annotators the fewest corrections on val, and at them the corrections per image, the
+effort ratio (1.0: as costly as drawing every box), precision, recall and the survey counts
+(predicted vs true per class). `deploy` writes the candidate's thresholds into the deployed
+version's model.json, so serving, prelabel and predict offer boxes by them.
+
+Writes `metrics.json` (for `dvc metrics diff` and the deploy gate), `plots/pr.json`
+(precision-recall at IoU 0.5 per class) and `plots/effort.json` (effort ratio against the
+threshold per class), both for `dvc plots`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from backend import effort
 from backend.detection.tiling import TilePlan
 from backend.files import file_sha256
 from backend.imagery.images import load_image
@@ -152,9 +159,30 @@ def _mean_precision(table: np.ndarray) -> float:
     return round(float(valid.mean()), 4) if valid.size else 0.0
 
 
+def effort_figures(val: dict[str, Any], records: list[dict[str, Any]],
+                   settings: effort.EffortSettings
+                   ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """(thresholds chosen on val, effort and counts at them, effort-vs-threshold curve)."""
+    scored = effort.score_coco(val, records, settings)
+    chosen = effort.choose_thresholds(scored, settings)
+    return chosen, effort.report(scored, chosen["per_class"], settings), effort.curve(
+        scored, settings)
+
+
+def _print_effort(version: str, figures: dict[str, Any], chosen: dict[str, Any]) -> None:
+    overall = figures["overall"]
+    thresholds = ", ".join(f"{name} {'not offered' if t >= effort.NOT_OFFERED else t}"
+                           for name, t in chosen["per_class"].items())
+    print(f"evaluate {version}: effort ratio {overall['effort_ratio']:.3f} "
+          f"({overall['corrections_per_image']:.2f} corrections per image; kept "
+          f"{overall['kept']}, deleted {overall['deleted']}, drawn {overall['drawn']}) at "
+          f"thresholds {thresholds}")
+
+
 def main() -> None:
     params = load_params()
     ep = params.get("evaluate", {})
+    settings = effort.EffortSettings.from_params(params.get("effort", {}))
     val = read_coco(Path(params.get("split", {}).get("dir", "data/split")) / "val.json")
     images = Path(params.get("dataset", {}).get("dir", "data/dataset")) / "images"
     if not val["images"]:
@@ -166,8 +194,10 @@ def main() -> None:
     records = detections_for(candidate, val, images, candidate.recipe, device)
     warn_if_capped(records, max_detections, candidate.version)
     metrics, curve = coco_metrics(val, records, max_detections)
-    metrics["images"] = len(val["images"])
-    metrics["deployed"] = None
+    chosen, figures, effort_curve = effort_figures(val, records, settings)
+    _print_effort(candidate.version, figures, chosen)
+    metrics.update(images=len(val["images"]), effort=figures, score_thresholds=chosen,
+                   deployed=None)
     deployed, snapshot = deployed_model(params)
     if deployed is not None:
         is_candidate = snapshot["weights_sha256"] == file_sha256(candidate.weights)
@@ -175,21 +205,28 @@ def main() -> None:
             cap = max(max_detections, detection_cap(setting, deployed, val, deployed.recipe))
             records = detections_for(deployed, val, images, deployed.recipe, device)
             warn_if_capped(records, cap, deployed.version)
-        deployed_metrics = metrics if is_candidate else coco_metrics(val, records, cap)[0]
+            deployed_metrics = coco_metrics(val, records, cap)[0]
+            deployed_chosen, deployed_figures, _ = effort_figures(val, records, settings)
+            _print_effort(snapshot["version"], deployed_figures, deployed_chosen)
+        else:
+            deployed_metrics, deployed_figures, deployed_chosen = metrics, figures, chosen
         metrics["deployed"] = {
             "version": snapshot["version"],
             "ap50": deployed_metrics["ap50"],
             "ap": deployed_metrics["ap"],
+            "effort": deployed_figures,
+            "score_thresholds": deployed_chosen,
             "labels": deployed.labels,
             "label_set_changed": deployed.labels != candidate.labels,
             "is_candidate": is_candidate,  # the candidate is deployed already
         }
     write_json(ep.get("metrics", "metrics.json"), metrics)
     write_json(Path(ep.get("plots", "plots")) / "pr.json", curve)
-    print(
-        f"evaluate: AP50 {metrics['ap50']:.3f} AP {metrics['ap']:.3f} on "
-        f"{len(val['images'])} images; deployed: {metrics['deployed']}"
-    )
+    write_json(Path(ep.get("plots", "plots")) / "effort.json", effort_curve)
+    deployed_line = ("none" if metrics["deployed"] is None else
+                     f"{metrics['deployed']['version']} AP50 {metrics['deployed']['ap50']:.3f}")
+    print(f"evaluate: AP50 {metrics['ap50']:.3f} AP {metrics['ap']:.3f} on "
+          f"{len(val['images'])} images; deployed: {deployed_line}")
 
 
 if __name__ == "__main__":

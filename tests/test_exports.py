@@ -15,10 +15,12 @@ from backend.imagery import counts, geojson, megadetector
 from backend.imagery.exports import Exports
 from backend.predict import run_predict
 from backend.prelabel.sinks import read_results
+from backend.thresholds import ScoreThresholds
 
 from .conftest import D2_FIXTURES, run_predict_cli
 
 LABELS = ["zebra", "gnu"]
+HALF = ScoreThresholds.uniform(0.5, "test")
 
 
 def _records(root) -> list[dict]:
@@ -62,14 +64,14 @@ def test_megadetector_output_has_the_documented_fields(tmp_path):
 
 
 def test_counts_per_image_and_class_with_the_survey_total(tmp_path):
-    rows = counts.table(_records(tmp_path), LABELS, threshold=0.5)
+    rows = counts.table(_records(tmp_path), LABELS, HALF)
     assert rows[0] == ["image", "zebra", "gnu", "total"]
     assert [row[1:] for row in rows[1:]] == [[1, 0, 1], [0, 0, 0], ["", "", ""], [0, 1, 1],
                                              [1, 1, 2]]
     assert rows[3][0].endswith("cut.jpg")  # the unreadable image: listed, no zero count
     assert rows[-1][0] == counts.TOTAL
     # A model without labels still gets a column per class it found.
-    assert counts.table(_records(tmp_path), None, 0.5)[0] == [
+    assert counts.table(_records(tmp_path), None, HALF)[0] == [
         "image", "class0", "class1", "total"]
 
 

@@ -239,6 +239,24 @@ def test_the_gate_refuses_a_worse_model(tmp_path):
     assert gate({"ap50": 0.1, "deployed": None}, 0.01)[0]
 
 
+def _effort(ratio: float) -> dict:
+    return {"overall": {"effort_ratio": ratio}}
+
+
+def test_the_gate_refuses_a_model_worse_for_annotators():
+    """A candidate with better AP but more corrections is refused, as is one whose
+    pre-labels cost as much as drawing every box, with the figures said."""
+    deployed = {"version": "v0003", "ap50": 0.5, "effort": _effort(0.40)}
+    ok, reason = gate({"ap50": 0.6, "effort": _effort(0.55), "deployed": deployed}, 0.01)
+    assert not ok and "effort ratio 0.550 > deployed v0003 0.400" in reason
+    assert gate({"ap50": 0.6, "effort": _effort(0.405), "deployed": deployed}, 0.01)[0]
+    ok, reason = gate({"ap50": 0.9, "effort": _effort(1.0), "deployed": None}, 0.01)
+    assert not ok and "not below deploy.max_effort_ratio 1.0" in reason
+    assert gate({"ap50": 0.9, "effort": _effort(0.9), "deployed": None}, 0.01)[0]
+    assert not gate({"ap50": 0.9, "effort": _effort(0.9), "deployed": None}, 0.01,
+                    max_effort_ratio=0.8)[0]
+
+
 def test_deploy_stage_leaves_the_registry_alone_for_a_worse_model(loop, tmp_path):
     checkout, env = loop["dir"], loop["env"]
     registry = Registry(checkout / "models/registry")

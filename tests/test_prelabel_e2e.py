@@ -24,6 +24,7 @@ from backend.registry import Registry
 from backend.serving.label_config import parse_label_config
 from backend.serving.results import rectangle_results
 from backend.synthetic import png_bytes, survey_scene
+from backend.thresholds import ScoreThresholds
 from backend.uncertainty import entropy
 
 from .conftest import REPO
@@ -73,7 +74,8 @@ def test_prelabel_imports_predictions_through_an_outage(project, label_studio, m
         (prediction,) = _tasks(project)[name]["predictions"]
         image = load_image(data)
         det = predictor.detect(image, TilingOptions(tile_size=320))
-        expected = rectangle_results(det, image.shape[1], image.shape[0], control, class_map, 0.5)
+        expected = rectangle_results(det, image.shape[1], image.shape[0], control, class_map,
+                                     ScoreThresholds.uniform(0.5, "test"))
         assert prediction["model_version"] == "pool-v1"
         assert prediction["score"] == pytest.approx(entropy(det), rel=1e-5)
         assert [r["value"]["rectanglelabels"] for r in prediction["result"]] == [

@@ -4,7 +4,16 @@ detections with `class_id`), as the output formats read them."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
+
+
+class Thresholds(Protocol):
+    """The score a detection of a class needs to count (backend.thresholds.ScoreThresholds),
+    and the one number for formats that hold one."""
+
+    fallback: float
+
+    def of(self, class_id: int) -> float: ...
 
 
 def class_names(labels: list[str] | None, records: Sequence[dict[str, Any]]) -> list[str]:

@@ -36,6 +36,7 @@ from ..registry import Registry
 from ..serving.label_config import parse_label_config, read_mapping
 from ..serving.media import MediaSettings
 from ..serving.results import prediction, rectangle_results, validate
+from ..thresholds import ScoreThresholds
 from .sinks import JsonLinesSink, PredictionImporter, read_results
 from .sources import FileLoader, Item, TaskLoader, image_files, project_tasks
 from .stream import ImageResult, detect_stream
@@ -47,6 +48,7 @@ class Destination(Protocol):
     """One mode of the job: what is left to do, how an item loads, where a result goes."""
 
     load: Callable[[Item], np.ndarray]
+    thresholds: ScoreThresholds  # what annotators are offered; error-rate counts by them
 
     def todo(self) -> tuple[list[Item], int]: ...
 
@@ -79,7 +81,8 @@ class Report:
 class LabelStudioProject:
     """Predictions imported into a project, one per task, tagged with the model version."""
 
-    def __init__(self, args: argparse.Namespace, version: str, labels: list[str]) -> None:
+    def __init__(self, args: argparse.Namespace, version: str, labels: list[str],
+                 thresholds: ScoreThresholds) -> None:
         from label_studio_sdk import LabelStudio
 
         url, key = os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY")
@@ -88,6 +91,9 @@ class LabelStudioProject:
         self.client = LabelStudio(base_url=url, api_key=key)
         self.args = args
         self.version = version
+        self.thresholds = thresholds.resolve(args.score_threshold, "--score-threshold")
+        log.info("prelabel: boxes offered from score thresholds %s",
+                 self.thresholds.describe(labels))
         self.project = args.project
         config = parse_label_config(self.client.projects.get(id=self.project).label_config)
         self.config = config
@@ -117,7 +123,7 @@ class LabelStudioProject:
         regions = []
         for control, class_map in self.usable:
             regions += rectangle_results(
-                det, width, height, control, class_map, self.args.score_threshold
+                det, width, height, control, class_map, self.thresholds
             )
         validate(regions, self.config)
         assert item.task_id is not None
@@ -130,12 +136,16 @@ class LabelStudioProject:
 class ResultFiles:
     """JSON Lines (and optionally COCO) results for image files anywhere fsspec reaches."""
 
-    def __init__(self, args: argparse.Namespace, version: str, labels: list[str] | None) -> None:
+    def __init__(self, args: argparse.Namespace, version: str, labels: list[str] | None,
+                 thresholds: ScoreThresholds) -> None:
         if args.output is None:
             raise ValueError("--images needs --output FILE.jsonl (it is also the progress file)")
         self.pattern = args.images
-        self.exports = Exports(args.megadetector, args.counts, args.count_threshold,
-                               args.geojson, args.coco)
+        self.thresholds = thresholds
+        counting = thresholds.resolve(args.count_threshold, "--count-threshold")
+        if args.counts or args.megadetector:
+            log.info("prelabel: counting from score thresholds %s", counting.describe(labels))
+        self.exports = Exports(args.megadetector, args.counts, counting, args.geojson, args.coco)
         self.version = version
         self.labels = labels
         self.sink = JsonLinesSink(args.output)
@@ -188,9 +198,9 @@ def run_prelabel(args: argparse.Namespace, recipe: RecipeOverrides) -> int:
     tiling = recipe.apply(model.recipe, version)
     labels = model.labels or []
     destination: Destination = (
-        LabelStudioProject(args, version, labels)
+        LabelStudioProject(args, version, labels, model.thresholds)
         if args.project is not None
-        else ResultFiles(args, version, model.labels)
+        else ResultFiles(args, version, model.labels, model.thresholds)
     )
     items, already = destination.todo()
     if args.limit is not None:
@@ -278,7 +288,7 @@ def _record(
                               "error": result.error})
         destination.fail(result.item, result.error)
         return
-    score = uncertainty.score(method, result.detections)
+    score = uncertainty.score(method, result.detections, destination.thresholds)
     destination.save(result.item, result.detections[0], result.height, result.width, score)
     report.done += 1
     report.tiles += result.crops

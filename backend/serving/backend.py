@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import uncertainty
 from ..imagery.images import DEFAULT_MAX_PIXELS, DEFAULT_SCALING, PixelScaling, load_image
+from ..thresholds import ScoreThresholds
 from .auth import BasicAuth
 from .inference_queue import InferenceQueue, QueueFull
 from .jobs import TrainingJobs
@@ -40,7 +41,7 @@ Usable = list[tuple[RectangleControl, dict[int, str]]]
 
 @dataclass
 class ServerSettings:
-    score_threshold: float = 0.5
+    score_threshold: float | None = None  # one for every class; None: the model's own
     label_mapping: dict[str, str] | None = None
     max_request_bytes: int = 32 * 1024**2
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -56,7 +57,8 @@ class ServerSettings:
     max_configs: int = 64  # parsed label configs kept
 
     def __post_init__(self) -> None:
-        check_threshold(self.score_threshold, "--score-threshold")
+        if self.score_threshold is not None:
+            check_threshold(self.score_threshold, "--score-threshold")
         if self.request_deadline <= 0 or self.tasks_in_flight_per_request < 1:
             raise ValueError("the request deadline and tasks in flight must be positive")
 
@@ -151,7 +153,8 @@ class Backend:
             while len(self._projects) > self.settings.max_projects:
                 self._projects.popitem(last=False)
         controls = [c.from_name for c, _ in usable]
-        log.info("setup project %s: controls %s, threshold %s", project, controls, threshold)
+        log.info("setup project %s: controls %s, score thresholds %s", project, controls,
+                 self._thresholds(model, threshold, project).describe(model.labels))
         return {"model_version": model.version}
 
     def _usable(self, config: LabelConfig, model: LoadedModel) -> Usable:
@@ -181,13 +184,9 @@ class Backend:
         model = self.models.get()
         config = self.label_config(schema)
         usable = self._usable(config, model)
-        threshold = (
-            self.settings.score_threshold
-            if state.score_threshold is None
-            else state.score_threshold
-        )
+        thresholds = self._thresholds(model, state.score_threshold, project)
         run = _RequestRun(self, tasks, lambda t: self._predict_task(
-            t, model, config, usable, threshold, deadline))
+            t, model, config, usable, thresholds, deadline))
         results = run.wait(deadline)
         if run.busy:
             raise HTTPError(503, "the inference queue is full; retry shortly",
@@ -195,13 +194,21 @@ class Backend:
         empty = prediction([], model.version, 0.0)
         return {"results": [r if r is not None else empty for r in results]}
 
+    def _thresholds(self, model: LoadedModel, project_threshold: float | None,
+                    project: str) -> ScoreThresholds:
+        """The project's extra_params.score_threshold, else --score-threshold, else the
+        model's own (chosen on validation)."""
+        return model.thresholds.resolve(self.settings.score_threshold, "--score-threshold"
+                                        ).resolve(project_threshold,
+                                                  f"project {project}'s extra_params")
+
     def _predict_task(
         self,
         task: Any,
         model: LoadedModel,
         config: LabelConfig,
         usable: Usable,
-        threshold: float,
+        thresholds: ScoreThresholds,
         deadline: float,
     ) -> dict[str, Any]:
         task_id = _task_id(task)
@@ -216,10 +223,11 @@ class Backend:
                 if key not in detections:
                     detections[key] = self._detect(data.get(key), task_id, model, deadline)
                 det, width, height = detections[key]
-                regions += rectangle_results(det, width, height, control, class_map, threshold)
+                regions += rectangle_results(det, width, height, control, class_map, thresholds)
             validate(regions, config)
             method = self.settings.uncertainty
-            score = max(uncertainty.score(method, [det]) for det, _, _ in detections.values())
+            score = max(uncertainty.score(method, [det], thresholds)
+                        for det, _, _ in detections.values())
             return prediction(regions, model.version, score)
         except QueueFull as exc:
             raise _Busy from exc

@@ -21,6 +21,7 @@ from ..detection.tiling import TilingOptions
 from ..model_dir import ModelDir
 from ..recipe import RecipeOverrides
 from ..registry import Registry
+from ..thresholds import ScoreThresholds
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class LoadedModel:
     predictor: Predictor
     labels: list[str]
     tiling: TilingOptions | None  # None: each image whole
+    thresholds: ScoreThresholds
 
 
 class ModelSource:
@@ -82,8 +84,10 @@ class ModelSource:
         predictor = model_dir.predictor(self.overrides, **self.predictor_kwargs)
         version = name or model_dir.version
         tiling = self.recipe_overrides.apply(model_dir.recipe, version)
-        log.info("serving model %s from %s", version, model_dir.path)
-        return LoadedModel(version, predictor, model_dir.labels, tiling)
+        thresholds = model_dir.thresholds
+        log.info("serving model %s from %s; score thresholds %s", version, model_dir.path,
+                 thresholds.describe(model_dir.labels))
+        return LoadedModel(version, predictor, model_dir.labels, tiling, thresholds)
 
     def current(self) -> LoadedModel:
         """The model being served, without looking at the registry: never blocks, so the

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..detection.structures import Detections
+from ..thresholds import ScoreThresholds
 from .label_config import LabelConfig, RectangleControl
 
 _EPS = 1e-6
@@ -44,14 +45,15 @@ def rectangle_results(
     height: int,
     control: RectangleControl,
     class_map: dict[int, str],
-    score_threshold: float,
+    thresholds: ScoreThresholds,
 ) -> list[dict[str, Any]]:
-    """One region per detection of a mapped class at or above the threshold, best first."""
+    """One region per detection of a mapped class at or above its class's threshold, best
+    first."""
     results = []
     for box, score, cls in zip(det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(),
                                strict=True):
         label = class_map.get(int(cls))
-        if label is None or score < score_threshold:
+        if label is None or score < thresholds.of(int(cls)):
             continue
         region = rectangle_region(box, label, width, height, control.from_name, control.to_name)
         results.append({**region, "score": float(score)})
