@@ -376,6 +376,26 @@ def build_parser() -> argparse.ArgumentParser:
     versions = sub.add_parser("versions", help="list a registry's versions")
     versions.add_argument("--registry", type=Path, required=True)
 
+    calibrate = sub.add_parser(
+        "calibrate", help="choose a model's score thresholds on labelled data (annotator "
+        "effort) and write them into its model.json")
+    calibrate.add_argument("--model", type=Path, required=True, help="the model directory")
+    data = calibrate.add_mutually_exclusive_group(required=True)
+    data.add_argument("--coco", type=Path, help="a COCO file of labelled images")
+    data.add_argument("--project", type=int, help="a Label Studio project's accepted "
+                      "annotations (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)")
+    calibrate.add_argument("--images", type=Path, help="--coco: the folder its file_names are in")
+    calibrate.add_argument("--work-dir", type=Path, default=Path(".tridentloop/calibrate"),
+                           help="--project: where its images are cached")
+    calibrate.add_argument("--device", default="auto")
+    calibrate.add_argument("--iou", type=float, default=0.5,
+                           help="how well a kept pre-label matches a true box")
+    calibrate.add_argument("--delete-cost", type=float, default=1.0,
+                           help="a deletion's cost against a drawing's (--draw-cost)")
+    calibrate.add_argument("--draw-cost", type=float, default=1.0)
+    calibrate.add_argument("--min-boxes", type=int, default=10,
+                           help="a class with fewer labelled boxes takes the pooled threshold")
+
     init = sub.add_parser(
         "init", help="a new git + DVC checkout of the loop for a Label Studio project")
     init.add_argument("dir", type=Path, help="the checkout to create (new or empty)")
@@ -652,6 +672,18 @@ def _versions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from pipelines.calibrate import main as calibrate
+
+    from .effort import EffortSettings
+
+    if args.coco is not None and args.images is None:
+        raise ValueError("--coco needs --images, the folder its images are in")
+    settings = EffortSettings(args.iou, args.delete_cost, args.draw_cost, args.min_boxes)
+    return calibrate(args.model, args.coco, args.images, args.project, args.work_dir,
+                     args.device, settings)
+
+
 def _init(args: argparse.Namespace) -> int:
     import yaml
 
@@ -697,6 +729,7 @@ COMMANDS = {
     "versions": _versions,
     "demo": _demo,
     "init": _init,
+    "calibrate": _calibrate,
 }
 
 if __name__ == "__main__":

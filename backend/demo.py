@@ -5,10 +5,14 @@ ground, larger than one tile). Each round adds new images; from round 2 on, our 
 pre-labels them through Label Studio's "Retrieve predictions"; a scripted annotator keeps
 the pre-labels that match the generated ground truth, fixes the rest, and submits; then
 `dvc repro` exports the accepted labels, retrains from the deployed model, evaluates, and
-redeploys if the model is not worse. The backend hot-reloads each new version.
+redeploys if the model is not worse for annotators and for AP. The backend hot-reloads each
+new version and offers boxes by the score thresholds `evaluate` chose for it on val.
 
-Prints a table per round and ends with one JSON line `{"rounds": [...]}`; every server it
-started is stopped before it returns.
+What annotators feel is counted per round: the annotator's corrections (pre-labels deleted
+plus animals drawn) per image, and their effort ratio, corrections over the animals there
+(1.0: as costly as drawing every box from scratch, as in round 1). Prints a table per round
+and ends with one JSON line `{"rounds": [...]}`; every server it started is stopped before
+it returns.
 """
 
 from __future__ import annotations
@@ -133,7 +137,8 @@ def run_demo(args: argparse.Namespace) -> int:
                 backend_url = _start_backend(
                     stack, registry, loop_dir, out, args, ls, project.id, ls_server
                 )
-            offered = kept_total = 0
+            offered = kept_total = objects = 0
+            served = _served_thresholds(registry) if backend_url is not None else "none"
             if backend_url is not None:
                 ls.actions.create(
                     id="retrieve_tasks_predictions",
@@ -145,6 +150,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 result, kept = review(predicted, scenes[name])
                 offered += len(predicted)
                 kept_total += kept
+                objects += len(scenes[name].boxes)
                 ls.annotations.create(id=task_id, result=result, was_cancelled=False)
             print(
                 f"round {round_no}: {len(names)} new images; {offered} pre-labels offered, "
@@ -154,13 +160,15 @@ def run_demo(args: argparse.Namespace) -> int:
             log = out / f"round{round_no}-dvc-repro.log"
             if _dvc_repro(loop_dir, env, log) != 0:
                 raise RuntimeError(f"dvc repro failed in round {round_no}; see {log}")
-            row = _round_row(round_no, loop_dir, registry, offered, kept_total)
-            row["ap50"] = _held_out_ap50(registry, held_out, args.device)
+            row = _round_row(round_no, loop_dir, registry, offered, kept_total, objects,
+                             len(names), served)
+            row["ap50"] = (_held_out_ap50(registry, held_out, args.device)
+                           if registry.current_name() else 0.0)  # nothing deployed yet
             rounds.append(row)
             _print_table(rounds)
-    summary = {
-        "rounds": [{k: r[k] for k in ("round", "model_version", "labels", "ap50")} for r in rounds]
-    }
+    fields = ("round", "model_version", "labels", "ap50", "objects", "pre_labels_offered",
+              "pre_labels_kept", "corrections", "effort_ratio")
+    summary = {"rounds": [{k: r[k] for k in fields} for r in rounds]}
     (out / "summary.json").write_text(
         json.dumps(
             {**summary, "details": rounds, "seconds": round(time.perf_counter() - started)},
@@ -192,7 +200,7 @@ def _start_backend(
             )
         ),
         TrainingJobs("dvc repro", loop_dir, out / "jobs"),
-        ServerSettings(score_threshold=0.5),
+        ServerSettings(),  # boxes offered by each version's own thresholds
     )
     url = stack.enter_context(serve_in_thread(backend))
     ls.ml.create(project=project, url=url, title="tridentloop")
@@ -222,23 +230,40 @@ def _held_out_ap50(registry: Registry, held_out: dict[str, Any], device: str) ->
     return coco_metrics(held_out["coco"], records)[0]["ap50"]
 
 
+def _served_thresholds(registry: Registry) -> str:
+    model = registry.current()
+    thresholds = model.thresholds
+    if not thresholds.by_class:
+        return f"{thresholds.fallback:g}"
+    return " ".join(f"{name[:1]}{'-' if t > 1 else f'{t:.2f}'}"
+                    for name, t in zip(model.labels or [], thresholds.by_class, strict=False))
+
+
 def _round_row(
-    round_no: int, loop_dir: Path, registry: Registry, offered: int, kept: int
+    round_no: int, loop_dir: Path, registry: Registry, offered: int, kept: int, objects: int,
+    images: int, served: str,
 ) -> dict[str, Any]:
     manifest = json.loads((loop_dir / "data/dataset/manifest.json").read_text())
     metrics = json.loads((loop_dir / "metrics.json").read_text())
     decision = json.loads((loop_dir / "deploy.json").read_text())
-    val_ap50 = metrics["ap50"] if decision["deployed"] else metrics["deployed"]["ap50"]
+    deployed = metrics["deployed"]
+    val_ap50 = metrics["ap50"] if decision["deployed"] or deployed is None else deployed["ap50"]
     return {
         "round": round_no,
-        "model_version": registry.current_name(),
+        "model_version": registry.current_name() or "-",
         "labels": manifest["boxes"],
         "images": manifest["images"],
         "val_ap50": val_ap50,
         "candidate_ap50": metrics["ap50"],
         "deployed": decision["deployed"],
+        "objects": objects,
         "pre_labels_offered": offered,
         "pre_labels_kept": kept,
+        # the annotator deleted every other pre-label and drew every animal not kept
+        "corrections": (offered - kept) + (objects - kept),
+        "corrections_per_image": round(((offered - kept) + (objects - kept)) / images, 2),
+        "effort_ratio": round(((offered - kept) + (objects - kept)) / max(objects, 1), 3),
+        "served_thresholds": served,
     }
 
 
@@ -261,15 +286,18 @@ def _dvc_repro(loop_dir: Path, env: dict[str, str], log: Path) -> int:
 
 
 def _print_table(rounds: list[dict[str, Any]]) -> None:
+    """One row per round: data, model, AP, and what the round's annotator went through with
+    the pre-labels served then (thresholds: each class's first letter, '-' not offered)."""
     print(
-        f"\n{'round':>5} {'images':>7} {'accepted labels':>16} {'model':>7} "
-        f"{'AP50 held-out':>14} {'AP50 dvc val':>13} {'pre-labels offered':>19} "
-        f"{'kept unchanged':>15}"
+        f"\n{'round':>5} {'images':>7} {'labels':>7} {'model':>7} {'AP50 held-out':>14} "
+        f"{'AP50 val':>9} {'offered':>8} {'kept':>5} {'corrections/img':>16} "
+        f"{'effort ratio':>13}  served thresholds"
     )
     for r in rounds:
         print(
-            f"{r['round']:>5} {r['images']:>7} {r['labels']:>16} {r['model_version']:>7} "
-            f"{r['ap50']:>14.3f} {r['val_ap50']:>13.3f} {r['pre_labels_offered']:>19} "
-            f"{r['pre_labels_kept']:>15}"
+            f"{r['round']:>5} {r['images']:>7} {r['labels']:>7} {r['model_version']:>7} "
+            f"{r['ap50']:>14.3f} {r['val_ap50']:>9.3f} {r['pre_labels_offered']:>8} "
+            f"{r['pre_labels_kept']:>5} {r['corrections_per_image']:>16.2f} "
+            f"{r['effort_ratio']:>13.3f}  {r['served_thresholds']}"
         )
     print(flush=True)

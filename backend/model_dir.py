@@ -22,7 +22,7 @@ from .detection.checkpoint import read_state_dict
 from .detection.config import DetectorConfig, config_from_yaml_text, dump_config, load_config
 from .detection.predictor import Predictor
 from .detection.tiling import TilingOptions
-from .files import file_sha256
+from .files import file_sha256, write_atomically
 from .recipe import Recipe, describe, parse_recipe, recipe_json
 from .thresholds import ScoreThresholds
 
@@ -72,6 +72,13 @@ class ModelDir:
     @property
     def weights(self) -> Path:
         return self.path / WEIGHTS_FILE
+
+    def update_metadata(self, updates: dict[str, Any]) -> None:
+        """Merge `updates` into model.json, written atomically (the weights are untouched,
+        so their SHA-256 still names them)."""
+        self.metadata = {**self.metadata, **updates}
+        write_atomically(self.path / METADATA_FILE,
+                         json.dumps(self.metadata, indent=2, sort_keys=True) + "\n")
 
     @property
     def thresholds(self) -> ScoreThresholds:

@@ -170,26 +170,19 @@ class ImageStore:
         write_json(self.index_path, dict(sorted(self.kept.items(), key=lambda kv: int(kv[0]))))
 
 
-def main() -> None:
-    params = load_params()
-    ls_params = params.get("labelstudio", {})
-    out = Path(params.get("dataset", {}).get("dir", "data/dataset"))
-    url, api_key, project_id = label_studio_target(params, "export")
-    from label_studio_sdk import LabelStudio
-
-    client = LabelStudio(base_url=url, api_key=api_key)
+def export_project(
+    client: Any, project_id: int, out: Path, media: MediaFetcher, only_gt: bool = False,
+    split_field: str = "split", refetch: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(COCO annotations, manifest) of a project's accepted tasks, their images stored in
+    `out/images` (fetched only when new or changed); fails when nothing is accepted yet."""
     project = client.projects.get(id=project_id)
     try:
         control = parse_label_config(project.label_config).controls[0]
     except LabelConfigError as exc:
         fail(f"project {project_id}: {exc}")
     categories = {name: i for i, name in enumerate(control.labels)}
-    media = MediaFetcher(MediaSettings(label_studio_url=url, api_key=api_key))
-    only_gt = bool(ls_params.get("only_ground_truth", False))
-    split_field = params.get("dataset", {}).get("split_field", "split")
-
-    store = ImageStore(out / "images", media,
-                       bool(params.get("dataset", {}).get("refetch_images", False)))
+    store = ImageStore(out / "images", media, refetch)
     coco: dict[str, Any] = {
         "images": [],
         "annotations": [],
@@ -237,28 +230,23 @@ def main() -> None:
     ):
         ann["id"] = i
     coco["annotations"].sort(key=lambda a: a["id"])
-    write_json(out / "annotations.json", coco)
     store.commit()
     counts = {name: 0 for name in categories}
     for ann in coco["annotations"]:
         counts[control.labels[ann["category_id"]]] += 1
-    write_json(
-        out / "manifest.json",
-        {
-            "project": project_id,
-            "label_studio": url,
-            "snapshot_time": time.time(),
-            "images": len(coco["images"]),
-            "boxes": len(coco["annotations"]),
-            "boxes_per_class": counts,
-            "images_fetched": store.fetched,
-            "images_reused": store.reused,
-            "fetched_bytes": store.fetched_bytes,
-            "skipped": skipped,
-            "dropped_regions": dict(sorted(dropped.items())),
-            "only_ground_truth": only_gt,
-        },
-    )
+    manifest = {
+        "project": project_id,
+        "snapshot_time": time.time(),
+        "images": len(coco["images"]),
+        "boxes": len(coco["annotations"]),
+        "boxes_per_class": counts,
+        "images_fetched": store.fetched,
+        "images_reused": store.reused,
+        "fetched_bytes": store.fetched_bytes,
+        "skipped": skipped,
+        "dropped_regions": dict(sorted(dropped.items())),
+        "only_ground_truth": only_gt,
+    }
     print(
         f"exported {len(coco['images'])} images, {len(coco['annotations'])} boxes "
         f"{counts}; skipped {len(skipped)}; fetched {store.fetched} new or changed image(s) "
@@ -266,6 +254,25 @@ def main() -> None:
     )
     for why, count in sorted(dropped.items()):
         print(f"warning: {count} region(s) left out of the dataset: {why}")
+    return coco, manifest
+
+
+def main() -> None:
+    params = load_params()
+    ls_params = params.get("labelstudio", {})
+    dataset = params.get("dataset", {})
+    out = Path(dataset.get("dir", "data/dataset"))
+    url, api_key, project_id = label_studio_target(params, "export")
+    from label_studio_sdk import LabelStudio
+
+    coco, manifest = export_project(
+        LabelStudio(base_url=url, api_key=api_key), project_id, out,
+        MediaFetcher(MediaSettings(label_studio_url=url, api_key=api_key)),
+        bool(ls_params.get("only_ground_truth", False)), dataset.get("split_field", "split"),
+        bool(dataset.get("refetch_images", False)),
+    )
+    write_json(out / "annotations.json", coco)
+    write_json(out / "manifest.json", {**manifest, "label_studio": url})
 
 
 if __name__ == "__main__":
