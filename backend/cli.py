@@ -267,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
         "0.5 for a model without); a project's /setup extra_params.score_threshold wins",
     )
     serve.add_argument(
+        "--interactive-threshold", type=float, default=0.2,
+        help="score from which smart-tool answers (a drawn region, a click) are suggested; "
+        "lower than pre-labels': the annotator asked (default: %(default)s)",
+    )
+    serve.add_argument(
         "--label-mapping", type=Path, help='JSON {"model class": "Label Studio label"}'
     )
     serve.add_argument(

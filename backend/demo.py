@@ -267,7 +267,7 @@ def _round_row(
     }
 
 
-_SHOWN = ("Running stage", "exported ", "train:", "evaluate:", "deploy", "select:")
+_SHOWN = ("Running stage", "exported ", "train:", "evaluate", "deploy", "select:")
 
 
 def _dvc_repro(loop_dir: Path, env: dict[str, str], log: Path) -> int:

@@ -395,3 +395,109 @@ def test_serve_takes_config_overrides_and_a_value_range(tmp_path):
     assert list(backend.settings.scaling.value_range) == [0, 4095]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--model", str(model), "--opt", "NO_EQUALS"])
+
+
+def _smart(kind: str, value: dict, **extra) -> dict:
+    return {"id": "prompt1", "type": kind, "from_name": "label", "to_name": "image",
+            "origin": "manual", "original_width": 640, "original_height": 480,
+            "image_rotation": 0, "value": value, **extra}
+
+
+def _ask(world, *items) -> httpx.Response:
+    """A smart-tool request as Label Studio's interactive-annotating endpoint sends it."""
+    body = {"tasks": [task(5, str(world["images"] / "small.png"))], "project": "7.1795377860",
+            "label_config": CONFIG,
+            "params": {"login": None, "password": None, "context": {"result": list(items)}}}
+    with client(world) as c:
+        return c.post("/predict", json=body)
+
+
+def _best_batch_region(world) -> dict:
+    answer = predict(world, [task(5, str(world["images"] / "small.png"))]).json()
+    return max(answer["results"][0]["result"], key=lambda r: r["score"])
+
+
+def test_a_smart_rectangle_gets_the_boxes_centred_in_it_with_fresh_ids(world):
+    best = _best_batch_region(world)["value"]
+    x, y = max(0.0, best["x"] - 10), max(0.0, best["y"] - 10)
+    w, h = min(100 - x, best["width"] + 20), min(100 - y, best["height"] + 20)
+    answer = _ask(world, _smart("rectanglelabels", {"x": x, "y": y, "width": w, "height": h,
+                                                    "rotation": 0, "rectanglelabels": []}))
+    assert answer.status_code == 200
+    (result,) = answer.json()["results"]
+    regions = result["result"]
+    assert regions and result["model_version"] in ("v1", "v2")
+    for region in regions:
+        v = region["value"]
+        cx, cy = v["x"] + v["width"] / 2, v["y"] + v["height"] / 2
+        assert x <= cx <= x + w and y <= cy <= y + h
+        assert (region["from_name"], region["to_name"]) == ("label", "image")
+        assert v["rectanglelabels"][0] in ("Elephant", "Zebra", "Avian")
+    ids = [r["id"] for r in regions]
+    assert len(set(ids)) == len(ids) and "prompt1" not in ids
+    restricted = _ask(world, _smart("rectanglelabels", {
+        "x": x, "y": y, "width": w, "height": h, "rectanglelabels": ["Zebra"]})).json()
+    assert {r["value"]["rectanglelabels"][0] for r in restricted["results"][0]["result"]} <= {
+        "Zebra"}
+
+
+def test_a_click_boxes_the_one_animal_under_it_and_an_alt_click_excludes(world):
+    best = _best_batch_region(world)["value"]
+    cx, cy = best["x"] + best["width"] / 2, best["y"] + best["height"] / 2
+    point = {"x": cx, "y": cy, "width": 0.5, "keypointlabels": [], "labels": []}
+    (result,) = _ask(world, _smart("keypointlabels", point, is_positive=True)).json()["results"]
+    (region,) = result["result"]
+    v = region["value"]
+    assert v["x"] <= cx <= v["x"] + v["width"] and v["y"] <= cy <= v["y"] + v["height"]
+    assert region["type"] == "rectanglelabels" and region["from_name"] == "label"
+    excluded = _ask(world, _smart("keypointlabels", {**point, "x": 99.5, "y": 99.5},
+                                  is_positive=True),
+                    _smart("keypointlabels", point, is_positive=False)).json()
+    for region in excluded["results"][0]["result"]:  # nothing under the excluded point
+        v = region["value"]
+        assert not (v["x"] <= cx <= v["x"] + v["width"] and v["y"] <= cy <= v["y"] + v["height"])
+
+
+@pytest.mark.parametrize(("context", "message"), [
+    ({"result": [_smart("polygonlabels", {"x": 1, "y": 1, "points": []})]}, "smart tools here"),
+    ({"result": [_smart("rectanglelabels", {"x": 150, "y": 1, "width": 5, "height": 5})]},
+     "outside 0-100"),
+    ({"result": [_smart("keypointlabels", {"x": float("nan"), "y": 1})]}, "outside 0-100"),
+    ({"result": [_smart("keypointlabels", {"x": 1, "y": 1})] * 65}, "1 to 64 expected"),
+    ({"results": []}, "needs a 'result' list"),
+    ({"result": [_smart("rectanglelabels", {"x": 1, "y": 1, "width": "wide", "height": 5})]},
+     "not a number"),
+])
+def test_a_context_that_does_not_parse_is_a_400_naming_the_problem(world, context, message):
+    body = {"tasks": [task(5, str(world["images"] / "small.png"))], "project": "7.1",
+            "label_config": CONFIG, "params": {"context": context}}
+    with client(world) as c:
+        answer = c.post("/predict", content=json.dumps(body))
+    assert answer.status_code == 400 and message in answer.json()["error"]
+
+
+def test_smart_tool_work_jumps_the_queue_ahead_of_batch_work(fixture_image):
+    """Batch images wait behind an interactive one submitted after them."""
+    from backend.detection.predictor import Predictor
+    from backend.serving.inference_queue import InferenceQueue
+
+    from .conftest import fixture_dir, fixture_weights, held_batches
+
+    name = "faster_rcnn_R_50_FPN_1x"
+    predictor = Predictor.from_files(fixture_dir(name) / "config.yaml", fixture_weights(name),
+                                     device="cpu")
+    photo = np.ascontiguousarray(fixture_image[:320, :320])
+    queue = InferenceQueue(max_batch=1)
+    finished: list[str] = []
+    with held_batches(predictor) as (gate, _):
+        first = queue.submit(predictor, photo, None)  # on the device, held at the gate
+        time.sleep(0.5)
+        batch = [queue.submit(predictor, photo, None) for _ in range(3)]
+        urgent = queue.submit(predictor, photo, None, urgent=True)
+        for label, future in [("batch", f) for f in batch] + [("urgent", urgent)]:
+            future.add_done_callback(lambda _, label=label: finished.append(label))
+        gate.set()
+        for future in [first, *batch, urgent]:
+            future.result(timeout=120)
+    queue.close()
+    assert finished[0] == "urgent"

@@ -246,3 +246,53 @@ def test_image_bytes_reach_the_backend_through_label_studio_auth(stack):
     log = (stack["root"] / "backend.log").read_text()
     assert "/api/token/refresh/" in log
     assert "/data/upload/" in log
+
+
+def _interactive(stack, task_id: int, item: dict) -> tuple[dict, float]:
+    """Label Studio's interactive-annotating endpoint, as the labeling page calls it when a
+    smart region is drawn; (its answer, seconds)."""
+    ls_url, token = stack["label_studio"].url, stack["label_studio"].token
+    started = time.monotonic()
+    answer = httpx.post(f"{ls_url}/api/ml/{stack['ml']}/interactive-annotating",
+                        json={"task": task_id, "context": {"result": [item]}},
+                        headers={"Authorization": f"Token {token}"}, timeout=120)
+    seconds = time.monotonic() - started
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert "errors" not in body, body
+    return body["data"], seconds
+
+
+def test_smart_tools_through_label_studio_are_answered_about_the_spot(stack):
+    """The backend connected as interactive: a smart rectangle around some animals gets
+    boxes centred in it, fresh ids; a click on one animal gets exactly one box around it;
+    batch pre-annotation ("Retrieve predictions", tested above) is unchanged."""
+    ls, names = stack["ls"], _task_image_names(stack)
+    ls.ml.update(id=stack["ml"], is_interactive=True)
+    task_id = next(t for t, n in names.items() if n == "a.png")
+    version = stack["registry"].current_name()
+    best = max(_engine_regions(stack, stack["images"]["a.png"], version), key=lambda r: r["score"])
+    x, y, w, h = best["box"]
+    rect = {"x": max(0.0, x - 8), "y": max(0.0, y - 8), "width": min(100 - max(0.0, x - 8), w + 16),
+            "height": min(100 - max(0.0, y - 8), h + 16), "rotation": 0, "rectanglelabels": []}
+    item = {"id": "drawn1", "type": "rectanglelabels", "from_name": "label", "to_name": "image",
+            "origin": "manual", "original_width": 640, "original_height": 480,
+            "image_rotation": 0, "value": rect}
+    data, seconds = _interactive(stack, task_id, item)
+    assert data["result"], "the smart rectangle got no box"
+    for region in data["result"]:
+        v = region["value"]
+        cx, cy = v["x"] + v["width"] / 2, v["y"] + v["height"] / 2
+        assert rect["x"] <= cx <= rect["x"] + rect["width"]
+        assert rect["y"] <= cy <= rect["y"] + rect["height"]
+        assert region["id"] != "drawn1"
+    assert len({r["id"] for r in data["result"]}) == len(data["result"])
+    cx, cy = x + w / 2, y + h / 2
+    click = {**item, "id": "click1", "type": "keypointlabels", "is_positive": True,
+             "value": {"x": cx, "y": cy, "width": 0.6, "keypointlabels": [], "labels": []}}
+    data, click_seconds = _interactive(stack, task_id, click)
+    (box,) = data["result"]
+    v = box["value"]
+    assert v["x"] <= cx <= v["x"] + v["width"] and v["y"] <= cy <= v["y"] + v["height"]
+    print(f"through Label Studio on CPU: smart rectangle {seconds:.2f} s (first: decode and "
+          f"the normal pass), click {click_seconds:.2f} s (cached image)")

@@ -23,16 +23,21 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .. import uncertainty
+from ..detection.structures import Detections
+from ..detection.tiling import TilingOptions
 from ..imagery.images import DEFAULT_MAX_PIXELS, DEFAULT_SCALING, PixelScaling, load_image
 from ..thresholds import ScoreThresholds
+from . import interactive
 from .auth import BasicAuth
 from .inference_queue import InferenceQueue, QueueFull
 from .jobs import TrainingJobs
 from .label_config import LabelConfig, LabelConfigError, RectangleControl, parse_label_config
 from .media import MediaFetcher
 from .model_source import LoadedModel, ModelSource
-from .results import prediction, rectangle_results, validate
+from .results import ResultError, prediction, rectangle_results, validate
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +60,13 @@ class ServerSettings:
     uncertainty: uncertainty.Method = uncertainty.DEFAULT  # the task score; one pass only
     max_projects: int = 1024  # /setup state kept, least recently used dropped
     max_configs: int = 64  # parsed label configs kept
+    interactive_threshold: float = 0.2  # smart-tool candidates (see serving.interactive)
+    cached_images: int = 4  # decoded images of the tasks being labelled, kept
 
     def __post_init__(self) -> None:
         if self.score_threshold is not None:
             check_threshold(self.score_threshold, "--score-threshold")
+        check_threshold(self.interactive_threshold, "--interactive-threshold")
         if self.request_deadline <= 0 or self.tasks_in_flight_per_request < 1:
             raise ValueError("the request deadline and tasks in flight must be positive")
 
@@ -112,6 +120,10 @@ class Backend:
         self.fetchers = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="task")
         self._projects: OrderedDict[str, ProjectState] = OrderedDict()
         self._configs: OrderedDict[str, LabelConfig] = OrderedDict()
+        # The task being labelled is asked about again and again: its decoded image and its
+        # normal-scale detections (per model version) are kept for the next smart region.
+        self._decoded: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._normal: OrderedDict[tuple[str, str], Detections] = OrderedDict()
         self._lock = threading.Lock()
 
     def label_config(self, schema: object) -> LabelConfig:
@@ -184,6 +196,10 @@ class Backend:
         model = self.models.get()
         config = self.label_config(schema)
         usable = self._usable(config, model)
+        params = body.get("params")
+        context = params.get("context") if isinstance(params, dict) else None
+        if context is not None:
+            return self._interactive(tasks, context, model, config, usable, deadline)
         thresholds = self._thresholds(model, state.score_threshold, project)
         run = _RequestRun(self, tasks, lambda t: self._predict_task(
             t, model, config, usable, thresholds, deadline))
@@ -234,6 +250,80 @@ class Backend:
         except Exception as exc:  # every other failure is this task's alone
             log.warning("task %s: empty prediction: %s: %s", task_id, type(exc).__name__, exc)
             return prediction([], model.version, 0.0)
+
+    def _interactive(self, tasks: list[Any], context: Any, model: LoadedModel,
+                     config: LabelConfig, usable: Usable, deadline: float) -> dict[str, Any]:
+        """A smart region drawn on a task: the model's answer about that spot (see
+        serving.interactive), through the inference queue's priority lane."""
+        try:
+            prompts = interactive.parse_context(context)
+        except interactive.ContextError as exc:
+            raise HTTPError(400, str(exc)) from exc
+        if len(tasks) != 1 or not isinstance(tasks[0], dict):
+            raise HTTPError(400, "a smart-tool request carries exactly one task")
+        data = tasks[0].get("data")
+        if not isinstance(data, dict):
+            raise HTTPError(400, "the task has no 'data' object")
+        targets: dict[str, interactive.Target] = {}
+        for control, class_map in usable:
+            targets.setdefault(control.to_name, interactive.Target(control, class_map))
+        regions: list[dict[str, Any]] = []
+        for to_name in dict.fromkeys(p.to_name for p in prompts):
+            target = targets.get(to_name)
+            if target is None:
+                continue  # an image without a box control this model can fill
+            uri = data.get(target.control.data_key)
+            image = self._decoded_image(uri, _task_id(tasks[0]), deadline)
+            normal = self._normal_detections(uri, image, model, deadline)
+            regions += interactive.answer(
+                [p for p in prompts if p.to_name == to_name], image, normal, targets,
+                model.tiling, lambda crop: self._run(model, crop, model.tiling, deadline),
+                self.settings.interactive_threshold)
+        try:
+            validate(regions, config)
+        except ResultError as exc:
+            raise HTTPError(500, f"smart-tool answer failed validation: {exc}") from exc
+        score = max((r["score"] for r in regions), default=0.0)
+        return {"results": [prediction(regions, model.version, score)]}
+
+    def _decoded_image(self, uri: Any, task_id: int | None, deadline: float) -> np.ndarray:
+        key = str(uri)
+        with self._lock:
+            if key in self._decoded:
+                self._decoded.move_to_end(key)
+                return self._decoded[key]
+        raw = self.media.fetch(uri, task_id, deadline)
+        image = load_image(raw, max_pixels=self.settings.max_pixels, name=key,
+                           scaling=self.settings.scaling)
+        with self._lock:
+            self._decoded[key] = image
+            while len(self._decoded) > self.settings.cached_images:
+                self._decoded.popitem(last=False)
+        return image
+
+    def _normal_detections(self, uri: Any, image: np.ndarray, model: LoadedModel,
+                           deadline: float) -> Detections:
+        key = (str(uri), model.version)
+        with self._lock:
+            if key in self._normal:
+                self._normal.move_to_end(key)
+                return self._normal[key]
+        found = self._run(model, image, model.tiling, deadline)
+        with self._lock:
+            self._normal[key] = found
+            while len(self._normal) > 8 * self.settings.cached_images:
+                self._normal.popitem(last=False)
+        return found
+
+    def _run(self, model: LoadedModel, image: np.ndarray, tiling: TilingOptions | None,
+             deadline: float) -> Detections:
+        """An annotator is waiting: through the priority lane."""
+        future = self.queue.submit(model.predictor, image, tiling, urgent=True)
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout as exc:
+            future.cancel()
+            raise HTTPError(504, "no answer before the request's deadline") from exc
 
     def _detect(self, uri: Any, task_id: int | None, model: LoadedModel, deadline: float):
         raw = self.media.fetch(uri, task_id, deadline)

@@ -6,10 +6,15 @@ across requests into a single forward pass: two camera-trap photos of slightly d
 sizes that resize to the same input share it. Larger images go through tiled inference,
 their tiles batched together. A full queue refuses new work at once (the server answers
 503) instead of letting memory grow.
+
+Interactive requests (an annotator waiting on a smart tool) take a priority lane: the
+worker always takes their images before any batch pre-annotation image still queued, so
+one waits at most for the batch already on the device.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -39,15 +44,21 @@ class _Job:
     future: Future = field(default_factory=Future)
 
 
+URGENT, NORMAL, STOP = 0, 1, 2  # queue priorities: interactive, batch, the close sentinel
+
+
 class InferenceQueue:
     def __init__(self, max_pending: int = 256, max_batch: int = 8) -> None:
         self.max_batch = max_batch
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
+        self._queue: queue.PriorityQueue[tuple[int, int, _Job | None]] = queue.PriorityQueue(
+            maxsize=max_pending)
+        self._order = itertools.count()  # first come, first served within a lane
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._thread.start()
 
     def submit(
-        self, predictor: Predictor, image: np.ndarray, tiling: TilingOptions | None
+        self, predictor: Predictor, image: np.ndarray, tiling: TilingOptions | None,
+        urgent: bool = False,
     ) -> Future:
         if self._queue.full():  # refuse before spending a resize on it
             raise QueueFull(f"inference queue is full ({self._queue.maxsize} images)")
@@ -56,7 +67,7 @@ class InferenceQueue:
         else:
             job = _Job(predictor, image, tiling)
         try:
-            self._queue.put_nowait(job)
+            self._queue.put_nowait((URGENT if urgent else NORMAL, next(self._order), job))
         except queue.Full as exc:
             raise QueueFull(f"inference queue is full ({self._queue.maxsize} images)") from exc
         return job.future
@@ -65,22 +76,22 @@ class InferenceQueue:
         return self._queue.qsize()
 
     def close(self) -> None:
-        self._queue.put(None)
+        self._queue.put((STOP, next(self._order), None))
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
+            first, _, job = self._queue.get()
             if job is None:
                 return
             batch = [job]
-            while len(batch) < self.max_batch:
+            while len(batch) < self.max_batch:  # one lane per batch: urgent work runs alone
                 try:
-                    extra = self._queue.get_nowait()
+                    lane, order, extra = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if extra is None:
-                    self._queue.put(None)  # stop after this batch
+                if extra is None or lane != first:
+                    self._queue.put((lane, order, extra))  # for the next batch
                     break
                 batch.append(extra)
             self._process(batch)

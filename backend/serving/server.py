@@ -68,6 +68,7 @@ def build_backend(args: argparse.Namespace, recipe: RecipeOverrides) -> Backend:
             request_deadline=args.request_deadline,
             basic_auth=auth,
             uncertainty=args.uncertainty,
+            interactive_threshold=args.interactive_threshold,
         )
     except HTTPError as exc:
         raise ValueError(exc.message) from exc
