@@ -34,13 +34,13 @@ from label_studio_sdk import LabelStudio
 from PIL import Image
 
 from .detection.boxes import pairwise_iou
-from .local_label_studio import LocalLabelStudio, import_image, local_label_studio
+from .labelstudio.local import LocalLabelStudio, import_image, local_label_studio
+from .labelstudio.results import rectangle_region
+from .media.fetch import MediaFetcher, MediaSettings
 from .registry import Registry
 from .serving.backend import Backend, ServerSettings
 from .serving.jobs import TrainingJobs
-from .serving.media import MediaFetcher, MediaSettings
 from .serving.model_source import ModelSource
-from .serving.results import rectangle_region
 from .serving.server import serve_in_thread
 from .synthetic import CLASSES, LABEL_CONFIG, Scene, coco_of, png_bytes, survey_scene
 

@@ -30,7 +30,7 @@ def project_data(project: int, work_dir: Path) -> tuple[dict[str, Any], Path]:
 
     from label_studio_sdk import LabelStudio
 
-    from backend.serving.media import MediaFetcher, MediaSettings
+    from backend.media.fetch import MediaFetcher, MediaSettings
 
     from .export import export_project
 

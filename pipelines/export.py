@@ -7,11 +7,17 @@ under content-addressed names; an image that cannot be fetched or decoded is rep
 the manifest and skipped. With nothing accepted, the stage fails with a clear message and
 nothing downstream runs, so nothing is deployed.
 
-Incremental: annotations are always re-read, but an image is fetched only for a task that is
-new or whose image URI changed (`images.index.json` keeps task -> URI, file, size between
-runs; DVC leaves both in place with `persist`). Label Studio gives an uploaded file a new URI;
-an image replaced in a bucket under the same key is seen with `dataset.refetch_images: true`.
-Images no task uses any more are removed once the new dataset is complete.
+Incremental: one cheap listing of the project's tasks (no annotations) says which annotated
+tasks changed since the last run (Label Studio moves a task's `updated_at` whenever one of
+its annotations is created, updated or deleted), which are new and which are gone; only the
+changed and new ones are read again, the rest come from `tasks.index.json` (their data and
+annotations as last read). A first run, or one where more than 200 tasks changed, reads all
+annotated tasks through one export snapshot instead. An image is fetched only for a task
+that is new or whose image URI changed (`images.index.json` keeps task -> URI, file, size
+between runs; DVC leaves both indexes in place with `persist`). Label Studio gives an
+uploaded file a new URI; an image replaced in a bucket under the same key is seen with
+`dataset.refetch_images: true` (which also reads every task again). Images no task uses any
+more are removed once the new dataset is complete.
 
 Outputs: `<dir>/annotations.json` and `<dir>/images/` (DVC-tracked) and `<dir>/manifest.json`
 (counts per class, the project, the snapshot time, images fetched and reused with the bytes
@@ -31,8 +37,8 @@ from tqdm import tqdm
 
 from backend.files import write_atomically
 from backend.imagery.images import ImageError, load_image
-from backend.serving.label_config import LabelConfigError, parse_label_config
-from backend.serving.media import MediaError, MediaFetcher, MediaSettings
+from backend.labelstudio.label_config import LabelConfigError, parse_label_config
+from backend.media.fetch import MediaError, MediaFetcher, MediaSettings
 
 from .coco import content_name, write_json
 from .params import fail, label_studio_target, load_params
@@ -129,6 +135,44 @@ def annotated_tasks(client: Any, project_id: int) -> list[dict[str, Any]]:
         exports.delete(project_id, snapshot.id)
 
 
+REREAD_ALL = 200  # changed tasks beyond which one export snapshot beats reading them one by one
+
+
+class TaskStore:
+    """The annotated tasks as the last run read them (data and annotations, with the
+    `updated_at` Label Studio listed them at), so a run reads only what changed."""
+
+    def __init__(self, path: Path, refetch: bool) -> None:
+        self.path = path
+        self.tasks: dict[str, dict[str, Any]] = {}
+        if path.is_file() and not refetch:
+            self.tasks = json.loads(path.read_text())
+        self.read = self.kept = self.removed = 0
+
+    def sync(self, client: Any, project_id: int) -> list[dict[str, Any]]:
+        """Every annotated task (skips included), from the cache where unchanged."""
+        listed = {str(t.id): t.updated_at.isoformat() for t in client.tasks.list(
+                      project=project_id, fields="task_only", page_size=1000)
+                  if (t.total_annotations or 0) + (t.cancelled_annotations or 0) > 0}
+        changed = [i for i, stamp in listed.items()
+                   if self.tasks.get(i, {}).get("listed_at") != stamp]
+        self.removed = len(set(self.tasks) - set(listed))
+        if not self.tasks or len(changed) > REREAD_ALL:
+            fresh = {str(t["id"]): t for t in annotated_tasks(client, project_id)}
+        else:
+            fresh = {i: t for i, t in self.tasks.items() if i in listed and i not in changed}
+            fresh |= {i: client.tasks.get(id=i).model_dump(mode="json") for i in changed}
+        self.read = len(changed) if self.tasks else len(fresh)
+        self.kept = len(fresh) - self.read
+        self.tasks = {i: {"id": task["id"], "data": task.get("data") or {},
+                          "annotations": task.get("annotations") or [], "listed_at": listed[i]}
+                      for i, task in fresh.items() if i in listed}
+        return [self.tasks[i] for i in sorted(self.tasks, key=int)]
+
+    def commit(self) -> None:
+        write_json(self.path, self.tasks)
+
+
 class ImageStore:
     """The dataset's images by content, and which task's URI each came from, kept between
     runs so that only new or changed images cross the network."""
@@ -183,6 +227,7 @@ def export_project(
         fail(f"project {project_id}: {exc}")
     categories = {name: i for i, name in enumerate(control.labels)}
     store = ImageStore(out / "images", media, refetch)
+    known = TaskStore(out / "tasks.index.json", refetch)
     coco: dict[str, Any] = {
         "images": [],
         "annotations": [],
@@ -190,7 +235,7 @@ def export_project(
     }
     skipped: list[dict[str, Any]] = []
     dropped: Counter[str] = Counter()
-    tasks = annotated_tasks(client, project_id)
+    tasks = known.sync(client, project_id)
     for task in tqdm(tasks, desc="export", unit="task"):
         annotation = latest_accepted(task.get("annotations") or [], only_gt)
         if annotation is None:
@@ -231,6 +276,7 @@ def export_project(
         ann["id"] = i
     coco["annotations"].sort(key=lambda a: a["id"])
     store.commit()
+    known.commit()
     counts = {name: 0 for name in categories}
     for ann in coco["annotations"]:
         counts[control.labels[ann["category_id"]]] += 1
@@ -240,6 +286,9 @@ def export_project(
         "images": len(coco["images"]),
         "boxes": len(coco["annotations"]),
         "boxes_per_class": counts,
+        "tasks_read": known.read,
+        "tasks_unchanged": known.kept,
+        "tasks_gone": known.removed,
         "images_fetched": store.fetched,
         "images_reused": store.reused,
         "fetched_bytes": store.fetched_bytes,
@@ -249,8 +298,9 @@ def export_project(
     }
     print(
         f"exported {len(coco['images'])} images, {len(coco['annotations'])} boxes "
-        f"{counts}; skipped {len(skipped)}; fetched {store.fetched} new or changed image(s) "
-        f"({store.fetched_bytes / 1e6:.1f} MB), reused {store.reused}"
+        f"{counts}; skipped {len(skipped)}; read {known.read} new or changed task(s), "
+        f"{known.kept} unchanged, {known.removed} gone; fetched {store.fetched} new or "
+        f"changed image(s) ({store.fetched_bytes / 1e6:.1f} MB), reused {store.reused}"
     )
     for why, count in sorted(dropped.items()):
         print(f"warning: {count} region(s) left out of the dataset: {why}")

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from backend.prelabel.sources import is_labeled, list_tasks
+from backend.labelstudio.tasks import is_labeled, list_tasks
 from backend.registry import Registry
 from backend.uncertainty import DEFAULT as DEFAULT_UNCERTAINTY
 
@@ -105,11 +105,15 @@ def main() -> None:
     report = output.with_name("prelabel.report.json")
     url, api_key, project = label_studio_target(params, "select")
     version = Registry(params["deploy"]["registry"]).current_name()
-    if version is None:
-        fail("select ranks by the deployed model's predictions, and no model is deployed yet")
+    if version is None:  # the first models may not beat drawing: deploy keeps them back
+        write_json(output, {"model_version": None, "project": project, "view": None,
+                            "candidates": 0, "without_prediction": [], "tasks": []})
+        print("select: no model is deployed yet, so there is nothing to rank by: label any "
+              "images, and run dvc repro again")
+        return
     from label_studio_sdk import LabelStudio
 
-    from backend.serving.label_config import parse_label_config
+    from backend.labelstudio.label_config import parse_label_config
 
     client = LabelStudio(base_url=url, api_key=api_key)
     data_key = parse_label_config(client.projects.get(id=project).label_config).controls[0].data_key

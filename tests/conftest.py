@@ -155,7 +155,7 @@ def survey(tmp_path_factory):
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory):
     """A real Label Studio server for the whole test session (first start ~50 s)."""
-    from backend.local_label_studio import local_label_studio
+    from backend.labelstudio.local import local_label_studio
 
     with local_label_studio(tmp_path_factory.mktemp("label-studio")) as server:
         yield server

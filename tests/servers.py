@@ -17,8 +17,9 @@ from typing import Self
 
 import httpx
 
-from backend.local_label_studio import stop_process, wait_for
-from backend.serving.server import free_port, serve_in_thread
+from backend.labelstudio.local import stop_process, wait_for
+from backend.ports import free_port
+from backend.serving.server import serve_in_thread
 
 from .conftest import REPO, fixture_dir, fixture_weights
 

@@ -17,12 +17,12 @@ import pytest
 from PIL import Image
 
 from backend.imagery.images import load_image
+from backend.media.fetch import MediaFetcher, MediaSettings
 from backend.model_dir import ModelDir
 from backend.registry import Registry
 from backend.serving.auth import BasicAuth
 from backend.serving.backend import Backend, ServerSettings
 from backend.serving.jobs import TrainingJobs
-from backend.serving.media import MediaFetcher, MediaSettings
 from backend.serving.model_source import ModelSource
 
 from .servers import ANIMAL_CONFIG as CONFIG

@@ -18,7 +18,7 @@ from label_studio_sdk import LabelStudio
 from PIL import Image
 
 from backend.cli import main as cli
-from backend.local_label_studio import import_image
+from backend.labelstudio.local import import_image
 from backend.model_dir import ModelDir
 from backend.registry import Registry
 

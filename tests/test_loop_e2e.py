@@ -19,9 +19,9 @@ import torch
 import yaml
 from label_studio_sdk import LabelStudio
 
-from backend.local_label_studio import import_image
+from backend.labelstudio.local import import_image
+from backend.labelstudio.results import rectangle_region
 from backend.registry import Registry
-from backend.serving.results import rectangle_region
 from backend.synthetic import CLASSES, png_bytes, survey_scene
 from pipelines.deploy import gate
 from pipelines.deployed import snapshot
@@ -372,14 +372,49 @@ def test_export_with_no_accepted_labels_deploys_nothing(loop):
     assert Registry(checkout / "models/registry").version_names() == []
 
 
+def test_export_reads_only_what_changed_and_misses_no_change(loop):
+    """After a first export, an updated annotation, a deleted one and a new one: the second
+    run reads just the two tasks that changed or appeared, drops the one left without an
+    annotation, keeps the untouched one from its index, and the dataset shows all three."""
+    ls = loop["ls"]
+    project = ls.projects.create(title="incremental", label_config=CONFIG)
+    rng = np.random.default_rng(5)
+    scenes = [survey_scene(rng, 160, 160, 3) for _ in range(4)]
+    for i, scene in enumerate(scenes):
+        import_image(loop["label_studio"], project.id, f"inc{i}.png", png_bytes(scene.image))
+    ids = sorted(t.id for t in ls.tasks.list(project=project.id))
+    for task_id, scene in zip(ids[:3], scenes[:3], strict=True):
+        annotate(ls, task_id, scene.boxes, scene.classes, (160, 160))
+    checkout = new_project(loop["root"] / "incremental", project.id, loop["env"])
+    export = [sys.executable, "-m", "pipelines.export"]
+    run(export, checkout, loop["env"])
+    changed, deleted, untouched, new = ids
+    (annotation,) = ls.annotations.list(id=changed)
+    moved = np.array([[2.0, 2.0, 40.0, 40.0]])
+    ls.annotations.update(id=annotation.id, result=[
+        rectangle_region(moved[0].tolist(), CLASSES[0], 160, 160)])
+    (gone,) = ls.annotations.list(id=deleted)
+    ls.annotations.delete(id=gone.id)
+    annotate(ls, new, scenes[3].boxes, scenes[3].classes, (160, 160))
+    run(export, checkout, loop["env"])
+    manifest = json.loads((checkout / "data/dataset/manifest.json").read_text())
+    assert (manifest["tasks_read"], manifest["tasks_unchanged"], manifest["tasks_gone"]) == (
+        2, 1, 1)
+    coco = json.loads((checkout / "data/dataset/annotations.json").read_text())
+    assert sorted(im["id"] for im in coco["images"]) == sorted([changed, untouched, new])
+    boxes = [a["bbox"] for a in coco["annotations"] if a["image_id"] == changed]
+    assert boxes == [pytest.approx([2.0, 2.0, 38.0, 38.0], abs=1e-3)]
+    assert len([a for a in coco["annotations"] if a["image_id"] == new]) == len(scenes[3].boxes)
+
+
 def test_start_training_webhook_runs_dvc_repro_in_the_checkout(loop, tmp_path, monkeypatch):
     """What Label Studio's Train button triggers: one `dvc repro` run, its log kept."""
     import httpx
 
+    from backend.media.fetch import MediaFetcher, MediaSettings
     from backend.serving.auth import BasicAuth
     from backend.serving.backend import Backend, ServerSettings
     from backend.serving.jobs import TrainingJobs
-    from backend.serving.media import MediaFetcher, MediaSettings
     from backend.serving.model_source import ModelSource
     from backend.serving.server import serve_in_thread
 

@@ -21,7 +21,7 @@ from backend.cli import main
 from backend.detection.predictor import Predictor
 from backend.detection.structures import Detections
 from backend.detection.tiling import TilingOptions
-from backend.prelabel.retry import OutageError, with_retry
+from backend.labelstudio.retry import OutageError, with_retry
 from backend.prelabel.sinks import read_results
 from backend.prelabel.sources import FileLoader, Item, image_files
 from backend.prelabel.stream import detect_stream

@@ -18,11 +18,11 @@ from label_studio_sdk import LabelStudio
 from backend.cli import main
 from backend.detection.tiling import TilingOptions
 from backend.imagery.images import load_image
-from backend.local_label_studio import import_image
+from backend.labelstudio.label_config import parse_label_config
+from backend.labelstudio.local import import_image
+from backend.labelstudio.results import rectangle_results
 from backend.model_dir import ModelDir
 from backend.registry import Registry
-from backend.serving.label_config import parse_label_config
-from backend.serving.results import rectangle_results
 from backend.synthetic import png_bytes, survey_scene
 from backend.thresholds import ScoreThresholds
 from backend.uncertainty import entropy

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend.media.cache import DiskCache
+from backend.media.fetch import MediaError, MediaFetcher, MediaSettings
 from backend.registry import Registry, RegistryError
 from backend.serving.auth import BasicAuth, BindRefused, check_bind, child_environment
-from backend.serving.cache import DiskCache
-from backend.serving.media import MediaError, MediaFetcher, MediaSettings
 
 from .conftest import REPO
 from .servers import ANIMAL_CONFIG as CONFIG
@@ -393,7 +393,7 @@ def test_the_cache_removes_orphans_and_survives_a_sharing_process(tmp_path):
     script = (
         "import sys, os\n"
         "from pathlib import Path\n"
-        "from backend.serving.cache import DiskCache\n"
+        "from backend.media.cache import DiskCache\n"
         "c = DiskCache(Path(sys.argv[1]), 64 * 1024)\n"
         "for i in range(300):\n"
         "    p = Path(sys.argv[1]) / f'.{os.getpid()}.{i}.tmp'\n"

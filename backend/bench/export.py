@@ -22,8 +22,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from ..local_label_studio import LocalLabelStudio, import_images, local_label_studio
-from ..serving.results import rectangle_region
+from ..labelstudio.local import LocalLabelStudio, import_images, local_label_studio
+from ..labelstudio.results import rectangle_region
 from ..synthetic import CLASSES, LABEL_CONFIG, survey_scene
 
 _SIZE = (240, 320)  # (h, w) of a generated task image

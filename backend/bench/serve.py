@@ -9,6 +9,10 @@
    errors, healthy tasks that came back empty (target 0), and /health latency p99 measured
    throughout (target < 1 s: Label Studio gives up on /health after 1 s). The score
    threshold is 0, so every healthy task has boxes and an empty one is a failure.
+3. Smart tools: an annotator's smart rectangles and clicks on one task, one after another,
+   while `requests` batch requests run at once: their latency (p50/p95, the first, which
+   decodes the image and runs its normal pass, apart), beside the same smart requests on an
+   idle server. The priority lane is what keeps them from waiting behind the batch work.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import numpy as np
 from PIL import Image
 
 from ..imagery.images import load_image
+from ..media.fetch import MediaFetcher, MediaSettings
 from ..serving.backend import Backend, ServerSettings
 from ..serving.jobs import TrainingJobs
-from ..serving.media import MediaFetcher, MediaSettings
 from ..serving.model_source import ModelSource
 from ..serving.server import serve_in_thread
 from ..synthetic import LABEL_CONFIG, survey_scene
@@ -47,6 +51,7 @@ class ServeBench:
     request_deadline: float = 30.0
     device: str = "auto"
     precision: str = "fp32"
+    smart_requests: int = 20  # interactive requests, idle and under load
 
 
 class _NeverAnswers:
@@ -103,6 +108,7 @@ def run_serve_benchmark(bench: ServeBench) -> Iterator[dict]:
         try:
             with serve_in_thread(backend) as url:
                 yield _overhead(bench, backend, url, paths)
+                yield _smart_tools(bench, url, paths)
                 for concurrency in bench.concurrency:
                     yield _fairness(bench, url, paths, hanging.url, concurrency)
         finally:
@@ -137,6 +143,54 @@ def _overhead(bench: ServeBench, backend: Backend, url: str, paths: list[str]) -
         "errors": sum(a.status_code != 200 for a in answers),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_growth_under_load_mb": round(peak_rss_mb() - rss_before, 1),
+    }
+
+
+def _smart_body(uri: str, i: int) -> dict:
+    """Alternately a smart rectangle over a fifth of the image and a click inside it, at
+    places that move a little each time (annotators refine)."""
+    x, y = 20 + (i % 5) * 4, 25 + (i % 3) * 5
+    value = ({"x": x, "y": y, "width": 20, "height": 20, "rectanglelabels": []} if i % 2 == 0
+             else {"x": x + 10, "y": y + 10, "width": 0.6, "keypointlabels": []})
+    item = {"type": "rectanglelabels" if i % 2 == 0 else "keypointlabels", "from_name": "label",
+            "to_name": "image", "value": value, "is_positive": True}
+    return {**_body([uri]), "params": {"context": {"result": [item]}}}
+
+
+def _smart_tools(bench: ServeBench, url: str, paths: list[str]) -> dict:
+    def asked(uri: str) -> list[float]:
+        seconds = []
+        with httpx.Client(base_url=url, timeout=300) as client:
+            for i in range(bench.smart_requests):
+                start = time.perf_counter()
+                answer = client.post("/predict", json=_smart_body(uri, i))
+                answer.raise_for_status()
+                seconds.append(time.perf_counter() - start)
+        return seconds
+
+    idle = asked(paths[-1])
+    per = bench.tasks_per_request
+    bodies = [_body(paths[i * per : (i + 1) * per]) for i in range(bench.requests)]
+    with ThreadPoolExecutor(bench.requests + 1) as pool, httpx.Client(
+        base_url=url, timeout=600
+    ) as client:
+        batch = [pool.submit(client.post, "/predict", json=b) for b in bodies]
+        time.sleep(0.5)  # the batch requests are queued first
+        loaded = asked(paths[-2])
+        batch_busy = sum(not f.done() for f in batch)
+        for future in batch:
+            future.result()
+    return {
+        "case": "serve:smart-tools",
+        "smart_requests": bench.smart_requests,
+        "batch_requests_at_once": bench.requests,
+        "batch_requests_still_running_at_the_end": batch_busy,
+        "idle_first_s": round(idle[0], 3),
+        "idle_p50_s": _percentile(idle[1:], 50),
+        "idle_p95_s": _percentile(idle[1:], 95),
+        "under_load_first_s": round(loaded[0], 3),
+        "under_load_p50_s": _percentile(loaded[1:], 50),
+        "under_load_p95_s": _percentile(loaded[1:], 95),
     }
 
 

@@ -29,13 +29,13 @@ from ..detection.structures import Detections
 from ..detection.tiling import TilingOptions
 from ..imagery.exports import Exports
 from ..imagery.images import PixelScaling
+from ..labelstudio.label_config import parse_label_config, read_mapping
+from ..labelstudio.results import prediction, rectangle_results, validate
+from ..media.fetch import MediaSettings
 from ..model_dir import ModelDir
 from ..predict import detection_records
 from ..recipe import RecipeOverrides
 from ..registry import Registry
-from ..serving.label_config import parse_label_config, read_mapping
-from ..serving.media import MediaSettings
-from ..serving.results import prediction, rectangle_results, validate
 from ..thresholds import ScoreThresholds
 from .sinks import JsonLinesSink, PredictionImporter, read_results
 from .sources import FileLoader, Item, TaskLoader, image_files, project_tasks

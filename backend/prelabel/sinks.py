@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .retry import ONE_TRY, with_retry
+from ..labelstudio.retry import ONE_TRY, with_retry
 
 log = logging.getLogger(__name__)
 

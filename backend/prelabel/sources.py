@@ -13,8 +13,8 @@ import numpy as np
 
 from ..imagery.images import DEFAULT_MAX_PIXELS, DEFAULT_SCALING, PixelScaling, load_image
 from ..imagery.raster import WindowedRaster, open_image
-from ..serving.media import MediaFetcher, MediaSettings
-from .retry import ONE_TRY, with_retry
+from ..labelstudio.tasks import is_labeled, list_tasks
+from ..media.fetch import MediaFetcher, MediaSettings
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -96,19 +96,3 @@ def project_tasks(
         else:
             todo.append(Item(str((task.get("data") or {}).get(data_key, "")), task["id"]))
     return todo, done
-
-
-def list_tasks(client: Any, project: int, give_up_after: float = 600.0) -> list[dict[str, Any]]:
-    """Every task of a project with its annotations and predictions, through an outage."""
-
-    def listing() -> list[dict[str, Any]]:
-        pager = client.tasks.list(project=project, fields="all", request_options=ONE_TRY)
-        return [t.model_dump() for t in pager]
-
-    return with_retry(listing, f"listing the tasks of project {project}", give_up_after)
-
-
-def is_labeled(task: dict[str, Any]) -> bool:
-    """Annotated or skipped by someone: no longer part of the pool to choose from."""
-    return bool(task.get("annotations") or task.get("total_annotations")
-                or task.get("cancelled_annotations") or task.get("is_labeled"))

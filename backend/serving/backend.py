@@ -29,15 +29,20 @@ from .. import uncertainty
 from ..detection.structures import Detections
 from ..detection.tiling import TilingOptions
 from ..imagery.images import DEFAULT_MAX_PIXELS, DEFAULT_SCALING, PixelScaling, load_image
+from ..labelstudio.label_config import (
+    LabelConfig,
+    LabelConfigError,
+    RectangleControl,
+    parse_label_config,
+)
+from ..labelstudio.results import ResultError, prediction, rectangle_results, validate
+from ..media.fetch import MediaFetcher
 from ..thresholds import ScoreThresholds
 from . import interactive
 from .auth import BasicAuth
 from .inference_queue import InferenceQueue, QueueFull
 from .jobs import TrainingJobs
-from .label_config import LabelConfig, LabelConfigError, RectangleControl, parse_label_config
-from .media import MediaFetcher
 from .model_source import LoadedModel, ModelSource
-from .results import ResultError, prediction, rectangle_results, validate
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from PIL import Image
 from ..detection.boxes import nms_per_image
 from ..detection.structures import Detections
 from ..detection.tiling import TilingOptions
-from .label_config import RectangleControl
-from .results import rectangle_region
+from ..labelstudio.label_config import RectangleControl
+from ..labelstudio.results import rectangle_region
 
 MAX_PROMPTS = 64  # smart regions in one context: more is not an annotator's
 MAX_ZOOM = 4.0

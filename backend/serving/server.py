@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,14 +14,15 @@ from pathlib import Path
 import uvicorn
 
 from ..imagery.images import PixelScaling
+from ..labelstudio.label_config import read_mapping
+from ..media.fetch import MediaFetcher, MediaSettings
+from ..ports import free_port
 from ..recipe import RecipeOverrides
 from ..registry import Registry
 from .app import create_app
 from .auth import BasicAuth, check_bind
 from .backend import Backend, HTTPError, ServerSettings
 from .jobs import TrainingJobs
-from .label_config import read_mapping
-from .media import MediaFetcher, MediaSettings
 from .model_source import ModelSource
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,6 @@ def run_server(args: argparse.Namespace, recipe: RecipeOverrides) -> int:
         timeout_graceful_shutdown=5,
     )
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import httpx
 
-from .serving.server import free_port
+from ..ports import free_port
 
-CHECKOUT_BIN = Path(__file__).resolve().parents[1] / ".venv-ls" / "bin" / "label-studio"
+CHECKOUT_BIN = Path(__file__).resolve().parents[2] / ".venv-ls" / "bin" / "label-studio"
 
 
 @dataclass(frozen=True)

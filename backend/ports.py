@@ -1,0 +1,12 @@
+"""A free loopback port, for the servers this project starts itself (a Label Studio, a
+backend in a thread)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
