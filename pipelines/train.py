@@ -72,24 +72,37 @@ def _run_key(settings: object, dataset: str) -> str:
     return hashlib.sha256(json.dumps([settings, dataset], sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _previous_candidate(out: Path) -> ModelDir | None:
+    try:
+        return ModelDir.open(out)
+    except ModelDirError:
+        return None
+
+
 def _start_weights(
     model: GeneralizedRCNN, params: dict[str, Any], labels: list[str],
-    deployed: ModelDir | None, deployed_sha256: str | None,
+    deployed: ModelDir | None, deployed_sha256: str | None, previous: ModelDir | None,
 ) -> tuple[str, str | None]:
     """Load the weights training starts from: (what they are, the SHA-256 of their file;
-    None for random weights), so a model's lineage names its parent exactly."""
+    None for random weights), so a model's lineage names its parent exactly. Before any
+    model is deployed (none has yet saved annotators work), training goes on from the last
+    candidate rather than from scratch: the gate holds back what annotators see, not what
+    the loop has learnt."""
     if params.get("base_weights"):
         load_weights(model, params["base_weights"], for_inference=False)
         return f"weights {params['base_weights']}", file_sha256(params["base_weights"])
-    if deployed is not None:
-        load_weights(model, deployed.weights, for_inference=False)
-        if deployed.labels != labels:  # as detectron2 fine-tunes to new classes
-            model.roi_heads.box_predictor.reset_parameters()
-            return (f"deployed model {deployed.version}, box predictor re-initialised for "
-                    f"the new label set {deployed.labels} -> {labels}"), deployed_sha256
-        return f"deployed model {deployed.version}", deployed_sha256
-    init_from_scratch(model)
-    return "random weights", None
+    start, name = (deployed, f"deployed model {deployed.version}") if deployed is not None else (
+        previous, "the last candidate (not deployed)")
+    if start is None:
+        init_from_scratch(model)
+        return "random weights", None
+    load_weights(model, start.weights, for_inference=False)
+    sha = deployed_sha256 if deployed is not None else file_sha256(start.weights)
+    if start.labels != labels:  # as detectron2 fine-tunes to new classes
+        model.roi_heads.box_predictor.reset_parameters()
+        return (f"{name}, box predictor re-initialised for the new label set {start.labels} "
+                f"-> {labels}"), sha
+    return name, sha
 
 
 def _already_trained(
@@ -141,7 +154,7 @@ def main() -> None:
     model = GeneralizedRCNN(cfg)
     deployed, snapshot = deployed_model(params)
     origin, start_sha256 = _start_weights(
-        model, tp, labels, deployed, snapshot.get("weights_sha256")
+        model, tp, labels, deployed, snapshot.get("weights_sha256"), _previous_candidate(out)
     )
     settings = {k: v for k, v in tp.items() if k != "threads"}  # threads change no result
     lineage = {"dataset": dataset_hash(split_dir / "train.json"), "params": settings,

@@ -13,6 +13,7 @@ from backend.effort import (
     choose_thresholds,
     curve,
     match,
+    precision_lower_bound,
     report,
     score_coco,
 )
@@ -44,10 +45,28 @@ def test_corrections_count_deletions_and_drawings_at_each_threshold():
     assert (at[0.2]["kept"], at[0.2]["deleted"], at[0.2]["drawn"]) == (3, 2, 0)
     assert at[0.7]["effort_ratio"] == pytest.approx(2 / 3, abs=1e-4)
     assert at[0.7]["precision"] == at[0.7]["recall"] == pytest.approx(2 / 3, abs=1e-4)
-    # 2 corrections at 0.9, 0.7 and 0.2 alike: the highest threshold wins the tie.
-    assert best_threshold(*scored.subset(0), EffortSettings()) == (0.9, pytest.approx(2 / 3))
-    # A delete that costs twice a draw moves it: offering less is cheaper.
-    assert best_threshold(*scored.subset(0), EffortSettings(delete_cost=0.5))[0] == 0.2
+    # 2 corrections at 0.9, 0.7 and 0.2 alike: the highest threshold wins the tie (taking
+    # five boxes' precisions at face value: confidence 0.5).
+    plain = EffortSettings(confidence=0.5)
+    assert best_threshold(*scored.subset(0), plain) == (0.9, pytest.approx(2 / 3))
+    # A delete that costs half a draw moves it: offering more is cheaper.
+    assert best_threshold(*scored.subset(0), EffortSettings(delete_cost=0.5,
+                                                            confidence=0.5))[0] == 0.2
+    # Five boxes are too few to be confident that offering them pays: not offered.
+    assert best_threshold(*scored.subset(0), EffortSettings())[0] == NOT_OFFERED
+
+
+def test_a_threshold_needs_evidence_that_its_boxes_pay_off():
+    """7 of 10 boxes right (70%) beats drawing on val, but 10 boxes cannot show it with 90%
+    confidence; 70 of 100 can. The bound is Wilson's."""
+    for n, offered in ((10, False), (100, True)):
+        scores = np.linspace(0.99, 0.6, n)
+        matched = np.tile([True, False, True, True, False, True, True, False, True, True],
+                          n // 10)  # 70% at every depth
+        threshold, _ = best_threshold(scores, matched, n, EffortSettings())
+        assert (threshold < NOT_OFFERED) == offered
+    bound = precision_lower_bound(np.array([7, 70]), np.array([10, 100]), 0.9)
+    assert 0.45 < bound[0] < 0.5 < 0.63 < bound[1] < 0.7
 
 
 def test_a_box_is_kept_once_greedily_by_score():
