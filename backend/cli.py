@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiles per forward pass (default: 4; --prelabel: the device's default)",
     )
     bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--variants", nargs="+", default=["default"],
+                       help="engine settings timed side by side: default, torchvision-nms, "
+                       "torchvision-roi-align, folded, unfolded, compiled")
     bench.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,
@@ -419,10 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job on generated survey images")
     demo.add_argument("--output", type=Path, default=Path("demo-output"))
-    demo.add_argument("--rounds", type=int, default=3, help="label -> retrain -> redeploy rounds")
+    demo.add_argument("--rounds", type=int, default=4, help="label -> retrain -> redeploy rounds")
     demo.add_argument("--images-per-round", type=int, default=8)
-    demo.add_argument("--iterations", type=int, default=90,
-                      help="training iterations per round (90: the demo ends in 15 min on 2 cores)")
+    demo.add_argument("--iterations", type=int, default=120,
+                      help="training iterations per round (120: the demo ends within 15 min on "
+                      "2 cores)")
     demo.add_argument("--seed", type=int, default=0)
     _add_device_args(demo)
     return parser
@@ -613,6 +617,7 @@ def _bench(args: argparse.Namespace) -> int:
         cases=tuple(args.models or CASES), precisions=tuple(args.precisions or [args.precision]),
         batch_sizes=tuple(args.batch_sizes or [4]), repeats=args.repeats, width=args.width,
         device=args.device, baseline=args.baseline, survey=survey,
+        variants=tuple(args.variants), channels_last=args.channels_last,
     )))
 
 

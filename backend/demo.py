@@ -267,7 +267,7 @@ def _round_row(
     }
 
 
-_SHOWN = ("Running stage", "exported ", "train:", "evaluate", "deploy", "select:")
+_SHOWN = ("Running stage", "exported ", "train:", "evaluate:", "deploy", "select:")
 
 
 def _dvc_repro(loop_dir: Path, env: dict[str, str], log: Path) -> int:
@@ -280,7 +280,7 @@ def _dvc_repro(loop_dir: Path, env: dict[str, str], log: Path) -> int:
         assert proc.stdout is not None
         for line in proc.stdout:
             saved.write(line)
-            if line.lstrip().startswith(_SHOWN):
+            if line.lstrip().startswith(_SHOWN) or "effort ratio" in line:
                 print(f"    {line.strip()}", flush=True)
     return proc.returncode
 

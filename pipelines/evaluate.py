@@ -171,7 +171,7 @@ def effort_figures(val: dict[str, Any], records: list[dict[str, Any]],
 
 def _print_effort(version: str, figures: dict[str, Any], chosen: dict[str, Any]) -> None:
     overall = figures["overall"]
-    thresholds = ", ".join(f"{name} {'not offered' if t >= effort.NOT_OFFERED else t}"
+    thresholds = ", ".join(f"{name} {'not offered' if t >= effort.NOT_OFFERED else f'{t:.3f}'}"
                            for name, t in chosen["per_class"].items())
     print(f"evaluate {version}: effort ratio {overall['effort_ratio']:.3f} "
           f"({overall['corrections_per_image']:.2f} corrections per image; kept "

@@ -75,6 +75,7 @@ class EngineBench:
     baseline: bool = True
     survey: SurveySettings | None = None
     variants: tuple[str, ...] = ("default",)
+    channels_last: bool | None = None  # None: the device's default
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.cases) - set(CASES))
@@ -132,7 +133,8 @@ def run_engine_benchmark(bench: EngineBench) -> Iterator[dict]:
     tv_model = torchvision_model() if bench.baseline else None
     for precision in bench.precisions:
         for batch in bench.batch_sizes:
-            options = DeviceOptions.create(bench.device, precision, batch_size=batch)
+            options = DeviceOptions.create(bench.device, precision, bench.channels_last,
+                                           batch_size=batch)
             baseline = (
                 (torchvision_runner(tv_model, options), tv_model) if tv_model is not None else None
             )

@@ -67,7 +67,8 @@ def _export(checkout: Path, server: LocalLabelStudio) -> dict:
     seconds = time.perf_counter() - started
     manifest = json.loads((checkout / "data/dataset/manifest.json").read_text())
     return {"seconds": round(seconds, 2), "bytes": manifest["fetched_bytes"],
-            "images": manifest["images"], "fetched": manifest["images_fetched"]}
+            "images": manifest["images"], "fetched": manifest["images_fetched"],
+            "tasks_read": manifest["tasks_read"]}
 
 
 def run_export_benchmark(bench: ExportBench, server: LocalLabelStudio | None = None
@@ -100,5 +101,6 @@ def _measure(bench: ExportBench, server: LocalLabelStudio, root: Path) -> dict:
             "first_s": first["seconds"], "second_s": second["seconds"],
             "first_bytes": first["bytes"], "second_bytes": second["bytes"],
             "second_fetched": second["fetched"], "images": second["images"],
+            "second_tasks_read": second["tasks_read"],
             "time_ratio": round(second["seconds"] / first["seconds"], 3),
             "bytes_ratio": round(second["bytes"] / max(first["bytes"], 1), 4)}
