@@ -28,7 +28,7 @@ def _add_device_args(parser: argparse.ArgumentParser) -> None:
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="NHWC activations (default: on for CUDA, off for CPU)",
+        help="NHWC activations (default: on; on CPU 13-20%% faster with folded norms)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument(

@@ -208,10 +208,13 @@ def test_no_cuda_only_branch_outside_the_device_module():
 def test_cuda_defaults_are_options_the_cpu_takes():
     cpu_defaults = DeviceOptions.create("cpu")
     assert (cpu_defaults.channels_last, cpu_defaults.pin_memory, cpu_defaults.batch_size) == (
-        False,
+        True,
         False,
         1,
     )
+    assert (cpu_defaults.fold_norms, cpu_defaults.nms, cpu_defaults.roi_align) == (
+        True, "exact", "torchvision")
+    assert not DeviceOptions.create("cpu", "bf16").fold_norms
     everything = DeviceOptions.create(
         "cpu", "bf16", channels_last=True, pin_memory=True, batch_size=8
     )

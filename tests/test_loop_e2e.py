@@ -372,6 +372,24 @@ def test_export_with_no_accepted_labels_deploys_nothing(loop):
     assert Registry(checkout / "models/registry").version_names() == []
 
 
+def test_calibrate_chooses_thresholds_on_a_label_studio_project(loop, tmp_path):
+    """A model brought from outside, calibrated on the project's accepted annotations: the
+    thresholds land in its model.json and the effort table is printed."""
+    import shutil
+
+    model = tmp_path / "outside"
+    shutil.copytree(Registry(loop["dir"] / "models/registry").current().path, model)
+    proc = run([sys.executable, "-m", "backend.cli", "calibrate", "--model", str(model),
+                "--project", str(loop["project"]), "--work-dir", str(tmp_path / "work"),
+                "--device", "cpu"], loop["dir"], loop["env"])
+    assert "overall: effort ratio" in proc.stdout
+    stored = json.loads((model / "model.json").read_text())["score_thresholds"]
+    assert set(stored["per_class"]) == set(CLASSES)
+    assert stored["chosen_on"] == f"Label Studio project {loop['project']}"
+    exported = json.loads((loop["dir"] / "data/dataset/manifest.json").read_text())
+    assert stored["images"] == exported["images"]  # the accepted ones, as the loop exports
+
+
 def test_export_reads_only_what_changed_and_misses_no_change(loop):
     """After a first export, an updated annotation, a deleted one and a new one: the second
     run reads just the two tasks that changed or appeared, drops the one left without an
