@@ -136,6 +136,8 @@ def annotated_tasks(client: Any, project_id: int) -> list[dict[str, Any]]:
 
 
 REREAD_ALL = 200  # changed tasks beyond which one export snapshot beats reading them one by one
+LISTING_PAGE = 500  # a 1,000-task page makes Label Studio's SQLite fail ("Expression tree is
+                    # too large (maximum depth 1000)"), measured on 2,000 tasks
 
 
 class TaskStore:
@@ -152,7 +154,8 @@ class TaskStore:
     def sync(self, client: Any, project_id: int) -> list[dict[str, Any]]:
         """Every annotated task (skips included), from the cache where unchanged."""
         listed = {str(t.id): t.updated_at.isoformat() for t in client.tasks.list(
-                      project=project_id, fields="task_only", page_size=1000)
+                      project=project_id, fields="task_only", page_size=LISTING_PAGE,
+                      include="id,updated_at,total_annotations,cancelled_annotations")
                   if (t.total_annotations or 0) + (t.cancelled_annotations or 0) > 0}
         changed = [i for i, stamp in listed.items()
                    if self.tasks.get(i, {}).get("listed_at") != stamp]
@@ -161,7 +164,7 @@ class TaskStore:
             fresh = {str(t["id"]): t for t in annotated_tasks(client, project_id)}
         else:
             fresh = {i: t for i, t in self.tasks.items() if i in listed and i not in changed}
-            fresh |= {i: client.tasks.get(id=i).model_dump(mode="json") for i in changed}
+            fresh |= {str(t["id"]): t for t in _tasks_by_id(client, project_id, changed)}
         self.read = len(changed) if self.tasks else len(fresh)
         self.kept = len(fresh) - self.read
         self.tasks = {i: {"id": task["id"], "data": task.get("data") or {},
@@ -171,6 +174,15 @@ class TaskStore:
 
     def commit(self) -> None:
         write_json(self.path, self.tasks)
+
+
+def _tasks_by_id(client: Any, project_id: int, ids: list[str]) -> list[dict[str, Any]]:
+    """These tasks with their annotations, in one listing (not a request per task)."""
+    if not ids:
+        return []
+    chosen = json.dumps({"selectedItems": {"all": False, "included": [int(i) for i in ids]}})
+    return [t.model_dump(mode="json") for t in client.tasks.list(
+        project=project_id, fields="all", query=chosen, page_size=LISTING_PAGE)]
 
 
 class ImageStore:
