@@ -5,6 +5,8 @@ person before deploying."""
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from backend.detection.config import load_config
@@ -38,10 +40,10 @@ def test_a_new_label_set_warm_starts_from_the_deployed_model_with_a_fresh_predic
     deployed = torch.load(registry.current().path / "model_final.pth", weights_only=True)
     deployed = deployed.get("model", deployed)
     same, renamed = _model(), _model()
-    origin, digest = _start_weights(same, {}, LABELS, registry.current(), "d" * 64)
+    origin, digest = _start_weights(same, {}, LABELS, registry.current(), "d" * 64, None)
     assert origin == "deployed model v0001" and digest == "d" * 64
     origin, _ = _start_weights(renamed, {}, ["Elephant", "BIRD", "zebra"], registry.current(),
-                               "d" * 64)
+                               "d" * 64, None)
     assert "box predictor re-initialised" in origin and "v0001" in origin
     for name, value in renamed.state_dict().items():
         kept = torch.equal(value, same.state_dict()[name])
@@ -49,6 +51,12 @@ def test_a_new_label_set_warm_starts_from_the_deployed_model_with_a_fresh_predic
             assert not kept or name.endswith("bias"), name  # fresh weights (biases start at 0)
         else:
             assert kept, name
+    # Nothing deployed yet (no model has saved annotators work): the last candidate goes on.
+    fresh = _model()
+    origin, digest = _start_weights(fresh, {}, LABELS, None, None, registry.current())
+    assert origin == "the last candidate (not deployed)"
+    assert digest == hashlib.sha256(registry.current().weights.read_bytes()).hexdigest()
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in fresh.state_dict().items())
     backbone = next(k for k in same.state_dict() if k.startswith("backbone."))
     assert torch.equal(same.state_dict()[backbone].float(), deployed[backbone].float())
 

@@ -24,7 +24,7 @@ def test_two_ray_workers_predict_exactly_what_one_process_does(survey, tmp_path)
     assert main([*common, "--output", str(one)]) == 1  # the broken file, reported
     assert main([*common, "--output", str(ray), "--ray", "local", "--ray-workers", "2"]) == 1
     assert _records(ray) == _records(one)
-    assert len(_records(ray)) == 4
+    assert len(_records(ray)) == 5  # the broken file has its line, with the error
     report = json.loads((tmp_path / "ray.report.json").read_text())
     assert [f["image"].rsplit("/", 1)[-1] for f in report["failed"]] == ["broken.jpg"]
 
