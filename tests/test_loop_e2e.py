@@ -341,9 +341,18 @@ def test_a_model_names_the_exact_weights_it_started_from(loop, tmp_path):
 
 
 def test_two_gloo_processes_train_the_same_model_as_one(loop, tmp_path):
-    one = _train_params(loop, tmp_path, "one", iterations=3, batch_size=2)
+    """Two processes must train what one does, up to float rounding: summed in another
+    order, a gradient can flip a near-tied proposal in or out of the sampled ROIs (seen on
+    CI: 1e-4 of a weight apart). A real fault (gradients summed, not averaged; the wrong
+    shard of the data; a rank with its own seed) moves the weights as far as training does,
+    so each tensor's distance between the runs is measured against how far training moved
+    it from the weights both started from, and frozen tensors must not move at all."""
+    deployed = Registry(loop["dir"] / "models/registry").current().path / "model_final.pth"
+    start = torch.load(deployed, weights_only=True)["model"]
+    common = {"iterations": 3, "batch_size": 2, "base_weights": str(deployed)}
+    one = _train_params(loop, tmp_path, "one", **common)
     run([sys.executable, "-m", "pipelines.train"], loop["dir"], one)
-    two = _train_params(loop, tmp_path, "two", iterations=3, batch_size=2)
+    two = _train_params(loop, tmp_path, "two", **common)
     run(
         [
             sys.executable,
@@ -359,8 +368,16 @@ def test_two_gloo_processes_train_the_same_model_as_one(loop, tmp_path):
     )
     single, ddp = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
     assert json.loads((tmp_path / "two/model/model.json").read_text())["processes"] == 2
-    for key in single:
-        assert torch.allclose(single[key], ddp[key], rtol=1e-4, atol=1e-6), key
+    trained = set()
+    for key, weight in single.items():
+        moved = (weight - start[key]).double().norm()
+        apart = (weight - ddp[key]).double().norm()
+        if moved == 0:
+            assert torch.equal(ddp[key], start[key]), key
+        else:
+            trained.add(key)
+            assert apart <= 0.02 * moved, (key, float(apart / moved))  # 2e-4 at most, here
+    assert {"roi_heads.box_predictor.cls_score.weight", "backbone.res4.0.conv1.weight"} <= trained
 
 
 def test_export_with_no_accepted_labels_deploys_nothing(loop):
