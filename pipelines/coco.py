@@ -17,9 +17,11 @@ def read_coco(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Deterministic JSON (sorted keys), so that an unchanged dataset hashes the same."""
-    write_atomically(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+def write_json(path: str | Path, data: Any, compact: bool = False) -> None:
+    """Deterministic JSON (sorted keys), so that an unchanged dataset hashes the same;
+    `compact` for what only the next run reads (json's C encoder: no indent)."""
+    layout: dict[str, Any] = {"separators": (",", ":")} if compact else {"indent": 1}
+    write_atomically(path, json.dumps(data, sort_keys=True, **layout) + "\n")
 
 
 def category_names(coco: dict[str, Any]) -> list[str]:

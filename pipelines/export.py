@@ -7,12 +7,14 @@ under content-addressed names; an image that cannot be fetched or decoded is rep
 the manifest and skipped. With nothing accepted, the stage fails with a clear message and
 nothing downstream runs, so nothing is deployed.
 
-Incremental: one cheap listing of the project's tasks (no annotations) says which annotated
-tasks changed since the last run (Label Studio moves a task's `updated_at` whenever one of
-its annotations is created, updated or deleted), which are new and which are gone; only the
-changed and new ones are read again, the rest come from `tasks.index.json` (their data and
-annotations as last read). A first run, or one where more than 200 tasks changed, reads all
-annotated tasks through one export snapshot instead. An image is fetched only for a task
+Incremental: Label Studio moves a task's `updated_at` whenever one of its annotations is
+created, updated or deleted, so a run lists only the tasks updated since the newest time
+stamp the last run saw (less a ten-second overlap), reads those that changed, and counts the
+project's annotated tasks; the rest come from `tasks.index.json` (their data and
+annotations as last read). When that count differs from the cache's (a task was deleted),
+one cheap listing of every task's id and time stamp says which are gone. A first run, or
+one where more than 200 tasks changed, reads all annotated tasks through one export
+snapshot instead. An image is fetched only for a task
 that is new or whose image URI changed (`images.index.json` keeps task -> URI, file, size
 between runs; DVC leaves both indexes in place with `persist`). Label Studio gives an
 uploaded file a new URI; an image replaced in a bucket under the same key is seen with
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +141,13 @@ def annotated_tasks(client: Any, project_id: int) -> list[dict[str, Any]]:
 REREAD_ALL = 200  # changed tasks beyond which one export snapshot beats reading them one by one
 LISTING_PAGE = 500  # a 1,000-task page makes Label Studio's SQLite fail ("Expression tree is
                     # too large (maximum depth 1000)"), measured on 2,000 tasks
+# Changes are asked for from this long before the newest one the last run saw: a save still
+# in its transaction while that run listed carries a time stamp before the ones it saw (a
+# request's transaction takes well under a second; a new task missed would change the count).
+OVERLAP = timedelta(seconds=10)
+_ANNOTATED = json.dumps({"filters": {"conjunction": "or", "items": [
+    {"filter": f"filter:tasks:{field}", "operator": "greater", "type": "Number", "value": 0}
+    for field in ("total_annotations", "cancelled_annotations")]}})
 
 
 class TaskStore:
@@ -150,30 +160,86 @@ class TaskStore:
         if path.is_file() and not refetch:
             self.tasks = json.loads(path.read_text())
         self.read = self.kept = self.removed = 0
+        self.listing = ""
 
     def sync(self, client: Any, project_id: int) -> list[dict[str, Any]]:
-        """Every annotated task (skips included), from the cache where unchanged."""
-        listed = {str(t.id): t.updated_at.isoformat() for t in client.tasks.list(
-                      project=project_id, fields="task_only", page_size=LISTING_PAGE,
-                      include="id,updated_at,total_annotations,cancelled_annotations")
-                  if (t.total_annotations or 0) + (t.cancelled_annotations or 0) > 0}
-        changed = [i for i, stamp in listed.items()
-                   if self.tasks.get(i, {}).get("listed_at") != stamp]
-        self.removed = len(set(self.tasks) - set(listed))
-        if not self.tasks or len(changed) > REREAD_ALL:
-            fresh = {str(t["id"]): t for t in annotated_tasks(client, project_id)}
-        else:
-            fresh = {i: t for i, t in self.tasks.items() if i in listed and i not in changed}
-            fresh |= {str(t["id"]): t for t in _tasks_by_id(client, project_id, changed)}
-        self.read = len(changed) if self.tasks else len(fresh)
-        self.kept = len(fresh) - self.read
-        self.tasks = {i: {"id": task["id"], "data": task.get("data") or {},
-                          "annotations": task.get("annotations") or [], "listed_at": listed[i]}
-                      for i, task in fresh.items() if i in listed}
+        """Every annotated task (skips included), from the cache where unchanged. Only the
+        tasks changed since the last run are listed, with their annotations, and the
+        annotated tasks counted: a count that differs from the cache's (a task deleted)
+        lists every task's id and time stamp, as a first run does."""
+        before = set(self.tasks)
+        self.listing = "changed tasks"
+        if not (self.tasks and self._read_changed(client, project_id)
+                and _annotated_count(client, project_id) == len(self.tasks)):
+            self.listing = "all tasks"
+            self._read_listed(client, project_id)
+        self.removed = len(before - set(self.tasks))
+        self.kept = len(self.tasks) - self.read
         return [self.tasks[i] for i in sorted(self.tasks, key=int)]
 
+    def _read_changed(self, client: Any, project_id: int) -> bool:
+        """The tasks updated since the last run, read into the cache; False (the cache
+        untouched) when more than REREAD_ALL changed."""
+        newest = max(datetime.fromisoformat(t["listed_at"]) for t in self.tasks.values())
+        since = (newest - OVERLAP).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        listed = _listing(client, project_id, json.dumps({"filters": {
+            "conjunction": "and", "items": [{"filter": "filter:tasks:updated_at", "type":
+                                             "Datetime", "operator": "greater_or_equal",
+                                             "value": since}]}}))
+        changed = {i: stamp for i, (stamp, _) in listed.items()
+                   if self.tasks.get(i, {}).get("listed_at") != stamp}
+        if len(changed) > REREAD_ALL:
+            return False
+        for i in changed:
+            self.tasks.pop(i, None)
+        annotated = [i for i in changed if listed[i][1]]
+        for task in _tasks_by_id(client, project_id, annotated):
+            self.tasks[str(task["id"])] = _entry(task, changed[str(task["id"])])
+        self.read += len(annotated)
+        return True
+
+    def _read_listed(self, client: Any, project_id: int) -> None:
+        """Every task's id and time stamp listed; the changed ones read again (all of them
+        through an export snapshot on a first run or when many changed)."""
+        listed = {i: stamp for i, (stamp, annotated) in _listing(client, project_id).items()
+                  if annotated}
+        changed = [i for i, stamp in listed.items()
+                   if self.tasks.get(i, {}).get("listed_at") != stamp]
+        if not self.tasks or len(changed) > REREAD_ALL:
+            fresh = annotated_tasks(client, project_id)
+        else:
+            fresh = _tasks_by_id(client, project_id, changed)
+        self.tasks = {i: task for i, task in self.tasks.items() if i in listed}
+        for task in fresh:
+            if str(task["id"]) in listed:
+                self.tasks[str(task["id"])] = _entry(task, listed[str(task["id"])])
+        self.read += len(changed)
+
     def commit(self) -> None:
-        write_json(self.path, self.tasks)
+        write_json(self.path, self.tasks, compact=True)
+
+
+def _listing(client: Any, project_id: int, query: str | None = None
+             ) -> dict[str, tuple[str, bool]]:
+    """Task id -> (its `updated_at`, whether it has an annotation or a skip), for the tasks
+    `query` filters (all without one): ids and counts only, no annotations."""
+    return {str(t.id): (t.updated_at.isoformat(),
+                        (t.total_annotations or 0) + (t.cancelled_annotations or 0) > 0)
+            for t in client.tasks.list(
+                project=project_id, fields="task_only", page_size=LISTING_PAGE, query=query,
+                include="id,updated_at,total_annotations,cancelled_annotations")}
+
+
+def _entry(task: dict[str, Any], listed_at: str) -> dict[str, Any]:
+    """What the dataset needs of a task, and the time stamp it was read at."""
+    return {"id": task["id"], "data": task.get("data") or {},
+            "annotations": task.get("annotations") or [], "listed_at": listed_at}
+
+
+def _annotated_count(client: Any, project_id: int) -> int:
+    """How many tasks have an annotation or a skip, from one listing's total (one task)."""
+    return client.tasks.list(project=project_id, fields="task_only", include="id",
+                             page_size=1, query=_ANNOTATED).response.total or 0
 
 
 def _tasks_by_id(client: Any, project_id: int, ids: list[str]) -> list[dict[str, Any]]:
@@ -223,7 +289,8 @@ class ImageStore:
         for path in self.dir.iterdir():
             if path.name not in used:
                 path.unlink()
-        write_json(self.index_path, dict(sorted(self.kept.items(), key=lambda kv: int(kv[0]))))
+        write_json(self.index_path, dict(sorted(self.kept.items(), key=lambda kv: int(kv[0]))),
+                   compact=True)
 
 
 def export_project(
@@ -301,6 +368,7 @@ def export_project(
         "tasks_read": known.read,
         "tasks_unchanged": known.kept,
         "tasks_gone": known.removed,
+        "tasks_listed": known.listing,
         "images_fetched": store.fetched,
         "images_reused": store.reused,
         "fetched_bytes": store.fetched_bytes,

@@ -122,6 +122,7 @@ def test_export_bench_fetches_only_the_new_images_the_second_time(label_studio):
     (record,) = run_export_benchmark(ExportBench(tasks=30, added_percent=10), label_studio)
     assert (record["added"], record["second_fetched"], record["images"]) == (3, 3, 33)
     assert record["second_tasks_read"] == 3  # only the new tasks' annotations are read
+    assert record["second_listing"] == "changed tasks"
     assert 0 < record["second_bytes"] < record["first_bytes"] / 5
     assert record["bytes_ratio"] == pytest.approx(
         record["second_bytes"] / record["first_bytes"], abs=1e-4)

@@ -412,21 +412,24 @@ def test_calibrate_chooses_thresholds_on_a_label_studio_project(loop, tmp_path):
 
 def test_export_reads_only_what_changed_and_misses_no_change(loop):
     """After a first export, an updated annotation, a deleted one and a new one: the second
-    run reads just the two tasks that changed or appeared, drops the one left without an
-    annotation, keeps the untouched one from its index, and the dataset shows all three."""
+    run lists only the tasks changed since the first, reads the two that changed or
+    appeared, drops the one left without an annotation, keeps the untouched and the skipped
+    ones from its index, and the dataset shows all three changes. A deleted task is seen by
+    the count of annotated tasks, and the third run lists every task to find it."""
     ls = loop["ls"]
     project = ls.projects.create(title="incremental", label_config=CONFIG)
     rng = np.random.default_rng(5)
-    scenes = [survey_scene(rng, 160, 160, 3) for _ in range(4)]
+    scenes = [survey_scene(rng, 160, 160, 3) for _ in range(6)]
     for i, scene in enumerate(scenes):
         import_image(loop["label_studio"], project.id, f"inc{i}.png", png_bytes(scene.image))
-    ids = sorted(t.id for t in ls.tasks.list(project=project.id))
-    for task_id, scene in zip(ids[:3], scenes[:3], strict=True):
-        annotate(ls, task_id, scene.boxes, scene.classes, (160, 160))
+    changed, deleted, untouched, new, skipped, removed = sorted(
+        t.id for t in ls.tasks.list(project=project.id))
+    for task_id in (changed, deleted, untouched, removed):
+        annotate(ls, task_id, scenes[0].boxes, scenes[0].classes, (160, 160))
+    ls.annotations.create(id=skipped, result=[], was_cancelled=True)
     checkout = new_project(loop["root"] / "incremental", project.id, loop["env"])
     export = [sys.executable, "-m", "pipelines.export"]
     run(export, checkout, loop["env"])
-    changed, deleted, untouched, new = ids
     (annotation,) = ls.annotations.list(id=changed)
     moved = np.array([[2.0, 2.0, 40.0, 40.0]])
     ls.annotations.update(id=annotation.id, result=[
@@ -434,15 +437,25 @@ def test_export_reads_only_what_changed_and_misses_no_change(loop):
     (gone,) = ls.annotations.list(id=deleted)
     ls.annotations.delete(id=gone.id)
     annotate(ls, new, scenes[3].boxes, scenes[3].classes, (160, 160))
-    run(export, checkout, loop["env"])
-    manifest = json.loads((checkout / "data/dataset/manifest.json").read_text())
+
+    def exported() -> tuple[dict, dict]:
+        run(export, checkout, loop["env"])
+        manifest = json.loads((checkout / "data/dataset/manifest.json").read_text())
+        coco = json.loads((checkout / "data/dataset/annotations.json").read_text())
+        return manifest, coco
+
+    manifest, coco = exported()
+    assert manifest["tasks_listed"] == "changed tasks"
     assert (manifest["tasks_read"], manifest["tasks_unchanged"], manifest["tasks_gone"]) == (
-        2, 1, 1)
-    coco = json.loads((checkout / "data/dataset/annotations.json").read_text())
-    assert sorted(im["id"] for im in coco["images"]) == sorted([changed, untouched, new])
+        2, 3, 1)
+    assert sorted(im["id"] for im in coco["images"]) == [changed, untouched, new, removed]
     boxes = [a["bbox"] for a in coco["annotations"] if a["image_id"] == changed]
     assert boxes == [pytest.approx([2.0, 2.0, 38.0, 38.0], abs=1e-3)]
     assert len([a for a in coco["annotations"] if a["image_id"] == new]) == len(scenes[3].boxes)
+    ls.tasks.delete(id=removed)
+    manifest, coco = exported()
+    assert (manifest["tasks_listed"], manifest["tasks_gone"]) == ("all tasks", 1)
+    assert sorted(im["id"] for im in coco["images"]) == [changed, untouched, new]
 
 
 def test_start_training_webhook_runs_dvc_repro_in_the_checkout(loop, tmp_path, monkeypatch):
