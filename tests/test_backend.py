@@ -327,6 +327,34 @@ def test_health_and_setup_name_a_new_deployment_without_a_predict_first(world):
         assert setup.json()["model_version"] == "v1"
 
 
+def test_a_request_during_a_reload_waits_for_the_new_version(tmp_path, monkeypatch):
+    """The watcher noticed a deploy and is still loading it: a request that arrives then is
+    answered by the new version, not the old one (seen once through Label Studio)."""
+    registry = Registry(tmp_path / "registry")
+    for version in ("v1", "v2"):
+        registry.add(make_model_dir(tmp_path / version, version=version))
+    registry.switch("v1")
+    source = ModelSource(registry=registry, device="cpu", watch_seconds=3600)
+    loading, release = threading.Event(), threading.Event()
+    load = source._load
+
+    def slow_load(model_dir, name):
+        loading.set()
+        release.wait(10)
+        return load(model_dir, name)
+
+    monkeypatch.setattr(source, "_load", slow_load)
+    registry.switch("v2")
+    with ThreadPoolExecutor(2) as pool:
+        watcher = pool.submit(source.get)
+        assert loading.wait(10)
+        request = pool.submit(source.get)
+        time.sleep(0.2)
+        release.set()
+        assert (watcher.result().version, request.result().version) == ("v2", "v2")
+    source.close()
+
+
 def test_basic_auth_header_is_parsed_strictly(world):
     garbage = {"Authorization": "Basic " + base64.b64encode(b"\xff\xfe").decode()}
     assert httpx.get(world["url"] + "/versions", headers=garbage).status_code == 401

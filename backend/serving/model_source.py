@@ -95,12 +95,13 @@ class ModelSource:
         return self._current
 
     def get(self) -> LoadedModel:
-        """The model to answer this request with, reloading first if the registry moved."""
+        """The model to answer this request with, reloading first if the registry moved.
+        The stamp moves only once the new version is loaded: a request that arrives while
+        the watcher loads it waits for the lock instead of answering with the old one."""
         if self.registry is not None and self.registry.pointer_stamp() != self._stamp:
             with self._lock:
                 stamp = self.registry.pointer_stamp()
                 if stamp != self._stamp:
-                    self._stamp = stamp
                     try:
                         name = self.registry.current_name()
                         assert name is not None
@@ -110,4 +111,5 @@ class ModelSource:
                             "could not load the registry's new current version; still serving %s",
                             self._current.version,
                         )
+                    self._stamp = stamp  # a version that fails is not retried every request
         return self._current
