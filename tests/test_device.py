@@ -99,7 +99,7 @@ def test_gpu_defaults_all_at_once_on_cpu_equal_one_image_at_a_time(monkeypatch, 
     name = "faster_rcnn_R_50_FPN_1x"
     gpu_like = _predictor(name, pin_memory=True, channels_last=True, batch_size=4)
     assert gpu_like.options == DeviceOptions(
-        torch.device("cpu"), "fp32", True, True, 4, cudnn_benchmark=False
+        torch.device("cpu"), "fp32", True, True, 4, cudnn_benchmark=False, roi_align="threads"
     )
     tiles = [np.ascontiguousarray(fixture_image[y : y + 400, x : x + 400])
              for y in (0, 400) for x in (0, 400)]
@@ -213,7 +213,7 @@ def test_cuda_defaults_are_options_the_cpu_takes():
         1,
     )
     assert (cpu_defaults.fold_norms, cpu_defaults.nms, cpu_defaults.roi_align) == (
-        True, "exact", "torchvision")
+        True, "exact", "threads")
     assert not DeviceOptions.create("cpu", "bf16").fold_norms
     everything = DeviceOptions.create(
         "cpu", "bf16", channels_last=True, pin_memory=True, batch_size=8

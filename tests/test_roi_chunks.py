@@ -22,16 +22,19 @@ THREE_BRANCH = "tridentnet_3branch_R_50_C4_1x"
 
 @pytest.fixture
 def pooled_sizes(monkeypatch) -> list[int]:
-    """Bytes of every ROIAlign output (fp32), as the heads call it."""
+    """Bytes of every ROIAlign output (fp32), as the heads call it (in one thread or
+    shared among threads, the CPU's default)."""
     sizes: list[int] = []
-    align = roi_heads.roi_align
 
-    def recording(*args, **kwargs):
-        out = align(*args, **kwargs)
-        sizes.append(out.numel() * out.element_size())
-        return out
+    def recording(align):
+        def record(*args, **kwargs):
+            out = align(*args, **kwargs)
+            sizes.append(out.numel() * out.element_size())
+            return out
+        return record
 
-    monkeypatch.setattr(roi_heads, "roi_align", recording)
+    for name in ("roi_align", "roi_align_threads"):
+        monkeypatch.setattr(roi_heads, name, recording(getattr(roi_heads, name)))
     return sizes
 
 

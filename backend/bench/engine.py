@@ -6,7 +6,8 @@ image. Compare `ratio_vs_torchvision` across machines, never the absolute number
 
 `variants` times engine settings side by side (each on its own copy of the model, rounds
 interleaved): `default`, `torchvision-nms` (torchvision's batched NMS instead of ours),
-`torchvision-roi-align` (torchvision's ROIAlign instead of the Triton kernel),
+`torchvision-roi-align` (one call of torchvision's ROIAlign instead of the Triton kernel on
+CUDA, or of the ROIs shared among threads on the CPU),
 `folded`/`unfolded` (frozen norms folded into the convolutions or not), `compiled`
 (torch.compile, opt-in). Each line of a variant also gives its ratio to the first variant.
 """

@@ -16,7 +16,7 @@ import torch
 from . import roi_align as triton_roi_align
 from .boxes import NMS_METHODS
 
-ROI_ALIGN_METHODS = ("torchvision", "triton")
+ROI_ALIGN_METHODS = ("torchvision", "threads", "triton")
 
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None,
@@ -41,6 +41,12 @@ def is_cuda(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _default_roi_align(cuda: bool) -> str:
+    if not cuda:
+        return "threads"
+    return "triton" if triton_roi_align.available() else "torchvision"
+
+
 @dataclass(frozen=True)
 class DeviceOptions:
     """How a predictor runs. Build it with `DeviceOptions.create`, which fills what is left
@@ -54,7 +60,7 @@ class DeviceOptions:
     cudnn_benchmark: bool = False  # autotune convolutions for fixed tile shapes
     roi_budget_mb: int = 512  # largest fp32 pooled-feature chunk of the ROI heads
     nms: str = "exact"  # one greedy NMS per batch in tensor ops; or "torchvision"
-    roi_align: str = "torchvision"  # or "triton": a C4 head's pooling (roi_align.py)
+    roi_align: str = "torchvision"  # or "threads" (CPU), "triton" (C4 heads): roi_align.py
     fold_norms: bool = True  # frozen batch norms folded into their convolutions (fp32)
     compile: bool = False  # torch.compile the backbone and the box head (opt-in)
 
@@ -90,8 +96,9 @@ class DeviceOptions:
         folded, 13-20% faster than NCHW: docs/benchmarks.md); on CPU, batches beyond 2
         images cost more per image; a GPU wants full batches and pinned copies, and has the
         memory for ROI chunks of 4 GB (a batch of 16 tiles in 3 chunks) and the Triton
-        ROIAlign where Triton is installed. Norms are folded into convolutions on the CPU in
-        fp32 only: in bf16 the folded bias is rounded to 8 bits relative to the shift
+        ROIAlign where Triton is installed; the CPU shares the ROIs among its threads
+        (torchvision's CPU ROIAlign runs on one core). Norms are folded into convolutions
+        on the CPU in fp32 only: in bf16 the folded bias is rounded to 8 bits relative to the shift
         rather than to the output, which cost TridentNet-Fast 2 of its 37 detectron2 twins
         (measured on CPU), and on CUDA eager the bias costs its own pass, so folding was
         slower there (see docs/benchmarks.md)."""
@@ -106,8 +113,7 @@ class DeviceOptions:
             cuda,
             (4096 if cuda else 512) if roi_budget_mb is None else roi_budget_mb,
             nms,
-            ("triton" if cuda and triton_roi_align.available() else "torchvision")
-            if roi_align is None else roi_align,
+            _default_roi_align(cuda) if roi_align is None else roi_align,
             (not cuda and precision == "fp32") if fold_norms is None else fold_norms,
             compile,
         )

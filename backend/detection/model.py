@@ -54,12 +54,13 @@ class GeneralizedRCNN(nn.Module):
 
     def configure_inference(self, nms_method: str, roi_budget_bytes: int, roi_align: str) -> None:
         """How the heads run (the same detections either way): which NMS, the ROI chunks'
-        memory bound (see ROIHeads), which ROIAlign for a C4 head (see roi_align.py)."""
+        memory bound (see ROIHeads), which ROIAlign (see roi_align.py; the Triton kernel is
+        measured and tested on C4 heads only, so FPN heads pool with torchvision's there)."""
         self.proposal_generator.nms_method = nms_method
         self.roi_heads.box_predictor.nms_method = nms_method
         self.roi_heads.roi_budget_bytes = roi_budget_bytes
-        if not self.cfg.fpn:
-            self.roi_heads.pooler.method = roi_align
+        fpn_triton = self.cfg.fpn and roi_align == "triton"
+        self.roi_heads.pooler.method = "torchvision" if fpn_triton else roi_align
 
     def compile_fixed_parts(self) -> None:
         """torch.compile the parts whose shapes repeat batch after batch: the backbone (one

@@ -27,7 +27,7 @@ from .boxes import (
 from .config import ResNetConfig, ROIHeadsConfig
 from .layers import c2_xavier_init
 from .resnet import make_stage, stage_widths
-from .roi_align import roi_align_channels_last
+from .roi_align import roi_align_channels_last, roi_align_threads
 from .structures import BatchDetections, Proposals, Targets
 
 
@@ -51,7 +51,7 @@ class ROIPooler(nn.Module):
         self.aligned = aligned
         self.min_level = int(-math.log2(scales[0]))
         self.max_level = int(-math.log2(scales[-1]))
-        self.method = "torchvision"  # or "triton": see roi_align.py
+        self.method = "torchvision"  # or "threads", "triton": see roi_align.py
 
     def forward(
         self,
@@ -91,7 +91,8 @@ class ROIPooler(nn.Module):
             return roi_align_channels_last(
                 feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned, step
             ).contiguous(memory_format=memory_format)
-        pooled = roi_align(
+        align = roi_align_threads if self.method == "threads" else roi_align
+        pooled = align(
             feature.float(), rois, self.output_size, scale, self.sampling_ratio, self.aligned
         )
         if step > 1:
