@@ -164,7 +164,7 @@ class TaskStore:
 
     def sync(self, client: Any, project_id: int) -> list[dict[str, Any]]:
         """Every annotated task (skips included), from the cache where unchanged. Only the
-        tasks changed since the last run are listed, with their annotations, and the
+        tasks updated since the last run are listed and those that changed read, and the
         annotated tasks counted: a count that differs from the cache's (a task deleted)
         lists every task's id and time stamp, as a first run does."""
         before = set(self.tasks)
