@@ -248,6 +248,8 @@ def _round_row(
     decision = json.loads((loop_dir / "deploy.json").read_text())
     deployed = metrics["deployed"]
     val_ap50 = metrics["ap50"] if decision["deployed"] or deployed is None else deployed["ap50"]
+    # the annotator deleted every other pre-label and drew every animal not kept
+    corrections = (offered - kept) + (objects - kept)
     return {
         "round": round_no,
         "model_version": registry.current_name() or "-",
@@ -259,10 +261,9 @@ def _round_row(
         "objects": objects,
         "pre_labels_offered": offered,
         "pre_labels_kept": kept,
-        # the annotator deleted every other pre-label and drew every animal not kept
-        "corrections": (offered - kept) + (objects - kept),
-        "corrections_per_image": round(((offered - kept) + (objects - kept)) / images, 2),
-        "effort_ratio": round(((offered - kept) + (objects - kept)) / max(objects, 1), 3),
+        "corrections": corrections,
+        "corrections_per_image": round(corrections / images, 2),
+        "effort_ratio": round(corrections / max(objects, 1), 3),
         "served_thresholds": served,
     }
 

@@ -157,9 +157,8 @@ def _offered_kept(scores: np.ndarray, matched: np.ndarray, thresholds: np.ndarra
     return offered, np.concatenate([[0], np.cumsum(matched)])[offered]
 
 
-def _corrections(scores: np.ndarray, matched: np.ndarray, truth: int, thresholds: np.ndarray,
-                 settings: EffortSettings) -> np.ndarray:
-    offered, kept = _offered_kept(scores, matched, thresholds)
+def _cost(offered: Any, kept: Any, truth: int, settings: EffortSettings) -> Any:
+    """Corrections: the offered boxes not kept deleted, the truth not kept drawn."""
     return settings.delete_cost * (offered - kept) + settings.draw_cost * (truth - kept)
 
 
@@ -181,7 +180,7 @@ def best_threshold(scores: np.ndarray, matched: np.ndarray, truth: int,
     nothing offered beats drawing from scratch."""
     candidates = np.concatenate([[NOT_OFFERED], np.unique(scores)[::-1]])
     offered, kept = _offered_kept(scores, matched, candidates)
-    cost = settings.delete_cost * (offered - kept) + settings.draw_cost * (truth - kept)
+    cost = _cost(offered, kept, truth, settings)
     eligible = precision_lower_bound(kept, offered, settings.confidence) > settings.break_even
     eligible[0] = True  # not offering is always possible
     cost = np.where(eligible, cost, np.inf)
@@ -213,7 +212,7 @@ def report(scored: Scored, per_class: dict[str, float],
     """What annotators and surveys get at these thresholds: per class and overall kept,
     deleted, drawn, corrections (per image), effort ratio, precision, recall, and counts
     (predicted vs true totals, relative error, mean absolute count error per image)."""
-    classes, totals = {}, np.zeros(4)
+    classes, totals = {}, np.zeros(3, int)
     for c, name in enumerate(scored.names):
         scores, matched, truth = scored.subset(c)
         t = per_class.get(name, NOT_OFFERED)
@@ -222,8 +221,8 @@ def report(scored: Scored, per_class: dict[str, float],
         row = _figures(offered, kept, truth, scored.images, settings)
         row.update(threshold=t, **_counts(scored, c, t))
         classes[name] = row
-        totals += (offered, kept, truth, 0)
-    offered, kept, truth, _ = (int(v) for v in totals)
+        totals += (offered, kept, truth)
+    offered, kept, truth = (int(v) for v in totals)
     return {"overall": _figures(offered, kept, truth, scored.images, settings),
             "per_class": classes, "images": scored.images}
 
@@ -231,7 +230,7 @@ def report(scored: Scored, per_class: dict[str, float],
 def _figures(offered: int, kept: int, truth: int, images: int,
              settings: EffortSettings) -> dict[str, Any]:
     deleted, drawn = offered - kept, truth - kept
-    corrections = settings.delete_cost * deleted + settings.draw_cost * drawn
+    corrections = _cost(offered, kept, truth, settings)
     return {
         "offered": offered, "kept": kept, "deleted": deleted, "drawn": drawn,
         "ground_truth": truth, "corrections": round(float(corrections), 3),
@@ -262,7 +261,7 @@ def curve(scored: Scored, settings: EffortSettings = EffortSettings()) -> list[d
     points = []
     for c, name in enumerate(scored.names):
         scores, matched, truth = scored.subset(c)
-        cost = _corrections(scores, matched, truth, PLOT_THRESHOLDS, settings)
+        cost = _cost(*_offered_kept(scores, matched, PLOT_THRESHOLDS), truth, settings)
         points += [{"class": name, "threshold": float(t),
                     "effort_ratio": round(float(v) / max(truth, 1), 4)}
                    for t, v in zip(PLOT_THRESHOLDS, cost, strict=True)]

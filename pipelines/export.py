@@ -14,12 +14,12 @@ project's annotated tasks; the rest come from `tasks.index.json` (their data and
 annotations as last read). When that count differs from the cache's (a task was deleted),
 one cheap listing of every task's id and time stamp says which are gone. A first run, or
 one where more than 200 tasks changed, reads all annotated tasks through one export
-snapshot instead. An image is fetched only for a task
-that is new or whose image URI changed (`images.index.json` keeps task -> URI, file, size
-between runs; DVC leaves both indexes in place with `persist`). Label Studio gives an
-uploaded file a new URI; an image replaced in a bucket under the same key is seen with
-`dataset.refetch_images: true` (which also reads every task again). Images no task uses any
-more are removed once the new dataset is complete.
+snapshot instead. An image is fetched only for a task that is new or whose image URI
+changed (`images.index.json` keeps task -> URI, file, size between runs; DVC leaves both
+indexes in place with `persist`). Label Studio gives an uploaded file a new URI; an image
+replaced in a bucket under the same key is seen with `dataset.refetch_images: true` (which
+also reads every task again). Images no task uses any more are removed once the new
+dataset is complete.
 
 Outputs: `<dir>/annotations.json` and `<dir>/images/` (DVC-tracked) and `<dir>/manifest.json`
 (counts per class, the project, the snapshot time, images fetched and reused with the bytes
@@ -145,9 +145,18 @@ LISTING_PAGE = 500  # a 1,000-task page makes Label Studio's SQLite fail ("Expre
 # in its transaction while that run listed carries a time stamp before the ones it saw (a
 # request's transaction takes well under a second; a new task missed would change the count).
 OVERLAP = timedelta(seconds=10)
-_ANNOTATED = json.dumps({"filters": {"conjunction": "or", "items": [
-    {"filter": f"filter:tasks:{field}", "operator": "greater", "type": "Number", "value": 0}
-    for field in ("total_annotations", "cancelled_annotations")]}})
+
+
+def _filters(conjunction: str, *items: tuple[str, str, str, Any]) -> str:
+    """A task listing's `query`: Label Studio's data-manager filters, each (field, type,
+    operator, value)."""
+    return json.dumps({"filters": {"conjunction": conjunction, "items": [
+        {"filter": f"filter:tasks:{field}", "type": kind, "operator": op, "value": value}
+        for field, kind, op, value in items]}})
+
+
+_ANNOTATED = _filters("or", ("total_annotations", "Number", "greater", 0),
+                      ("cancelled_annotations", "Number", "greater", 0))
 
 
 class TaskStore:
@@ -182,10 +191,8 @@ class TaskStore:
         untouched) when more than REREAD_ALL changed."""
         newest = max(datetime.fromisoformat(t["listed_at"]) for t in self.tasks.values())
         since = (newest - OVERLAP).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        listed = _listing(client, project_id, json.dumps({"filters": {
-            "conjunction": "and", "items": [{"filter": "filter:tasks:updated_at", "type":
-                                             "Datetime", "operator": "greater_or_equal",
-                                             "value": since}]}}))
+        listed = _listing(client, project_id,
+                          _filters("and", ("updated_at", "Datetime", "greater_or_equal", since)))
         changed = {i: stamp for i, (stamp, _) in listed.items()
                    if self.tasks.get(i, {}).get("listed_at") != stamp}
         if len(changed) > REREAD_ALL:

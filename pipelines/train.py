@@ -115,11 +115,9 @@ def _already_trained(
     only repeat its epochs."""
     if start_sha256 is None or lineage["code_sha256"] is None:
         return None
-    try:
-        candidate = ModelDir.open(out)
-    except ModelDirError:
-        return None
-    if any(candidate.metadata.get(key) != value for key, value in lineage.items()):
+    candidate = _previous_candidate(out)
+    if candidate is None or any(candidate.metadata.get(key) != value
+                                for key, value in lineage.items()):
         return None
     same = start_sha256 in (candidate.metadata.get("start_sha256"),
                             file_sha256(candidate.weights))

@@ -18,16 +18,16 @@ import math
 import threading
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Hashable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from .. import uncertainty
 from ..detection.structures import Detections
-from ..detection.tiling import TilingOptions
 from ..imagery.images import DEFAULT_MAX_PIXELS, DEFAULT_SCALING, PixelScaling, load_image
 from ..labelstudio.label_config import (
     LabelConfig,
@@ -105,6 +105,40 @@ class _Busy(Exception):
     """The inference queue refused a task: the whole request is answered 503."""
 
 
+V = TypeVar("V")
+
+
+class _Recent(Generic[V]):
+    """The `size` most recently used entries, shared by the request threads."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> V | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+            return self._items.get(key)
+
+    def put(self, key: Hashable, value: V) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def get_or_make(self, key: Hashable, make: Callable[[], V]) -> V:
+        """The entry, made outside the lock when missing (two threads may both make it;
+        either result serves)."""
+        found = self.get(key)
+        if found is None:
+            found = make()
+            self.put(key, found)
+        return found
+
+
 class Backend:
     """Everything the endpoints share: the model, the queue, media, jobs, per-project setup."""
 
@@ -123,35 +157,29 @@ class Backend:
         self.queue = queue or InferenceQueue()
         self.events: Counter[str] = Counter()
         self.fetchers = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="task")
-        self._projects: OrderedDict[str, ProjectState] = OrderedDict()
-        self._configs: OrderedDict[str, LabelConfig] = OrderedDict()
+        self._projects: _Recent[ProjectState] = _Recent(settings.max_projects)
+        self._configs: _Recent[LabelConfig] = _Recent(settings.max_configs)
         # The task being labelled is asked about again and again: its decoded image and its
         # normal-scale detections (per model version) are kept for the next smart region.
-        self._decoded: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._normal: OrderedDict[tuple[str, str], Detections] = OrderedDict()
-        self._lock = threading.Lock()
+        self._decoded: _Recent[np.ndarray] = _Recent(settings.cached_images)
+        self._normal: _Recent[Detections] = _Recent(8 * settings.cached_images)
+        self._lock = threading.Lock()  # the webhook's event counts
 
     def label_config(self, schema: object) -> LabelConfig:
         """The parsed config, from a small LRU cache (Label Studio resends it every time)."""
         if not isinstance(schema, str):
             raise HTTPError(400, "the label config must be an XML string")
-        with self._lock:
-            if schema in self._configs:
-                self._configs.move_to_end(schema)
-                return self._configs[schema]
-        try:
-            config = parse_label_config(schema)
-        except LabelConfigError as exc:
-            raise HTTPError(400, str(exc)) from exc
-        with self._lock:
-            self._configs[schema] = config
-            while len(self._configs) > self.settings.max_configs:
-                self._configs.popitem(last=False)
-        return config
+
+        def parse() -> LabelConfig:
+            try:
+                return parse_label_config(schema)
+            except LabelConfigError as exc:
+                raise HTTPError(400, str(exc)) from exc
+
+        return self._configs.get_or_make(schema, parse)
 
     def project(self, project: str) -> ProjectState:
-        with self._lock:
-            return self._projects.get(project) or ProjectState()
+        return self._projects.get(project) or ProjectState()
 
     def setup(self, body: dict[str, Any]) -> dict[str, Any]:
         project = _project_id(body.get("project"))
@@ -164,11 +192,7 @@ class Backend:
         threshold = extra.get("score_threshold") if isinstance(extra, dict) else None
         if threshold is not None:
             threshold = check_threshold(threshold, "extra_params.score_threshold")
-        with self._lock:
-            self._projects[project] = ProjectState(schema, threshold)
-            self._projects.move_to_end(project)
-            while len(self._projects) > self.settings.max_projects:
-                self._projects.popitem(last=False)
+        self._projects.put(project, ProjectState(schema, threshold))
         controls = [c.from_name for c, _ in usable]
         log.info("setup project %s: controls %s, score thresholds %s", project, controls,
                  self._thresholds(model, threshold, project).describe(model.labels))
@@ -273,17 +297,23 @@ class Backend:
         for control, class_map in usable:
             targets.setdefault(control.to_name, interactive.Target(control, class_map))
         regions: list[dict[str, Any]] = []
-        for to_name in dict.fromkeys(p.to_name for p in prompts):
-            target = targets.get(to_name)
-            if target is None:
-                continue  # an image without a box control this model can fill
-            uri = data.get(target.control.data_key)
-            image = self._decoded_image(uri, _task_id(tasks[0]), deadline)
-            normal = self._normal_detections(uri, image, model, deadline)
-            regions += interactive.answer(
-                [p for p in prompts if p.to_name == to_name], image, normal, targets,
-                model.tiling, lambda crop: self._run(model, crop, model.tiling, deadline),
-                self.settings.interactive_threshold)
+        try:
+            for to_name in dict.fromkeys(p.to_name for p in prompts):
+                target = targets.get(to_name)
+                if target is None:
+                    continue  # an image without a box control this model can fill
+                uri = data.get(target.control.data_key)
+                image = self._decoded.get_or_make(
+                    str(uri), lambda uri=uri: self._load(uri, _task_id(tasks[0]), deadline))
+                normal = self._normal.get_or_make(
+                    (str(uri), model.version),
+                    lambda image=image: self._run(model, image, deadline, urgent=True))
+                regions += interactive.answer(
+                    [p for p in prompts if p.to_name == to_name], image, normal, target,
+                    model.tiling, lambda crop: self._run(model, crop, deadline, urgent=True),
+                    self.settings.interactive_threshold)
+        except TimeoutError as exc:
+            raise HTTPError(504, "no answer before the request's deadline") from exc
         try:
             validate(regions, config)
         except ResultError as exc:
@@ -291,56 +321,25 @@ class Backend:
         score = max((r["score"] for r in regions), default=0.0)
         return {"results": [prediction(regions, model.version, score)]}
 
-    def _decoded_image(self, uri: Any, task_id: int | None, deadline: float) -> np.ndarray:
-        key = str(uri)
-        with self._lock:
-            if key in self._decoded:
-                self._decoded.move_to_end(key)
-                return self._decoded[key]
+    def _load(self, uri: Any, task_id: int | None, deadline: float) -> np.ndarray:
         raw = self.media.fetch(uri, task_id, deadline)
-        image = load_image(raw, max_pixels=self.settings.max_pixels, name=key,
-                           scaling=self.settings.scaling)
-        with self._lock:
-            self._decoded[key] = image
-            while len(self._decoded) > self.settings.cached_images:
-                self._decoded.popitem(last=False)
-        return image
+        return load_image(raw, max_pixels=self.settings.max_pixels, name=str(uri),
+                          scaling=self.settings.scaling)
 
-    def _normal_detections(self, uri: Any, image: np.ndarray, model: LoadedModel,
-                           deadline: float) -> Detections:
-        key = (str(uri), model.version)
-        with self._lock:
-            if key in self._normal:
-                self._normal.move_to_end(key)
-                return self._normal[key]
-        found = self._run(model, image, model.tiling, deadline)
-        with self._lock:
-            self._normal[key] = found
-            while len(self._normal) > 8 * self.settings.cached_images:
-                self._normal.popitem(last=False)
-        return found
-
-    def _run(self, model: LoadedModel, image: np.ndarray, tiling: TilingOptions | None,
-             deadline: float) -> Detections:
-        """An annotator is waiting: through the priority lane."""
-        future = self.queue.submit(model.predictor, image, tiling, urgent=True)
+    def _run(self, model: LoadedModel, image: np.ndarray, deadline: float,
+             urgent: bool = False, what: str = "") -> Detections:
+        """The model's detections by its tiling, through the inference queue (its priority
+        lane when an annotator is waiting), given up at the deadline."""
+        future = self.queue.submit(model.predictor, image, model.tiling, urgent=urgent)
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout as exc:
-            future.cancel()
-            raise HTTPError(504, "no answer before the request's deadline") from exc
+            future.cancel()  # still queued: the device never runs it
+            raise TimeoutError(f"{what}: no prediction before the request's deadline") from exc
 
     def _detect(self, uri: Any, task_id: int | None, model: LoadedModel, deadline: float):
-        raw = self.media.fetch(uri, task_id, deadline)
-        image = load_image(raw, max_pixels=self.settings.max_pixels, name=str(uri),
-                           scaling=self.settings.scaling)
-        future = self.queue.submit(model.predictor, image, model.tiling)
-        try:
-            det = future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except FutureTimeout as exc:
-            future.cancel()  # still queued: the device never runs it
-            raise TimeoutError(f"{uri}: no prediction before the request's deadline") from exc
-        return det, image.shape[1], image.shape[0]
+        image = self._load(uri, task_id, deadline)
+        return self._run(model, image, deadline, what=str(uri)), image.shape[1], image.shape[0]
 
     def webhook(self, body: dict[str, Any], authorized: bool) -> dict[str, Any]:
         action = body.get("action")

@@ -186,7 +186,7 @@ def answer(
     prompts: list[Prompt],
     image: np.ndarray,
     normal: Detections,
-    targets: dict[str, Target],
+    target: Target,
     tiling: TilingOptions | None,
     detect: Callable[[np.ndarray], Detections],
     threshold: float,
@@ -197,8 +197,7 @@ def answer(
                  if p.kind == "point" and not p.positive]
     regions: list[dict[str, Any]] = []
     for prompt in prompts:
-        target = targets.get(prompt.to_name)
-        if target is None or (prompt.kind == "point" and not prompt.positive):
+        if prompt.kind == "point" and not prompt.positive:
             continue
         box = prompt.pixels(width, height)
         window = (_margin_window(box) if prompt.kind == "rectangle"
