@@ -396,13 +396,24 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--work-dir", type=Path, default=Path(".tridentloop/calibrate"),
                            help="--project: where its images are cached")
     calibrate.add_argument("--device", default="auto")
-    calibrate.add_argument("--iou", type=float, default=0.5,
-                           help="how well a kept pre-label matches a true box")
-    calibrate.add_argument("--delete-cost", type=float, default=1.0,
-                           help="a deletion's cost against a drawing's (--draw-cost)")
-    calibrate.add_argument("--draw-cost", type=float, default=1.0)
-    calibrate.add_argument("--min-boxes", type=int, default=10,
-                           help="a class with fewer labelled boxes takes the pooled threshold")
+    from .effort import EffortSettings
+
+    effort = EffortSettings()
+    helps = {"iou": "how well a pre-label must match a true box to be kept or adjusted",
+             "keep_iou": "from this IoU on it is kept as it is",
+             "delete_cost": "a deletion's cost, in the unit of --draw-cost",
+             "adjust_cost": "moving a loose box's edges", "draw_cost": "drawing a box",
+             "min_boxes": "a class with fewer labelled boxes is not offered (no evidence)",
+             "confidence": "that the offered boxes' precision clears break-even",
+             "offer_rare": "withhold, or pooled: a class without evidence takes the "
+                           "pooled threshold"}
+    for name, text in helps.items():
+        default = getattr(effort, name)
+        calibrate.add_argument(f"--{name.replace('_', '-')}", type=type(default),
+                               default=default, help=f"{text} (default {default})")
+    calibrate.add_argument("--triage-recall", type=float, default=0.95,
+                           help="the likely-empty threshold keeps this share of the images "
+                           "with animals")
 
     init = sub.add_parser(
         "init", help="a new git + DVC checkout of the loop for a Label Studio project")
@@ -485,8 +496,9 @@ def _add_export_args(parser: argparse.ArgumentParser, only: str = "") -> None:
                         help=f"{only}also write each detection of a GeoTIFF as a polygon in "
                         "its map coordinates")
     parser.add_argument("--count-threshold", type=float, default=None,
-                        help="score from which a detection counts, for every class (default: "
-                        "the model's per-class thresholds, chosen on validation; else 0.5)")
+                        help="score from which a detection counts, for every class, "
+                        "uncalibrated (default: the model's count calibration, chosen on "
+                        "validation; else 0.5)")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -494,7 +506,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .imagery.images import PixelScaling
     from .model_dir import ModelDir, read_labels
     from .predict import run_predict
-    from .thresholds import ScoreThresholds
+    from .counts import Counting
 
     overrides = dict(args.opt)
     device = {
@@ -507,17 +519,20 @@ def _predict(args: argparse.Namespace) -> int:
         model_dir = ModelDir.open(args.model)
         predictor = model_dir.predictor(overrides, **device)
         labels, detector, recipe = model_dir.labels, model_dir.version, model_dir.recipe
-        thresholds = model_dir.thresholds
+        counting = model_dir.counting
     elif args.config is not None and args.weights is not None:
         from .detection.predictor import Predictor
 
         predictor = Predictor.from_files(args.config, args.weights, overrides, **device)
         labels, detector, recipe = None, args.weights.name, None
-        thresholds = ScoreThresholds.of_model({}, None)
+        counting = Counting.of_model({}, None)
     else:
         raise SystemExit("tridentloop predict: give --model DIR, or --config and --weights")
     if args.labels is not None:
         labels = read_labels(args.labels)
+    counting = counting.resolve(args.count_threshold, "--count-threshold")
+    if args.counts or args.megadetector:
+        print(f"predict: counting {counting.describe(labels)}", file=sys.stderr)
     out = args.output.open("w") if args.output else sys.stdout
     try:
         summary = run_predict(
@@ -529,8 +544,7 @@ def _predict(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             scaling=PixelScaling(args.value_range, args.bands, args.nodata),
             overlays=args.overlays,
-            exports=Exports(args.megadetector, args.counts,
-                            thresholds.resolve(args.count_threshold, "--count-threshold"),
+            exports=Exports(args.megadetector, args.counts, counting,
                             args.geojson),
             detector=detector,
         )
@@ -689,9 +703,10 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     if args.coco is not None and args.images is None:
         raise ValueError("--coco needs --images, the folder its images are in")
-    settings = EffortSettings(args.iou, args.delete_cost, args.draw_cost, args.min_boxes)
+    settings = EffortSettings(**{k: getattr(args, k) for k in EffortSettings.__dataclass_fields__
+                                 if hasattr(args, k)})
     return calibrate(args.model, args.coco, args.images, args.project, args.work_dir,
-                     args.device, settings)
+                     args.device, settings, args.triage_recall)
 
 
 def _init(args: argparse.Namespace) -> int:

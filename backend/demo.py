@@ -235,7 +235,7 @@ def _served_thresholds(registry: Registry) -> str:
     thresholds = model.thresholds
     if not thresholds.by_class:
         return f"{thresholds.fallback:g}"
-    return " ".join(f"{name[:1]}{'-' if t > 1 else f'{t:.2f}'}"
+    return " ".join(f"{name[:1]}{'-' if t is None else f'{t:.2f}'}"
                     for name, t in zip(model.labels or [], thresholds.by_class, strict=False))
 
 

@@ -23,6 +23,7 @@ from .detection.config import DetectorConfig, config_from_yaml_text, dump_config
 from .detection.predictor import Predictor
 from .detection.tiling import TilingOptions
 from .files import file_sha256, write_atomically
+from .counts import Counting
 from .recipe import Recipe, describe, parse_recipe, recipe_json
 from .thresholds import ScoreThresholds
 
@@ -84,6 +85,11 @@ class ModelDir:
     def thresholds(self) -> ScoreThresholds:
         """The score each class needs to be offered (chosen on validation, or 0.5)."""
         return ScoreThresholds.of_model(self.metadata, self.labels)
+
+    @property
+    def counting(self) -> Counting:
+        """How its detections become survey counts (calibrated on validation, or 0.5)."""
+        return Counting.of_model(self.metadata, self.labels)
 
     @property
     def config(self) -> DetectorConfig:

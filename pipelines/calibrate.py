@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from backend.effort import NOT_OFFERED, EffortSettings
+from backend.counts import COUNTS_KEY, TRIAGE_KEY
+from backend.effort import EffortSettings, describe_threshold
 from backend.model_dir import ModelDir
 from backend.thresholds import METADATA_KEY
 
-from .evaluate import detections_for, effort_figures
+from .evaluate import calibration_figures, detections_for
 from .params import fail
 
 
@@ -43,34 +44,47 @@ def project_data(project: int, work_dir: Path) -> tuple[dict[str, Any], Path]:
 
 
 def calibrate(model: ModelDir, coco: dict[str, Any], images: Path, source: str,
-              device: str = "auto", settings: EffortSettings | None = None
-              ) -> dict[str, Any]:
-    """Choose the thresholds on `coco`, write them into model.json; the figures at them."""
+              device: str = "auto", settings: EffortSettings | None = None,
+              triage_recall: float = 0.95) -> dict[str, Any]:
+    """Choose the thresholds, count calibration and triage on `coco`, write them into
+    model.json; the figures at them."""
     if not coco.get("images"):
         fail(f"{source} has no images to calibrate on")
     records = detections_for(model, coco, images, model.recipe, device)
-    chosen, figures, _ = effort_figures(coco, records, settings or EffortSettings())
-    model.update_metadata({METADATA_KEY: {**chosen, "chosen_on": source,
-                                          "images": len(coco["images"]),
-                                          "chosen_at": time.time()}})
+    figures, _ = calibration_figures(coco, records, settings or EffortSettings(), triage_recall)
+    stamp = {"chosen_on": source, "images": len(coco["images"]), "chosen_at": time.time()}
+    model.update_metadata({METADATA_KEY: {**figures["score_thresholds"], **stamp},
+                           COUNTS_KEY: {**figures["count_calibration"], **stamp},
+                           TRIAGE_KEY: {**figures["triage"], **stamp}})
     return figures
 
 
 def table(figures: dict[str, Any]) -> str:
-    """The per-class table and the overall line, as printed."""
-    head = (f"{'class':<16}{'threshold':>10}{'kept':>7}{'deleted':>8}{'drawn':>7}"
-            f"{'effort':>8}{'precision':>10}{'recall':>8}{'count':>8}{'true':>7}")
+    """The per-class table (annotators' figures, then the count with its interval) and the
+    overall lines, as printed."""
+    head = (f"{'class':<16}{'threshold':>12}{'kept':>6}{'adjusted':>9}{'deleted':>8}"
+            f"{'drawn':>6}{'effort':>7}{'precision':>10}{'recall':>7}  count [95%] (true)")
     lines = [head]
-    for name, row in figures["per_class"].items():
-        shown = "not offd" if row["threshold"] >= NOT_OFFERED else f"{row['threshold']:.3f}"
+    effort, counted = figures["effort"], figures["counts"]["per_class"]
+    for name, row in effort["per_class"].items():
+        count = counted[name]
+        shown = ("-" if count["estimate"] is None else
+                 f"{count['estimate']:.0f} [{count['low']:.0f}, {count['high']:.0f}]")
         lines.append(
-            f"{name:<16}{shown:>10}{row['kept']:>7}{row['deleted']:>8}{row['drawn']:>7}"
-            f"{row['effort_ratio']:>8.3f}{_fraction(row['precision']):>10}"
-            f"{_fraction(row['recall']):>8}{row['count_predicted']:>8}{row['count_true']:>7}")
-    overall = figures["overall"]
-    lines.append(f"overall: effort ratio {overall['effort_ratio']:.3f} (1.0: drawing every box), "
-                 f"{overall['corrections_per_image']:.2f} corrections per image over "
-                 f"{figures['images']} images")
+            f"{name:<16}{describe_threshold(row['threshold']):>12}{row['kept']:>6}"
+            f"{row['adjusted']:>9}{row['deleted']:>8}{row['drawn']:>6}"
+            f"{row['effort_ratio']:>7.3f}{_fraction(row['precision']):>10}"
+            f"{_fraction(row['recall']):>7}  {shown} ({count['count_true']})")
+    overall, held = effort["overall"], figures["effort_out_of_sample"]
+    lines.append(f"overall: effort ratio {overall['effort_ratio']:.3f} in sample, "
+                 f"{held['effort_ratio']:.3f} [{held['low']:.3f}, {held['high']:.3f}] out of "
+                 f"sample (1.0: drawing every box), {overall['corrections_per_image']:.2f} "
+                 f"corrections per image over {effort['images']} images")
+    triage = figures["triage"]
+    lines.append(f"triage: images scoring below {_fraction(triage['threshold'])} are likely "
+                 f"empty: {triage['skipped_share']:.1%} of these images, holding "
+                 f"{triage['animals_in_skipped']} animals ({triage['recall_target']:.0%} of "
+                 "images with animals kept)")
     return "\n".join(lines)
 
 
@@ -79,7 +93,8 @@ def _fraction(value: float | None) -> str:
 
 
 def main(model_path: Path, coco_file: Path | None, images: Path | None, project: int | None,
-         work_dir: Path, device: str, settings: EffortSettings) -> int:
+         work_dir: Path, device: str, settings: EffortSettings, triage_recall: float = 0.95
+         ) -> int:
     model = ModelDir.open(model_path)
     if project is not None:
         coco, image_dir = project_data(project, work_dir)
@@ -88,8 +103,13 @@ def main(model_path: Path, coco_file: Path | None, images: Path | None, project:
         assert coco_file is not None and images is not None
         coco, image_dir = json.loads(coco_file.read_text()), images
         source = str(coco_file)
-    figures = calibrate(model, coco, image_dir, source, device, settings)
+    figures = calibrate(model, coco, image_dir, source, device, settings, triage_recall)
     print(table(figures))
-    print(f"calibrate: wrote the thresholds into {model.path / 'model.json'}; serve, prelabel "
-          "and predict now offer boxes by them")
+    offered = [n for n, t in figures["score_thresholds"]["per_class"].items() if t is not None]
+    withheld = figures["score_thresholds"]["withheld"]
+    print(f"calibrate: wrote the thresholds, count calibration and triage into "
+          f"{model.path / 'model.json'}; serve, prelabel and predict "
+          + (f"now offer boxes of {', '.join(offered)}" if offered else "offer no boxes")
+          + "".join(f"; {name} not offered: {why}" for name, why in withheld.items())
+          + "; every class is counted")
     return 0

@@ -3,11 +3,17 @@ and of the deployed model (the one the `deployed` stage's snapshot names) on the
 each run by its own recipe (model.json), as serving runs it; a candidate that is the
 deployed model already is scored once.
 
-Annotator effort (backend/effort.py): for each model, the per-class score thresholds that
-leave annotators the fewest corrections on val, and at them the corrections per image, the
-effort ratio (1.0: as costly as drawing every box), precision, recall and the survey counts
-(predicted vs true per class). `deploy` writes the candidate's thresholds into the deployed
-version's model.json, so serving, prelabel and predict offer boxes by them.
+Annotator effort (backend/effort.py): the candidate's per-class score thresholds that leave
+annotators the fewest corrections on val, and at them the corrections per image, the effort
+ratio (1.0: as costly as drawing every box), precision and recall. Figures fitted and scored
+on the same images flatter, so `metrics.json` labels them `in_sample` and adds the effort
+ratio measured out of sample (cross-fitted over val folds, with a 95% interval), which the
+deploy gate decides on. The deployed model is scored at the thresholds it serves, not
+re-fitted. The candidate's survey counts are calibrated (backend/counts.py: a ratio estimator
+with a 95% interval, every class counted, with its coverage on held-out folds) and its
+empty-image triage threshold chosen at `triage.recall`. `deploy` writes thresholds, count
+calibration and triage into the deployed version's model.json, so serving, prelabel and
+predict use them.
 
 Writes `metrics.json` (for `dvc metrics diff` and the deploy gate), `plots/pr.json`
 (precision-recall at IoU 0.5 per class) and `plots/effort.json` (effort ratio against the
@@ -27,7 +33,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from backend import effort
+from backend import counts, effort
 from backend.detection.tiling import TilePlan
 from backend.files import file_sha256
 from backend.imagery.images import load_image
@@ -159,24 +165,65 @@ def _mean_precision(table: np.ndarray) -> float:
     return round(float(valid.mean()), 4) if valid.size else 0.0
 
 
-def effort_figures(val: dict[str, Any], records: list[dict[str, Any]],
-                   settings: effort.EffortSettings
-                   ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """(thresholds chosen on val, effort and counts at them, effort-vs-threshold curve)."""
+def calibration_figures(val: dict[str, Any], records: list[dict[str, Any]],
+                        settings: effort.EffortSettings, triage_recall: float
+                        ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """What a model's detections on val give annotators and surveys: the thresholds chosen
+    for annotators, effort at them in sample and out of sample, the count calibration with
+    its figures and the triage threshold (metrics.json's fields); and the effort curve."""
     scored = effort.score_coco(val, records, settings)
     chosen = effort.choose_thresholds(scored, settings)
-    return chosen, effort.report(scored, chosen["per_class"], settings), effort.curve(
-        scored, settings)
+    calibration = counts.calibrate_counts(scored, settings.min_boxes)
+    return {
+        "score_thresholds": chosen,
+        "effort": {"in_sample": True, **effort.report(scored, chosen["per_class"], settings)},
+        "effort_out_of_sample": effort.cross_fitted(scored, settings),
+        "count_calibration": calibration,
+        "counts": counts.count_figures(scored, calibration),
+        "triage": counts.choose_triage(scored, triage_recall, settings.folds),
+    }, effort.curve(scored, settings)
 
 
-def _print_effort(version: str, figures: dict[str, Any], chosen: dict[str, Any]) -> None:
+def served_figures(model: ModelDir, val: dict[str, Any], records: list[dict[str, Any]],
+                   settings: effort.EffortSettings) -> dict[str, Any]:
+    """A deployed model's effort at the thresholds it serves, as annotators see them."""
+    served = model.thresholds
+    names = [c["name"] for c in val["categories"]]
+    labels = model.labels or names
+    per_class = {name: served.of(labels.index(name)) if name in labels else None
+                 for name in names}
+    scored = effort.score_coco(val, records, settings)
+    return {"effort": effort.report(scored, per_class, settings),
+            "effort_served": effort.at_thresholds(scored, per_class, settings),
+            "score_thresholds": {"per_class": per_class, "source": served.source}}
+
+
+def print_effort(version: str, figures: dict[str, Any], per_class: dict[str, float | None],
+                 out_of_sample: dict[str, Any] | None = None) -> None:
     overall = figures["overall"]
-    thresholds = ", ".join(f"{name} {'not offered' if t >= effort.NOT_OFFERED else f'{t:.3f}'}"
-                           for name, t in chosen["per_class"].items())
-    print(f"evaluate {version}: effort ratio {overall['effort_ratio']:.3f} "
+    thresholds = ", ".join(f"{name} {effort.describe_threshold(t)}"
+                           for name, t in per_class.items())
+    held = ("" if out_of_sample is None else
+            f"; out of sample {out_of_sample['effort_ratio']:.3f} "
+            f"[{out_of_sample['low']:.3f}, {out_of_sample['high']:.3f}]")
+    print(f"evaluate {version}: effort ratio {overall['effort_ratio']:.3f}{held} "
           f"({overall['corrections_per_image']:.2f} corrections per image; kept "
-          f"{overall['kept']}, deleted {overall['deleted']}, drawn {overall['drawn']}) at "
-          f"thresholds {thresholds}")
+          f"{overall['kept']}, adjusted {overall['adjusted']}, deleted {overall['deleted']}, "
+          f"drawn {overall['drawn']}) at thresholds {thresholds}")
+
+
+def _print_survey(figures: dict[str, Any]) -> None:
+    rows = []
+    for name, row in figures["counts"]["per_class"].items():
+        rows.append(f"{name} -" if row["estimate"] is None else
+                    f"{name} {row['estimate']:.0f} [{row['low']:.0f}, {row['high']:.0f}] "
+                    f"(true {row['count_true']})")
+    coverage = figures["counts"]["coverage_out_of_sample"]
+    triage = figures["triage"]
+    print(f"evaluate: counts on val {'; '.join(rows)}; interval coverage on held-out folds "
+          f"{coverage['covered']}/{coverage['trials']}. Triage at {triage['recall_target']:.0%} "
+          f"recall: {triage['skipped_share']:.1%} of val images need not be opened "
+          f"({triage['animals_in_skipped']} animals in them)")
 
 
 def main() -> None:
@@ -194,10 +241,12 @@ def main() -> None:
     records = detections_for(candidate, val, images, candidate.recipe, device)
     warn_if_capped(records, max_detections, candidate.version)
     metrics, curve = coco_metrics(val, records, max_detections)
-    chosen, figures, effort_curve = effort_figures(val, records, settings)
-    _print_effort(candidate.version, figures, chosen)
-    metrics.update(images=len(val["images"]), effort=figures, score_thresholds=chosen,
-                   deployed=None)
+    figures, effort_curve = calibration_figures(
+        val, records, settings, float(params.get("triage", {}).get("recall", 0.95)))
+    print_effort(candidate.version, figures["effort"], figures["score_thresholds"]["per_class"],
+                 figures["effort_out_of_sample"])
+    _print_survey(figures)
+    metrics.update(images=len(val["images"]), **figures, deployed=None)
     deployed, snapshot = deployed_model(params)
     if deployed is not None:
         is_candidate = snapshot["weights_sha256"] == file_sha256(candidate.weights)
@@ -206,16 +255,16 @@ def main() -> None:
             records = detections_for(deployed, val, images, deployed.recipe, device)
             warn_if_capped(records, cap, deployed.version)
             deployed_metrics = coco_metrics(val, records, cap)[0]
-            deployed_chosen, deployed_figures, _ = effort_figures(val, records, settings)
-            _print_effort(snapshot["version"], deployed_figures, deployed_chosen)
         else:
-            deployed_metrics, deployed_figures, deployed_chosen = metrics, figures, chosen
+            deployed_metrics = metrics
+        served = served_figures(deployed, val, records, settings)
+        print_effort(f"{snapshot['version']} (deployed, at its served thresholds)",
+                     served["effort"], served["score_thresholds"]["per_class"])
         metrics["deployed"] = {
             "version": snapshot["version"],
             "ap50": deployed_metrics["ap50"],
             "ap": deployed_metrics["ap"],
-            "effort": deployed_figures,
-            "score_thresholds": deployed_chosen,
+            **served,
             "labels": deployed.labels,
             "label_set_changed": deployed.labels != candidate.labels,
             "is_candidate": is_candidate,  # the candidate is deployed already

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from backend.effort import (
-    NOT_OFFERED,
     EffortSettings,
+    at_thresholds,
     best_threshold,
     choose_thresholds,
+    cross_fitted,
     curve,
     match,
     precision_lower_bound,
@@ -53,7 +54,7 @@ def test_corrections_count_deletions_and_drawings_at_each_threshold():
     assert best_threshold(*scored.subset(0), EffortSettings(delete_cost=0.5,
                                                             confidence=0.5))[0] == 0.2
     # Five boxes are too few to be confident that offering them pays: not offered.
-    assert best_threshold(*scored.subset(0), EffortSettings())[0] == NOT_OFFERED
+    assert best_threshold(*scored.subset(0), EffortSettings())[0] is None
 
 
 def test_a_threshold_needs_evidence_that_its_boxes_pay_off():
@@ -64,7 +65,7 @@ def test_a_threshold_needs_evidence_that_its_boxes_pay_off():
         matched = np.tile([True, False, True, True, False, True, True, False, True, True],
                           n // 10)  # 70% at every depth
         threshold, _ = best_threshold(scores, matched, n, EffortSettings())
-        assert (threshold < NOT_OFFERED) == offered
+        assert (threshold is not None) == offered
     bound = precision_lower_bound(np.array([7, 70]), np.array([10, 100]), 0.9)
     assert 0.45 < bound[0] < 0.5 < 0.63 < bound[1] < 0.7
 
@@ -72,8 +73,9 @@ def test_a_threshold_needs_evidence_that_its_boxes_pay_off():
 def test_a_box_is_kept_once_greedily_by_score():
     truth = np.array([[0, 0, 10, 10]], float)
     boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 10, 10]], float)
-    assert match(boxes, np.array([0.5, 0.9, 0.7]), truth, 0.5).tolist() == [False, True, False]
-    assert not match(boxes, np.array([0.5, 0.9, 0.7]), np.zeros((0, 4)), 0.5).any()
+    which, overlap = match(boxes, np.array([0.5, 0.9, 0.7]), truth, 0.5)
+    assert which.tolist() == [-1, 0, -1] and overlap.tolist() == [0.0, 1.0, 0.0]
+    assert (match(boxes, np.array([0.5, 0.9, 0.7]), np.zeros((0, 4)), 0.5)[0] == -1).all()
 
 
 def test_a_class_no_threshold_makes_cheaper_than_drawing_is_not_offered():
@@ -84,27 +86,91 @@ def test_a_class_no_threshold_makes_cheaper_than_drawing_is_not_offered():
     records += [_record(i, 1, [50, 50, 5, 5], 0.1) for i in range(2)]
     chosen = choose_thresholds(score_coco(_coco(truth), records))
     assert chosen["per_class"]["zebra"] == 0.8
-    assert chosen["per_class"]["bird"] == NOT_OFFERED  # 0.5+ corrections per bird at best
+    assert chosen["per_class"]["bird"] is None  # 0.5+ corrections per bird at best
+    assert "cheaper than drawing" in chosen["withheld"]["bird"]
     figures = report(score_coco(_coco(truth), records), chosen["per_class"])
     assert figures["per_class"]["bird"]["effort_ratio"] == 1.0  # drawn from scratch
     assert figures["overall"]["effort_ratio"] == pytest.approx(12 / 24)
     assert figures["overall"]["corrections_per_image"] == pytest.approx(1.0)
 
 
-def test_a_rare_class_takes_the_pooled_threshold_and_counts_are_reported():
+def test_a_class_without_evidence_is_withheld_unless_pooled_is_asked_for():
+    """One bird in val cannot show that bird boxes pay: not offered, and model.json says
+    why; `offer_rare: pooled` gives it the threshold chosen on every class."""
     truth = {i: [("zebra", [0, 0, 10, 10])] for i in range(20)}
-    truth[0].append(("bird", [50, 50, 5, 5]))  # one bird in val: too few to choose on
+    truth[0].append(("bird", [50, 50, 5, 5]))
     records = [_record(i, 0, [0, 0, 10, 10], 0.7) for i in range(20)]
     records += [_record(i, 0, [30, 30, 10, 10], 0.3) for i in range(20)]  # false zebras
     records.append(_record(0, 1, [50, 50, 5, 5], 0.2))
     scored = score_coco(_coco(truth), records)
     chosen = choose_thresholds(scored)
-    assert chosen["pooled"] == 0.7 and chosen["per_class"]["bird"] == 0.7
-    zebra = report(scored, chosen["per_class"])["per_class"]["zebra"]
-    assert (zebra["count_predicted"], zebra["count_true"]) == (20, 20)
-    assert zebra["count_relative_error"] == 0.0 and zebra["count_mae_per_image"] == 0.0
-    low = report(scored, {"zebra": 0.3, "bird": 0.3})["per_class"]["zebra"]
-    assert low["count_relative_error"] == 1.0 and low["count_mae_per_image"] == 1.0
+    assert chosen["per_class"] == {"zebra": 0.7, "bird": None}
+    assert "1 val box(es), fewer than effort.min_boxes 10" in chosen["withheld"]["bird"]
+    pooled = choose_thresholds(scored, EffortSettings(offer_rare="pooled"))
+    assert pooled["pooled"] == 0.7 and pooled["per_class"]["bird"] == 0.7
+    assert "bird" not in pooled["withheld"]
+    with pytest.raises(ValueError, match="offer_rare"):
+        EffortSettings(offer_rare="always")
+
+
+def test_the_effort_ratio_is_in_units_of_drawing_whatever_the_costs():
+    """A model offering nothing costs exactly drawing every box (1.0) whether a draw is
+    priced 0.5 or 2; pricier drawing makes good boxes worth offering."""
+    truth = {i: [("zebra", [0, 0, 10, 10])] for i in range(40)}
+    records = [_record(i, 0, [0, 0, 10, 10], 0.9) for i in range(30)]
+    records += [_record(i, 0, [50, 50, 10, 10], 0.8) for i in range(30)]  # 50% precision
+    scored = score_coco(_coco(truth, names=("zebra",)), records)
+    for draw in (0.5, 1.0, 2.0):
+        settings = EffortSettings(draw_cost=draw, confidence=0.5)
+        nothing = report(scored, {"zebra": None}, settings)["overall"]
+        assert nothing["effort_ratio"] == 1.0 and nothing["drawn"] == 40
+    # at 0.9: 30 kept, 10 drawn: 10 draws of 40. At 0.8 30 more deletes: with draw 2,
+    # 30 deletes + 10 draws * 2 = 50 of 80 (0.625); with draw 1, 40 of 40: not worth it.
+    assert best_threshold(*scored.subset(0), EffortSettings(draw_cost=2.0))[0] == 0.9
+    assert report(scored, {"zebra": 0.8}, EffortSettings(draw_cost=2.0))["overall"][
+        "effort_ratio"] == pytest.approx(50 / 80)
+    assert report(scored, {"zebra": 0.8})["overall"]["effort_ratio"] == 1.0
+
+
+def test_a_loose_box_costs_an_adjustment_not_nothing():
+    """A zebra box at IoU 0.6 is matched (not drawn) but must be adjusted: adjust_cost;
+    one at IoU 1 is kept as it is."""
+    truth = {0: [("zebra", [0, 0, 10, 10]), ("zebra", [40, 0, 10, 10])]}
+    records = [_record(0, 0, [0, 0, 10, 10], 0.9), _record(0, 0, [40, 0, 10, 6], 0.8)]
+    figures = report(score_coco(_coco(truth, names=("zebra",)), records), {"zebra": 0.5},
+                     EffortSettings(adjust_cost=0.5))["overall"]
+    assert (figures["kept"], figures["adjusted"], figures["deleted"], figures["drawn"]) == (
+        1, 1, 0, 0)
+    assert figures["corrections"] == 0.5 and figures["effort_ratio"] == 0.25
+    strict = report(score_coco(_coco(truth, names=("zebra",)), records), {"zebra": 0.5},
+                    EffortSettings(keep_iou=0.5))["overall"]
+    assert strict["adjusted"] == 0 and strict["corrections"] == 0
+
+
+def _noise(seed: int, images: int = 200) -> tuple[dict, list[dict]]:
+    """One zebra an image and one box on it whose score says nothing: right 62% of the time."""
+    rng = np.random.default_rng(seed)
+    truth = {i: [("zebra", [0, 0, 10, 10])] for i in range(images)}
+    records = [_record(i, 0, [0, 0, 10, 10] if rng.random() < 0.62 else [50, 50, 10, 10],
+                       float(rng.uniform())) for i in range(images)]
+    return _coco(truth, names=("zebra",)), records
+
+
+def test_effort_scored_out_of_sample_does_not_flatter_a_lucky_threshold():
+    """Thresholds fitted to noise look better on the images they were fitted to than on
+    folds they were not chosen on; the out-of-sample figure's interval holds what a fresh
+    batch shows at those thresholds."""
+    settings = EffortSettings(confidence=0.5)
+    coco, records = _noise(0)
+    scored = score_coco(coco, records)
+    chosen = choose_thresholds(scored, settings)["per_class"]
+    in_sample = report(scored, chosen, settings)["overall"]["effort_ratio"]
+    held = cross_fitted(scored, settings)
+    assert held["folds"] == 5 and held["images"] == 200
+    assert held["effort_ratio"] > in_sample + 0.02
+    assert held["low"] < held["effort_ratio"] < held["high"]
+    fresh = at_thresholds(score_coco(*_noise(1, 2000)), chosen, settings)["effort_ratio"]
+    assert held["low"] <= fresh <= held["high"]
 
 
 def test_the_plotted_curve_and_the_matching_agree_at_every_threshold():

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import tifffile
 
+from backend.counts import Counting
 from backend.imagery import counts, geojson, megadetector
 from backend.imagery.exports import Exports
 from backend.predict import run_predict
 from backend.prelabel.sinks import read_results
-from backend.thresholds import ScoreThresholds
 
 from .conftest import D2_FIXTURES, run_predict_cli
 
 LABELS = ["zebra", "gnu"]
-HALF = ScoreThresholds.uniform(0.5, "test")
+HALF = Counting.uniform(0.5, "test")
 
 
 def _records(root) -> list[dict]:
@@ -66,13 +66,35 @@ def test_megadetector_output_has_the_documented_fields(tmp_path):
 def test_counts_per_image_and_class_with_the_survey_total(tmp_path):
     rows = counts.table(_records(tmp_path), LABELS, HALF)
     assert rows[0] == ["image", "zebra", "gnu", "total"]
-    assert [row[1:] for row in rows[1:]] == [[1, 0, 1], [0, 0, 0], ["", "", ""], [0, 1, 1],
+    assert [row[1:] for row in rows[1:-1]] == [[1, 0, 1], [0, 0, 0], ["", "", ""], [0, 1, 1],
                                              [1, 1, 2]]
     assert rows[3][0].endswith("cut.jpg")  # the unreadable image: listed, no zero count
-    assert rows[-1][0] == counts.TOTAL
+    assert rows[-2][0] == counts.TOTAL
+    assert rows[-1] == ["method", "detections >= 0.5, uncalibrated",
+                        "detections >= 0.5, uncalibrated", ""]
     # A model without labels still gets a column per class it found.
     assert counts.table(_records(tmp_path), None, HALF)[0] == [
         "image", "class0", "class1", "total"]
+
+
+def test_a_calibrated_count_carries_its_estimate_interval_and_method(tmp_path):
+    """zebras: 2 true animals per counted detection on val; gnus counted by the pooled
+    calibration. The survey (3 images read) counted 1 zebra and 1 gnu."""
+    zebra = {"threshold": 0.5, "ratio": 2.0, "image_variance": 0.5, "ratio_variance": 0.01,
+             "source": "own", "val_true": 40}
+    gnu = {**zebra, "threshold": 0.25, "ratio": 1.0, "source": "pooled"}
+    model = Counting.of_model({"count_calibration": {"per_class": {"zebra": zebra, "gnu": gnu},
+                                                     "pooled": gnu}}, LABELS)
+    rows = {row[0]: row[1:] for row in counts.table(_records(tmp_path), LABELS, model)}
+    assert rows[counts.TOTAL] == [1, 2, 3]  # the gnu at 0.3 counts from 0.25
+    sd_zebra, sd_gnu = (3 * 0.5 + 0.01) ** 0.5, (3 * 0.5 + 4 * 0.01) ** 0.5
+    assert rows["count_estimate"] == [2.0, 2.0, 4.0]
+    assert rows["count_high"][0] == pytest.approx(round(2 + 1.96 * sd_zebra, 1))
+    assert rows["count_low"][:2] == [0.0, 0.0]  # never below zero
+    assert rows["count_high"][2] == pytest.approx(
+        round(4 + 1.96 * (sd_zebra ** 2 + sd_gnu ** 2) ** 0.5, 1))
+    assert rows["method"][0].startswith("ratio 2.000 at 0.5 (own")
+    assert "pooled" in rows["method"][1]
 
 
 def test_predict_writes_megadetector_and_counts_beside_its_json_lines(tmp_path):
@@ -88,7 +110,7 @@ def test_predict_writes_megadetector_and_counts_beside_its_json_lines(tmp_path):
     with table.open() as stream:
         rows = list(csv.reader(stream))
     above = sum(d["score"] >= 0.5 for d in record["detections"])
-    assert rows[-1][0] == "TOTAL" and int(rows[-1][-1]) == int(rows[1][-1]) == above
+    assert rows[-2][0] == "TOTAL" and int(rows[-2][-1]) == int(rows[1][-1]) == above
 
 
 def test_predict_writes_nothing_extra_unless_asked(tmp_path, fpn_predictor):
@@ -123,7 +145,7 @@ def test_a_survey_job_writes_them_from_its_results_file(survey, tmp_path):
     with table.open() as stream:
         rows = list(csv.reader(stream))
     assert rows[0] == ["image", "Elephant", "zebra", "BIRD", "total"]
-    assert len(rows) == len(records) + 2
+    assert len(rows) == len(records) + 3  # header, TOTAL, method (the model is uncalibrated)
 
 
 def _geotiff(path, raster_type: int = 1, transform=None) -> None:

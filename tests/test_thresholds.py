@@ -13,7 +13,6 @@ from PIL import Image
 
 from backend.cli import main
 from backend.detection.structures import Detections
-from backend.effort import NOT_OFFERED
 from backend.model_dir import ModelDir
 from backend.prelabel.sinks import read_results
 from backend.synthetic import CLASSES, coco_of, survey_scene
@@ -24,9 +23,13 @@ from .servers import make_model_dir
 
 def test_a_model_s_thresholds_yield_to_a_flag_and_a_project_s_setting():
     model = ScoreThresholds.of_model(
-        {"score_thresholds": {"per_class": {"zebra": 0.7, "bird": NOT_OFFERED}, "pooled": 0.6}},
+        {"score_thresholds": {"per_class": {"zebra": 0.7, "bird": None}, "pooled": 0.6}},
         ["zebra", "bird", "gnu"])
-    assert (model.of(0), model.of(1), model.of(2), model.of(7)) == (0.7, NOT_OFFERED, 0.6, 0.6)
+    assert (model.of(0), model.of(1), model.of(2), model.of(7)) == (0.7, None, 0.6, 0.6)
+    # a model calibrated before "not offered" was stored as null wrote 1.01
+    legacy = ScoreThresholds.of_model(
+        {"score_thresholds": {"per_class": {"zebra": 1.01}, "pooled": 1.01}}, ["zebra"])
+    assert legacy.of(0) is None and legacy.fallback is None and not legacy.any_offered
     assert "zebra 0.7, bird not offered, gnu 0.6" in model.describe(["zebra", "bird", "gnu"])
     det = Detections(torch.zeros(3, 4), torch.tensor([0.8, 0.99, 0.65]), torch.tensor([0, 1, 0]))
     assert model.offered(det).tolist() == [True, False, False]
@@ -60,10 +63,19 @@ def test_calibrate_on_a_coco_file_writes_the_thresholds_predict_counts_by(tmp_pa
     thresholds = ModelDir.open(model).thresholds
     assert "chosen on validation" in thresholds.source
 
+    assert "1.01" not in (model / "model.json").read_text()  # no number means "not offered"
+
     out, table = tmp_path / "out.jsonl", tmp_path / "counts.csv"
     main(["predict", "--model", str(model), "--device", "cpu", "--output", str(out),
           "--counts", str(table), *[str(images / f"s{i}.png") for i in range(3)]])
-    expected = sum(d["score"] >= thresholds.of(d["class_id"])
+    counting = ModelDir.open(model).counting  # calibrated apart from what annotators see
+    assert "count calibration" in counting.source
+    expected = sum(d["score"] >= counting.of(d["class_id"])
                    for r in read_results(out) for d in r["detections"])
     with table.open() as stream:
-        assert int(list(csv.reader(stream))[-1][-1]) == expected
+        rows = {row[0]: row for row in csv.reader(stream)}
+    assert int(rows["TOTAL"][-1]) == expected
+    low, estimate, high = (float(rows[k][-1]) for k in ("count_low", "count_estimate",
+                                                         "count_high"))
+    assert 0 <= low <= estimate <= high
+    assert all("ratio" in cell for cell in rows["method"][1:-1])

@@ -1,50 +1,83 @@
 """How many of each class per image, and for the whole survey: what an ecologist reports.
 
-A CSV with one row per image, one column per class, a `total` column, and a last row
-`TOTAL`. An unreadable image is not a zero count: its row is there with blank counts (so
-no image goes missing from a survey), and the run's report names the error. Only
-detections scoring at least their class's threshold count (the model's, chosen on
-validation, unless `--count-threshold` sets one for all).
+A CSV with one row per image, one column per class, a `total` column, then the survey's
+rows: `TOTAL` (detections counted), and where the model has a count calibration
+`count_estimate`, `count_low` and `count_high` (its 95% interval) and `method` (how each
+class was counted). An unreadable image is not a zero count: its row is there with blank
+counts (so no image goes missing from a survey), and the run's report names the error. A
+detection counts from its class's count threshold (calibrated on validation, independent of
+what annotators are offered; `--count-threshold` sets one for all, uncalibrated).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..files import write_atomically
-from .records import Thresholds, class_names
+from .records import Counting, class_names
 
 TOTAL = "TOTAL"
+Z95 = 1.959964
+
+
+def interval(mean: float, sd: float) -> tuple[float, float]:
+    """The normal 95% interval of a count, never below 0."""
+    return max(0.0, mean - Z95 * sd), mean + Z95 * sd
 
 
 def table(
-    records: Sequence[dict[str, Any]], labels: list[str] | None, thresholds: Thresholds
+    records: Sequence[dict[str, Any]], labels: list[str] | None, counting: Counting
 ) -> list[list[Any]]:
-    """Header, one row per image (blank counts for an image that could not be read), then
-    the survey's totals."""
+    """Header, one row per image (blank counts for an image that could not be read), the
+    survey's totals, then its estimates with their intervals where calibrated."""
     names = class_names(labels, records)
     rows: list[list[Any]] = [["image", *names, "total"]]
     totals = [0] * len(names)
+    read = 0
     for record in records:
         if "error" in record:  # listed, so no image goes missing from the survey
             rows.append([record["image"], *[""] * len(names), ""])
             continue
+        read += 1
         counts = [0] * len(names)
         for detection in record["detections"]:
-            if detection["score"] >= thresholds.of(detection["class_id"]):
+            if detection["score"] >= counting.of(detection["class_id"]):
                 counts[detection["class_id"]] += 1
         totals = [t + c for t, c in zip(totals, counts, strict=True)]
         rows.append([record["image"], *counts, sum(counts)])
     rows.append([TOTAL, *totals, sum(totals)])
-    return rows
+    return rows + _estimates(totals, read, counting)
+
+
+def _estimates(totals: list[int], images: int, counting: Counting) -> list[list[Any]]:
+    """count_estimate / count_low / count_high / method rows; the total's interval treats
+    the classes' errors as independent. None when no class is calibrated."""
+    found = [counting.estimate(c, n, images) for c, n in enumerate(totals)]
+    if all(f is None for f in found):
+        return [["method", *[counting.method(c) for c in range(len(totals))], ""]]
+    means = [None if f is None else f[0] for f in found]
+    sds = [None if f is None else f[1] for f in found]
+    total = sum(m for m in means if m is not None)
+    total_sd = math.sqrt(sum(s * s for s in sds if s is not None))
+
+    def row(name: str, pick) -> list[Any]:
+        cells = ["" if m is None else round(pick(m, s), 1) for m, s in zip(means, sds,
+                                                                          strict=True)]
+        return [name, *cells, round(pick(total, total_sd), 1)]
+
+    return [row("count_estimate", lambda m, s: m),
+            row("count_low", lambda m, s: interval(m, s)[0]),
+            row("count_high", lambda m, s: interval(m, s)[1]),
+            ["method", *[counting.method(c) for c in range(len(totals))], ""]]
 
 
 def write(path: Path, records: Sequence[dict[str, Any]], labels: list[str] | None,
-          thresholds: Thresholds) -> None:
+          counting: Counting) -> None:
     text = io.StringIO(newline="")
-    csv.writer(text).writerows(table(records, labels, thresholds))
+    csv.writer(text).writerows(table(records, labels, counting))
     write_atomically(path, text.getvalue())

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from . import coco_results, counts, geojson, megadetector
-from .records import Thresholds
+from .records import Counting
 
 
 @dataclass(frozen=True)
 class Exports:
     megadetector: Path | None = None
     counts: Path | None = None
-    thresholds: Thresholds | None = None  # what counts; MegaDetector's typical threshold
+    counting: Counting | None = None  # what counts; MegaDetector's typical threshold
     geojson: Path | None = None
     coco: Path | None = None
 
@@ -28,12 +28,12 @@ class Exports:
     def write(self, records: Sequence[dict[str, Any]], labels: list[str] | None,
               detector: str) -> None:
         if self.megadetector is not None:
-            assert self.thresholds is not None
+            assert self.counting is not None
             megadetector.write(self.megadetector, records, labels, detector,
-                               self.thresholds.fallback)
+                               self.counting.fallback)
         if self.counts is not None:
-            assert self.thresholds is not None
-            counts.write(self.counts, records, labels, self.thresholds)
+            assert self.counting is not None
+            counts.write(self.counts, records, labels, self.counting)
         if self.geojson is not None:
             geojson.write(self.geojson, records, labels, detector)
         if self.coco is not None:

@@ -7,13 +7,19 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 
-class Thresholds(Protocol):
-    """The score a detection of a class needs to count (backend.thresholds.ScoreThresholds),
-    and the one number for formats that hold one."""
+class Counting(Protocol):
+    """How detections become a survey's counts (backend.counts.Counting): the score a
+    detection of a class needs to count, the one number for formats that hold one, and the
+    calibrated estimate (mean, standard deviation) where there is one."""
 
     fallback: float
 
     def of(self, class_id: int) -> float: ...
+
+    def method(self, class_id: int) -> str: ...
+
+    def estimate(self, class_id: int, counted: int, images: int
+                 ) -> tuple[float, float] | None: ...
 
 
 def class_names(labels: list[str] | None, records: Sequence[dict[str, Any]]) -> list[str]:

@@ -50,10 +50,11 @@ def rectangle_results(
     """One region per detection of a mapped class at or above its class's threshold, best
     first."""
     results = []
-    for box, score, cls in zip(det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(),
-                               strict=True):
+    shown = thresholds.offered(det).tolist()
+    for box, score, cls, offered in zip(det.boxes.tolist(), det.scores.tolist(),
+                                        det.classes.tolist(), shown, strict=True):
         label = class_map.get(int(cls))
-        if label is None or score < thresholds.of(int(cls)):
+        if label is None or not offered:
             continue
         region = rectangle_region(box, label, width, height, control.from_name, control.to_name)
         results.append({**region, "score": float(score)})

@@ -36,6 +36,7 @@ from ..model_dir import ModelDir
 from ..predict import detection_records
 from ..recipe import RecipeOverrides
 from ..registry import Registry
+from ..counts import Counting
 from ..thresholds import ScoreThresholds
 from .sinks import JsonLinesSink, PredictionImporter, read_results
 from .sources import FileLoader, Item, TaskLoader, image_files, project_tasks
@@ -137,14 +138,14 @@ class ResultFiles:
     """JSON Lines (and optionally COCO) results for image files anywhere fsspec reaches."""
 
     def __init__(self, args: argparse.Namespace, version: str, labels: list[str] | None,
-                 thresholds: ScoreThresholds) -> None:
+                 thresholds: ScoreThresholds, counting: Counting) -> None:
         if args.output is None:
             raise ValueError("--images needs --output FILE.jsonl (it is also the progress file)")
         self.pattern = args.images
         self.thresholds = thresholds
-        counting = thresholds.resolve(args.count_threshold, "--count-threshold")
+        counting = counting.resolve(args.count_threshold, "--count-threshold")
         if args.counts or args.megadetector:
-            log.info("prelabel: counting from score thresholds %s", counting.describe(labels))
+            log.info("prelabel: counting %s", counting.describe(labels))
         self.exports = Exports(args.megadetector, args.counts, counting, args.geojson, args.coco)
         self.version = version
         self.labels = labels
@@ -200,7 +201,7 @@ def run_prelabel(args: argparse.Namespace, recipe: RecipeOverrides) -> int:
     destination: Destination = (
         LabelStudioProject(args, version, labels, model.thresholds)
         if args.project is not None
-        else ResultFiles(args, version, model.labels, model.thresholds)
+        else ResultFiles(args, version, model.labels, model.thresholds, model.counting)
     )
     items, already = destination.todo()
     if args.limit is not None:
