@@ -502,11 +502,11 @@ def _add_export_args(parser: argparse.ArgumentParser, only: str = "") -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from .counts import Counting
     from .imagery.exports import Exports
     from .imagery.images import PixelScaling
     from .model_dir import ModelDir, read_labels
     from .predict import run_predict
-    from .counts import Counting
 
     overrides = dict(args.opt)
     device = {

@@ -366,7 +366,7 @@ def cross_fitted(scored: Scored, settings: EffortSettings = EffortSettings()
         chosen = choose_thresholds(scored.of_images(fold != f), settings)["per_class"]
         held = fold == f
         cost[held] = per_image_costs(scored.of_images(held), chosen, settings)[0]
-    return _ratio_figures(cost, truth, settings, folds=int(len(np.unique(fold))))
+    return _ratio_figures(cost, truth, settings, folds=len(np.unique(fold)))
 
 
 def at_thresholds(scored: Scored, per_class: dict[str, float | None],

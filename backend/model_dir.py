@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .counts import Counting
 from .detection.checkpoint import read_state_dict
 from .detection.config import DetectorConfig, config_from_yaml_text, dump_config, load_config
 from .detection.predictor import Predictor
 from .detection.tiling import TilingOptions
 from .files import file_sha256, write_atomically
-from .counts import Counting
 from .recipe import Recipe, describe, parse_recipe, recipe_json
 from .thresholds import ScoreThresholds
 

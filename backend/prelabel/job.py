@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import uncertainty
+from ..counts import Counting
 from ..detection.structures import Detections
 from ..detection.tiling import TilingOptions
 from ..imagery.exports import Exports
@@ -36,7 +37,6 @@ from ..model_dir import ModelDir
 from ..predict import detection_records
 from ..recipe import RecipeOverrides
 from ..registry import Registry
-from ..counts import Counting
 from ..thresholds import ScoreThresholds
 from .sinks import JsonLinesSink, PredictionImporter, read_results
 from .sources import FileLoader, Item, TaskLoader, image_files, project_tasks
