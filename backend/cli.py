@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = prelabel.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", type=Path, help="a model directory")
     model.add_argument("--registry", type=Path, help="a model registry: its current version")
+    prelabel.add_argument("--model-version", help="--model: tag its predictions with this "
+                          "version instead of its model.json's (tasks with a prediction of "
+                          "it count as done)")
     prelabel.add_argument("--output", "-o", type=Path,
                           help="--images: JSON Lines results, also the progress file")
     prelabel.add_argument("--coco", type=Path, help="--images: also write COCO results here")

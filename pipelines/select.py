@@ -1,11 +1,19 @@
 """DVC stage `select`: the next batch for annotators, the most informative images first.
 
 Reads the project's unlabeled tasks and the uncertainty that `tridentloop prelabel` stored
-as each task's prediction score (for the deployed model version), keeps the top `k`, and
-spreads them across groups (the folder an image came from: a survey flight, a camera-trap
-station) by taking groups in turn, each time its most uncertain image left, so one
-confusing flight cannot fill the whole batch with near-duplicates. Tasks with no prediction
-of the deployed version are counted and named in the output: pre-label them first.
+as each task's prediction score, keeps the top `k`, and spreads them across groups (the
+folder an image came from: a survey flight, a camera-trap station) by taking groups in turn,
+each time its most uncertain image left, so one confusing flight cannot fill the whole
+batch with near-duplicates. Tasks with no prediction of the ranking model are counted and
+named in the output: pre-label them first.
+
+The ranking model is the deployed one. Before anything is deployed (a cold start: the
+first models rarely beat drawing, and the gate rightly holds them back) the pool is ranked
+by the model the next training starts from, the last candidate, tagged
+`candidate-<its weights' SHA-256 prefix>`; its predictions are not offered as pre-labels
+through serving, they only order the pool. With no model at all (nothing trained yet) the
+batch is a spread sample: every group in turn, a fixed pseudo-random order within each.
+A batch is never empty while unlabeled tasks exist; the console says how it was chosen.
 
 Writes `data/select/next.json` and, with `create_view`, a Data Manager tab in Label Studio
 filtered to the batch and sorted by uncertainty.
@@ -13,13 +21,16 @@ filtered to the batch and sorted by uncertainty.
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from backend.files import file_sha256
 from backend.labelstudio.tasks import is_labeled, list_tasks
+from backend.model_dir import ModelDir, ModelDirError
 from backend.registry import Registry
 from backend.uncertainty import DEFAULT as DEFAULT_UNCERTAINTY
 
@@ -35,18 +46,57 @@ def group_of(image: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else ""
 
 
-def spread(candidates: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
-    """Top `k` by uncertainty, taken from the groups in turn (most uncertain group first)."""
+def spread(candidates: list[dict[str, Any]], k: int, key: str = "uncertainty"
+           ) -> list[dict[str, Any]]:
+    """Top `k` by `key`, taken from the groups in turn (the group of the highest first)."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for c in sorted(candidates, key=lambda c: (-c["uncertainty"], c["id"])):
+    for c in sorted(candidates, key=lambda c: (-c[key], c["id"])):
         groups[c["group"]].append(c)
-    queues = sorted(groups.values(), key=lambda g: (-g[0]["uncertainty"], g[0]["id"]))
+    queues = sorted(groups.values(), key=lambda g: (-g[0][key], g[0]["id"]))
     chosen: list[dict[str, Any]] = []
     while len(chosen) < k and any(queues):
         for queue in queues:
             if queue and len(chosen) < k:
                 chosen.append(queue.pop(0))
     return chosen
+
+
+def _draw(task_id: int, seed: int) -> float:
+    """A fixed pseudo-random number in [0, 1) per task: the same sample on every run."""
+    digest = hashlib.sha256(f"{seed}:{task_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def spread_sample(tasks: list[dict[str, Any]], k: int, data_key: str, seed: int = 0
+                  ) -> list[dict[str, Any]]:
+    """With no model to rank by: `k` unlabeled tasks, every group (flight, station) in
+    turn, a fixed pseudo-random order within each."""
+    pool = []
+    for task in tasks:
+        if is_labeled(task):
+            continue
+        image = str((task.get("data") or {}).get(data_key, ""))
+        pool.append({"id": task["id"], "image": image, "group": group_of(image),
+                     "draw": _draw(task["id"], seed)})
+    return spread(pool, k, key="draw")
+
+
+def ranking_model(params: dict[str, Any]) -> tuple[str, list[str], str] | None:
+    """(version tag, prelabel's model arguments, what it is) of the model that ranks the
+    pool: the deployed one, else the last candidate, else None."""
+    registry = params["deploy"]["registry"]
+    version = Registry(registry).current_name()
+    if version is not None:
+        return version, ["--registry", registry], f"the deployed model {version}"
+    output = params.get("train", {}).get("output", "models/candidate")
+    try:
+        candidate = ModelDir.open(output)
+    except ModelDirError:
+        return None
+    tag = f"candidate-{file_sha256(candidate.weights)[:12]}"
+    return tag, ["--model", output, "--model-version", tag], (
+        f"the last candidate {tag} (nothing is deployed yet: its pre-labels are not offered, "
+        "it only orders the pool)")
 
 
 def candidates(tasks: list[dict[str, Any]], version: str, data_key: str):
@@ -82,13 +132,13 @@ def show_in_label_studio(client: Any, project: int, ids: list[int]) -> int:
     return client.views.create(project=project, data=data).id
 
 
-def _prelabel(project: int, registry: str, sp: dict[str, Any], report: Path) -> None:
-    """Score the pool with the deployed model, run by its recipe, as `tridentloop prelabel`
+def _prelabel(project: int, model: list[str], sp: dict[str, Any], report: Path) -> None:
+    """Score the pool with the ranking model, run by its recipe, as `tridentloop prelabel`
     in its own process (pipelines never import the CLI). Unreadable images are reported
     (exit 1), not fatal."""
     done = subprocess.run(
         [sys.executable, "-m", "backend.cli", "prelabel", "--project", str(project),
-         "--registry", registry, "--only-unlabeled",
+         *model, "--only-unlabeled",
          "--uncertainty", sp.get("uncertainty", DEFAULT_UNCERTAINTY),
          "--device", sp.get("device", "auto"),
          "--report", str(report)],
@@ -104,33 +154,36 @@ def main() -> None:
     output = Path(sp.get("output", "data/select/next.json"))
     report = output.with_name("prelabel.report.json")
     url, api_key, project = label_studio_target(params, "select")
-    version = Registry(params["deploy"]["registry"]).current_name()
-    if version is None:  # the first models may not beat drawing: deploy keeps them back
-        write_json(output, {"model_version": None, "project": project, "view": None,
-                            "candidates": 0, "without_prediction": [], "tasks": []})
-        print("select: no model is deployed yet, so there is nothing to rank by: label any "
-              "images, and run dvc repro again")
-        return
     from label_studio_sdk import LabelStudio
 
     from backend.labelstudio.label_config import parse_label_config
 
     client = LabelStudio(base_url=url, api_key=api_key)
     data_key = parse_label_config(client.projects.get(id=project).label_config).controls[0].data_key
-    found, missing = candidates(list_tasks(client, project), version, data_key)
-    if missing and sp.get("prelabel_missing", True):
-        _prelabel(project, params["deploy"]["registry"], sp, report)
-        found, missing = candidates(list_tasks(client, project), version, data_key)
-    batch = spread(found, int(sp.get("k", 20)))
+    k = int(sp.get("k", 20))
+    ranking = ranking_model(params)
+    tasks = list_tasks(client, project)
+    if ranking is None:
+        batch, found, missing, version = spread_sample(tasks, k, data_key), [], [], None
+        how = ("no model has been trained yet, so a spread sample: each folder in turn, a "
+               "fixed pseudo-random order within it")
+    else:
+        version, model, how = ranking
+        found, missing = candidates(tasks, version, data_key)
+        if missing and sp.get("prelabel_missing", True):
+            _prelabel(project, model, sp, report)
+            found, missing = candidates(list_tasks(client, project), version, data_key)
+        batch = spread(found, k)
+        how = f"ranked by {how}"
     view = show_in_label_studio(client, project, [c["id"] for c in batch]) if (
         batch and sp.get("create_view", True)) else None
     write_json(output, {
         "model_version": version, "project": project, "view": view, "candidates": len(found),
         "without_prediction": missing, "tasks": batch,
     })
-    print(f"select: {len(batch)} of {len(found)} unlabeled tasks chosen (model {version}); "
-          f"{len(missing)} without a prediction of {version}"
-          + (f" (see {report})" if missing else ""))
+    print(f"select: {len(batch)} unlabeled task(s) chosen, {how}"
+          + (f"; {len(missing)} without a prediction of {version} (see {report})"
+             if missing else ""))
 
 
 if __name__ == "__main__":

@@ -130,3 +130,47 @@ def test_select_stage_ranks_unlabeled_tasks_and_makes_a_view(project, label_stud
     view_tasks = httpx.get(f"{label_studio.url}/api/tasks", params={"view": chosen["view"]},
                            headers={"Authorization": f"Token {label_studio.token}"}).json()
     assert [t["id"] for t in view_tasks["tasks"]] == [t["id"] for t in chosen["tasks"]]
+
+
+def _select(tmp_path, project, label_studio, **params) -> tuple[dict, str]:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "labelstudio": {"project": project["id"]},
+        "deploy": {"registry": str(tmp_path / "empty-registry")},
+        "select": {"k": 2, "create_view": False, "output": "next.json", "device": "cpu"},
+        **params,
+    }))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LABEL_STUDIO_URL": label_studio.url,
+           "LABEL_STUDIO_API_KEY": label_studio.token}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.select"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads((tmp_path / "next.json").read_text()), proc.stdout
+
+
+def test_select_with_no_model_at_all_still_gives_a_spread_sample(project, label_studio,
+                                                                 tmp_path):
+    """A cold start before anything is trained: never an empty batch, and the same one on
+    every run."""
+    chosen, printed = _select(tmp_path, project, label_studio,
+                              train={"output": str(tmp_path / "no-candidate")})
+    assert len(chosen["tasks"]) == 2 and chosen["model_version"] is None
+    assert "no model has been trained yet, so a spread sample" in printed
+    unlabeled = {t["id"] for t in _tasks(project).values()}
+    assert {t["id"] for t in chosen["tasks"]} <= unlabeled
+    again, _ = _select(tmp_path, project, label_studio,
+                       train={"output": str(tmp_path / "no-candidate")})
+    assert again["tasks"] == chosen["tasks"]
+
+
+def test_select_before_any_deploy_ranks_by_the_last_candidate(project, label_studio, tmp_path):
+    """Nothing deployed (the gate held the first models back) but a candidate exists: it
+    ranks the pool, its predictions tagged as a candidate's, the most doubtful first."""
+    chosen, printed = _select(tmp_path, project, label_studio,
+                              train={"output": str(project["model"])})
+    tag = chosen["model_version"]
+    assert tag.startswith("candidate-") and f"ranked by the last candidate {tag}" in printed
+    assert len(chosen["tasks"]) == 2
+    tasks = _tasks(project)
+    ranked = sorted(((p["score"], t["id"]) for t in tasks.values() for p in t["predictions"]
+                     if p["model_version"] == tag), reverse=True)
+    assert [t["id"] for t in chosen["tasks"]] == [i for _, i in ranked][:2]

@@ -186,7 +186,7 @@ def open_model(args: argparse.Namespace) -> tuple[ModelDir, str]:
     """The model to run and the version its predictions are tagged with."""
     if args.model is not None:
         model = ModelDir.open(args.model)
-        return model, model.version
+        return model, args.model_version or model.version
     model = Registry(args.registry).current()  # one read of `current`: a switch mid-way
     return model, model.path.name               # cannot pair one model with another's name
 
