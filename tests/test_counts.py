@@ -17,18 +17,20 @@ from backend.effort import EffortSettings, Scored, choose_thresholds
 from backend.imagery.counts import interval
 
 
-def _survey(rng: np.random.Generator, images: int, empty: float = 0.9) -> Scored:
+def _survey(rng: np.random.Generator, images: int, empty: float = 0.9, recall: float = 0.8,
+            rocks: float = 0.4) -> Scored:
     """A sparse survey as a detector sees it: most images empty, herds of zebras in the
     rest; each zebra found with probability 0.8 (scores 0.4-1), plus look-alikes (rocks) at
-    scores 0.1-0.7 in any image. Detections carry no match flags: counting needs none."""
+    scores 0.1-0.7 in any image (`recall` and `rocks` change both). Detections carry no
+    match flags: counting needs none."""
     image, score, truth_image = [], [], []
     for i in range(images):
         animals = 0 if rng.random() < empty else int(rng.integers(1, 9))
         truth_image += [i] * animals
-        found = int(rng.binomial(animals, 0.8))
-        rocks = int(rng.poisson(0.4))
-        image += [i] * (found + rocks)
-        score += [*rng.uniform(0.4, 1.0, found), *rng.uniform(0.1, 0.7, rocks)]
+        found = int(rng.binomial(animals, recall))
+        confusers = int(rng.poisson(rocks))
+        image += [i] * (found + confusers)
+        score += [*rng.uniform(0.4, 1.0, found), *rng.uniform(0.1, 0.7, confusers)]
     n = len(score)
     return Scored(image=np.array(image, int), cls=np.zeros(n, int), score=np.array(score),
                   overlap=np.zeros(n), truth_image=np.array(truth_image, int),
@@ -54,6 +56,19 @@ def test_the_count_interval_covers_the_truth_of_new_surveys_95_percent_of_the_ti
     assert 0.90 <= covered / 300 <= 0.99
     # unbiased, where the boxes an annotator-like threshold (0.8) offers undercount by half
     assert abs(np.mean(errors)) < 0.03 and np.mean(raw_errors) < -0.4
+
+
+def test_a_detector_that_finds_half_the_animals_is_corrected_by_the_ratio():
+    """No look-alikes and half the animals missed: no threshold balances the count, so the
+    ratio (about 2) does, and the interval still holds the truth."""
+    rng = np.random.default_rng(4)
+    calibration = calibrate_counts(_survey(rng, 1000, recall=0.5, rocks=0.0))
+    zebra = calibration["per_class"]["zebra"]
+    assert 1.7 < zebra["ratio"] < 2.3
+    new = _survey(rng, 1000, recall=0.5, rocks=0.0)
+    mean, sd = estimate(zebra, int((new.score >= zebra["threshold"]).sum()), new.images)
+    low, high = interval(mean, sd)
+    assert low <= len(new.truth_cls) <= high and abs(mean / len(new.truth_cls) - 1) < 0.15
 
 
 def test_a_class_annotators_are_not_offered_is_still_counted():
