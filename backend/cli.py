@@ -424,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--project", type=int, help="the Label Studio project id to learn from")
     init.add_argument("--label-studio-url", help="Label Studio's URL (params.yaml; the API key "
                       "comes from LABEL_STUDIO_API_KEY when the stages run)")
+    init.add_argument("--from", dest="start", metavar="WEIGHTS",
+                      help="start the loop from a pretrained or previous survey's model: a "
+                      "weights file, a model directory or registry, a URL or a "
+                      "detectron2:// model-zoo name (train.base_weights); checked and "
+                      "downloaded now")
     init.add_argument("--remote", help="the default DVC remote for datasets and models "
                       "(s3://bucket/loop, /mnt/share/loop, ...)")
     init.add_argument("--set", action="append", default=[], type=_key_value,
@@ -734,6 +739,16 @@ def _init(args: argparse.Namespace) -> int:
         if not key:
             raise ValueError(f"--set {dotted}: expected SECTION.KEY=VALUE")
         updates.setdefault(section, {})[key] = yaml.safe_load(value)
+    if args.start:
+        from .weights import resolve_start
+
+        local = "://" not in args.start
+        spec = str(Path(args.start).expanduser().absolute()) if local else args.start
+        start = resolve_start(spec)
+        updates.setdefault("train", {})["base_weights"] = spec
+        print(f"init: the loop starts from {spec} (SHA-256 {start.sha256[:16]}...)"
+              + ("" if start.labels is None else f", trained on {start.labels}; a new box "
+                 "predictor is trained for this project's labels where they differ"))
     checkout = create_loop_project(args.dir, updates, remote=args.remote)
     print(f"init: {checkout} is a git + DVC checkout of the loop for Label Studio project "
           f"{args.project}.\nNext: cd {checkout}; export LABEL_STUDIO_API_KEY=<token>; "

@@ -30,6 +30,7 @@ from backend.detection.training import TrainOptions, init_from_scratch, train
 from backend.files import file_sha256
 from backend.model_dir import ModelDir, ModelDirError, write_model_dir
 from backend.recipe import Recipe, describe, parse_recipe, recipe_json
+from backend.weights import StartError, resolve_start
 
 from .coco import category_names, dataset_hash, read_coco
 from .dataset import StreamedSamples
@@ -89,8 +90,13 @@ def _start_weights(
     candidate rather than from scratch: the gate holds back what annotators see, not what
     the loop has learnt."""
     if params.get("base_weights"):
-        load_weights(model, params["base_weights"], for_inference=False)
-        return f"weights {params['base_weights']}", file_sha256(params["base_weights"])
+        try:
+            base = resolve_start(str(params["base_weights"]))
+        except StartError as exc:
+            fail(str(exc))
+        load_weights(model, base.weights, for_inference=False)
+        name = f"weights {base.source}" + (f" ({base.url})" if base.url else "")
+        return _new_head(model, name, base.labels, labels), base.sha256
     start, name = (deployed, f"deployed model {deployed.version}") if deployed is not None else (
         previous, "the last candidate (not deployed)")
     if start is None:
@@ -98,11 +104,17 @@ def _start_weights(
         return "random weights", None
     load_weights(model, start.weights, for_inference=False)
     sha = deployed_sha256 if deployed is not None else file_sha256(start.weights)
-    if start.labels != labels:  # as detectron2 fine-tunes to new classes
-        model.roi_heads.box_predictor.reset_parameters()
-        return (f"{name}, box predictor re-initialised for the new label set {start.labels} "
-                f"-> {labels}"), sha
-    return name, sha
+    return _new_head(model, name, start.labels, labels), sha
+
+
+def _new_head(model: GeneralizedRCNN, name: str, theirs: list[str] | None,
+              ours: list[str]) -> str:
+    """A start trained on other classes gets a new box predictor, as detectron2 fine-tunes
+    to new classes (one sized for another class count is re-initialised on loading)."""
+    if theirs is None or theirs == ours:
+        return name
+    model.roi_heads.box_predictor.reset_parameters()
+    return f"{name}, box predictor re-initialised for the new label set {theirs} -> {ours}"
 
 
 def _already_trained(

@@ -4,9 +4,12 @@ and deploying into a registry; the stages' guarantees checked one by one."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +28,8 @@ from backend.registry import Registry
 from backend.synthetic import CLASSES, png_bytes, survey_scene
 from pipelines.deployed import snapshot
 from pipelines.split import is_val
+
+from .servers import LoopbackServer
 
 pytestmark = pytest.mark.slow
 
@@ -306,12 +311,60 @@ def test_killed_training_resumes_from_its_checkpoint(loop, tmp_path):
 
 
 def test_a_model_names_the_exact_weights_it_started_from(loop, tmp_path):
+    """A detectron2:// model-zoo name, its zoo a real HTTP server on loopback: downloaded
+    into the cache, trained from, and named by its address and SHA-256."""
     deployed = Registry(loop["dir"] / "models/registry").current().path / "model_final.pth"
-    env = _train_params(loop, tmp_path, "child", iterations=2, base_weights=str(deployed))
-    run([sys.executable, "-m", "pipelines.train"], loop["dir"], env)
+    (tmp_path / "zoo" / "Survey").mkdir(parents=True)
+    shutil.copy(deployed, tmp_path / "zoo" / "Survey" / "last.pth")
+    env = _train_params(loop, tmp_path, "child", iterations=2,
+                        base_weights="detectron2://Survey/last.pth")
+    with LoopbackServer(functools.partial(_Quiet, directory=str(tmp_path / "zoo"))) as zoo:
+        env.update(TRIDENTLOOP_D2_ZOO_URL=zoo.url, TRIDENTLOOP_CACHE=str(tmp_path / "cache"))
+        run([sys.executable, "-m", "pipelines.train"], loop["dir"], env)
     lineage = json.loads((tmp_path / "child/model/model.json").read_text())
-    assert lineage["start"] == f"weights {deployed}"
+    assert lineage["start"] == (f"weights detectron2://Survey/last.pth "
+                                f"({zoo.url}/Survey/last.pth)")
     assert lineage["start_sha256"] == hashlib.sha256(deployed.read_bytes()).hexdigest()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_init_from_another_loop_s_registry_trains_a_new_head(loop):
+    """Last season's loop (its registry) starts this season's project, whose label set
+    differs: its weights, a new box predictor."""
+    ls = loop["ls"]
+    labels = ("zebra", "bird")
+    config = ("<View><Image name='image' value='$image'/><RectangleLabels name='label' "
+              "toName='image'>" + "".join(f"<Label value='{c}'/>" for c in labels)
+              + "</RectangleLabels></View>")
+    season = ls.projects.create(title="next season", label_config=config)
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        scene = survey_scene(rng, 320, 320, 4, classes=labels)
+        import_image(loop["label_studio"], season.id, f"s{i}.png", png_bytes(scene.image))
+        (task,) = [t for t in ls.tasks.list(project=season.id)
+                   if t.data["image"].endswith(f"s{i}.png")]
+        ls.annotations.create(id=task.id, was_cancelled=False, result=[
+            rectangle_region(b, labels[c], 320, 320)
+            for b, c in zip(scene.boxes.tolist(), scene.classes.tolist(), strict=True)])
+    registry = loop["dir"] / "models/registry"
+    checkout = loop["root"] / "next-season"
+    proc = run([sys.executable, "-m", "backend.cli", "init", str(checkout), "--project",
+                str(season.id), "--from", str(registry), "--set", "train.iterations=2",
+                "--set", "train.device=cpu", "--set", "split.val_percent=50"],
+               Path(__file__).resolve().parents[1], loop["env"])
+    assert f"the loop starts from {registry}" in proc.stdout
+    assert yaml.safe_load((checkout / "params.yaml").read_text())["train"][
+        "base_weights"] == str(registry)
+    run(["dvc", "repro", "train"], checkout, loop["env"])
+    lineage = json.loads((checkout / "models/candidate/model.json").read_text())
+    served = Registry(registry).current().weights
+    assert lineage["start_sha256"] == hashlib.sha256(served.read_bytes()).hexdigest()
+    assert "box predictor re-initialised for the new label set" in lineage["start"]
+    assert (checkout / "models/candidate/labels.txt").read_text().split() == list(labels)
 
 
 def test_two_gloo_processes_train_the_same_model_as_one(loop, tmp_path):
@@ -369,7 +422,6 @@ def test_export_with_no_accepted_labels_deploys_nothing(loop):
 def test_calibrate_chooses_thresholds_on_a_label_studio_project(loop, tmp_path):
     """A model brought from outside, calibrated on the project's accepted annotations: the
     thresholds land in its model.json and the effort table is printed."""
-    import shutil
 
     model = tmp_path / "outside"
     shutil.copytree(Registry(loop["dir"] / "models/registry").current().path, model)
