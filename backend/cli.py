@@ -190,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobs.add_argument("--active-learning", action="store_true",
                       help="the loop choosing by uncertainty vs at random, same label budget")
+    jobs.add_argument("--counts", action="store_true",
+                      help="count intervals, effort and triage on new generated surveys, "
+                      "over seeds (coverage)")
+    bench.add_argument("--seeds", type=int, default=20, help="--counts: surveys")
+    bench.add_argument("--model-dir", type=Path, help="--counts: the model (default: the "
+                       "shipped savanna source model)")
+    jobs.add_argument("--pretrain-source", type=Path, metavar="DIR",
+                      help="build last season's stand-in model (the shipped savanna-v1) into "
+                      "DIR and say whether it reproduces the pinned SHA-256")
     jobs.add_argument("--training-memory", action="store_true",
                       help="peak RSS of the train stage on generated 6000x4000 frames")
     bench.add_argument("--training-images", type=int, default=300,
@@ -603,6 +612,16 @@ def _bench(args: argparse.Namespace) -> int:
 
         return print_records(run_active_learning_benchmark(ActiveLearningBench(
             device=args.device if args.device != "auto" else "cpu")))
+    if args.counts:
+        from .bench.counts import CountBench, run_count_benchmark
+
+        return print_records(run_count_benchmark(CountBench(
+            **({"model": args.model_dir} if args.model_dir else {}), seeds=args.seeds,
+            device=args.device if args.device != "auto" else "cpu")))
+    if args.pretrain_source:
+        from .bench.source_model import run_source_model_build
+
+        return print_records(run_source_model_build(args.pretrain_source))
     if args.training_memory:
         from .bench.training_memory import TrainingMemoryBench, run_training_memory_benchmark
 

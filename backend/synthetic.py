@@ -1,7 +1,16 @@
-"""Generated survey-like scenes: small animals on textured ground, with exact ground truth.
+"""Generated survey imagery with exact ground truth: no dataset can be downloaded here, so
+tests, the demo and the benchmarks make their own.
 
-No dataset can be downloaded here, so tests and the demo make their own: each class has a
-distinct body shape and colour so that a tiny model learns it in a few hundred steps.
+`survey_scene`: a frame of animals on textured ground (dense: every tile has some), for
+tests of mechanics. `survey_pool`: imagery as aerial surveys really are (Tanzania's are
+>= 95% empty tiles): most 320 px tiles empty, animals in herds, one species rare (a few
+percent of the animals), and look-alikes drawn as animals are but never labelled (rocks,
+termite mounds, bushes, with their shadows, in the animals' size and colour range), on two
+biomes with different grounds and species: `savanna` (elephant, zebra, rare bird) and
+`steppe` (saiga, horse, rare wolf). Each species has its own body shape and colour, so a
+tiny model learns it in a few hundred steps; a model of one biome transfers to the other as
+last season's model does to a new survey: it knows what an animal from the air looks like,
+not this survey's species.
 """
 
 from __future__ import annotations
@@ -21,6 +30,30 @@ _LOOKS = {
     "elephant": ((128, 128, 136), (40, 60), 1.5),
     "zebra": ((238, 238, 232), (26, 38), 2.2),
     "bird": ((196, 40, 36), (16, 22), 1.0),
+    "saiga": ((172, 130, 82), (22, 30), 1.8),
+    "horse": ((96, 62, 40), (32, 44), 2.1),
+    "wolf": ((150, 146, 140), (20, 28), 2.6),
+}
+# Look-alikes, never labelled: (colour, (min, max) size in px, length / width ratio)
+_CONFUSERS = {
+    "rock": ((126, 124, 122), (20, 50), 1.3),
+    "termite mound": ((150, 92, 62), (24, 40), 1.1),
+    "bush": ((52, 78, 40), (22, 46), 1.2),
+}
+
+
+@dataclass(frozen=True)
+class Biome:
+    """A survey's ground (two colours mixed in patches) and its species, the last rare."""
+
+    soil: tuple[int, int, int]
+    vegetation: tuple[int, int, int]
+    species: tuple[str, ...]
+
+
+BIOMES = {
+    "savanna": Biome((150, 120, 80), (110, 130, 60), ("elephant", "zebra", "bird")),
+    "steppe": Biome((196, 186, 150), (160, 156, 112), ("saiga", "horse", "wolf")),
 }
 
 
@@ -31,10 +64,11 @@ class Scene:
     classes: np.ndarray  # (K,) int64 index into CLASSES
 
 
-def ground(rng: np.random.Generator, height: int, width: int) -> Image.Image:
-    """Savanna-like texture: smooth patches of soil and grass plus fine grain."""
+def ground(rng: np.random.Generator, height: int, width: int,
+           biome: Biome = BIOMES["savanna"]) -> Image.Image:
+    """Smooth patches of soil and vegetation plus fine grain."""
     coarse = rng.uniform(0, 1, size=(max(2, height // 64), max(2, width // 64), 1))
-    soil = np.array([150, 120, 80]) * (1 - coarse) + np.array([110, 130, 60]) * coarse
+    soil = np.array(biome.soil) * (1 - coarse) + np.array(biome.vegetation) * coarse
     base = Image.fromarray(soil.astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
     grain = rng.normal(0, 10, size=(height, width, 1))
     pixels = np.asarray(base, dtype=np.float64) + grain
@@ -62,26 +96,131 @@ def survey_scene(
             break
         cls = (int(rng.integers(len(classes))) if frequencies is None
                else int(rng.choice(len(classes), p=np.asarray(frequencies) / sum(frequencies))))
-        colour, (low, high), ratio = _LOOKS[classes[cls]]
-        length = float(rng.uniform(low, high))
-        w, h = (length, length / ratio) if rng.random() < 0.5 else (length / ratio, length)
-        x0 = float(rng.uniform(2, width - w - 2))
-        y0 = float(rng.uniform(2, height - h - 2))
-        box = [x0, y0, x0 + w, y0 + h]
-        if any(_overlaps(box, other, margin=4) for other in boxes):
-            continue
-        shade = tuple(int(c + rng.integers(-12, 13)) for c in colour)
-        draw.ellipse([x0 + 2, y0 + 3, x0 + w + 2, y0 + h + 3], fill=(60, 55, 40))  # shadow
-        draw.ellipse(box, fill=shade)
-        if classes[cls] == "zebra":
-            _stripes(draw, box, w > h)
-        boxes.append([x0, y0, x0 + w + 2, y0 + h + 3])  # the box includes the shadow
-        labels.append(cls)
-    return Scene(
-        np.asarray(image).copy(),
-        np.array(boxes, dtype=np.float32).reshape(-1, 4),
-        np.array(labels, dtype=np.int64),
-    )
+        box = _place(draw, rng, boxes, classes[cls], _LOOKS[classes[cls]], (0, 0, width, height))
+        if box is not None:
+            boxes.append(box)
+            labels.append(cls)
+    return _scene(image, boxes, labels)
+
+
+def _scene(image: Image.Image, boxes: list[list[float]], labels: list[int]) -> Scene:
+    return Scene(np.asarray(image).copy(), np.array(boxes, dtype=np.float32).reshape(-1, 4),
+                 np.array(labels, dtype=np.int64))
+
+
+def _place(draw: ImageDraw.ImageDraw, rng: np.random.Generator, taken: list[list[float]],
+           kind: str, look: tuple[tuple[int, int, int], tuple[int, int], float],
+           area: tuple[float, float, float, float]) -> list[float] | None:
+    """Draw one body (with its shadow) inside `area` clear of `taken`; its box including the
+    shadow, or None when it did not fit."""
+    colour, (low, high), ratio = look
+    length = float(rng.uniform(low, high))
+    w, h = (length, length / ratio) if rng.random() < 0.5 else (length / ratio, length)
+    left, top, right, bottom = area
+    if right - left < w + 4 or bottom - top < h + 4:
+        return None
+    x0 = float(rng.uniform(left + 2, right - w - 2))
+    y0 = float(rng.uniform(top + 2, bottom - h - 2))
+    box = [x0, y0, x0 + w + 2, y0 + h + 3]  # the box includes the shadow
+    if any(_overlaps(box, other, margin=4) for other in taken):
+        return None
+    shade = tuple(int(c + rng.integers(-12, 13)) for c in colour)
+    draw.ellipse([x0 + 2, y0 + 3, x0 + w + 2, y0 + h + 3], fill=(60, 55, 40))  # shadow
+    if kind == "bush":  # a few overlapping crowns
+        for _ in range(3):
+            dx, dy = rng.uniform(-0.2, 0.2, 2) * (w, h)
+            draw.ellipse([x0 + dx, y0 + dy, x0 + w * 0.8 + dx, y0 + h * 0.8 + dy], fill=shade)
+    else:
+        draw.ellipse([x0, y0, x0 + w, y0 + h], fill=shade)
+    if kind == "zebra":
+        _stripes(draw, [x0, y0, x0 + w, y0 + h], w > h)
+    return box
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """A generated survey. `empty_fraction` is the share of 320 px tiles (the loop's recipe,
+    overlap 0.2) holding no animal across the pool; herds and confusers per image as given."""
+
+    biome: str = "savanna"
+    height: int = 480
+    width: int = 640
+    empty_fraction: float = 0.92
+    rare_share: float = 0.05  # of the animals, the biome's last species
+    herd: tuple[int, int] = (3, 9)  # common species' herd sizes; the rare one 1-3
+    spread: float = 28.0  # px, a herd's scatter around its centre
+    confusers: float = 2.0  # look-alikes per image, on average
+
+
+# Tiles (320 px, overlap 0.2, of a 640 x 480 frame) a herd touches on average, measured on
+# generated pools: what turns an empty-tile share into the share of frames with a herd.
+_TILES_PER_HERD = 3.0
+
+
+def survey_pool(rng: np.random.Generator, count: int, settings: PoolSettings = PoolSettings()
+                ) -> list[Scene]:
+    """`count` survey frames; classes index the biome's species."""
+    biome = BIOMES[settings.biome]
+    tiles = len(_tile_plan(settings.height, settings.width).crops)
+    with_herd = min(1.0, (1 - settings.empty_fraction) * tiles / _TILES_PER_HERD)
+    common, rare = settings.herd, (1, 3)
+    mean_common, mean_rare = sum(common) / 2, sum(rare) / 2
+    # herds of the rare species are this likely for it to be `rare_share` of the animals
+    rare_herd = (settings.rare_share * mean_common
+                 / (mean_rare - settings.rare_share * (mean_rare - mean_common)))
+    return [_frame(rng, settings, biome, with_herd, rare_herd) for _ in range(count)]
+
+
+def _frame(rng: np.random.Generator, settings: PoolSettings, biome: Biome, with_herd: float,
+           rare_herd: float) -> Scene:
+    image = ground(rng, settings.height, settings.width, biome)
+    draw = ImageDraw.Draw(image)
+    boxes: list[list[float]] = []
+    labels: list[int] = []
+    if rng.random() < with_herd:
+        is_rare = rng.random() < rare_herd
+        cls = len(biome.species) - 1 if is_rare else int(rng.integers(len(biome.species) - 1))
+        low, high = (1, 3) if is_rare else settings.herd
+        size = int(rng.integers(low, high + 1))
+        cx, cy = rng.uniform(40, settings.width - 40), rng.uniform(40, settings.height - 40)
+        r = settings.spread * (1 + size / 4)
+        area = (max(0, cx - r), max(0, cy - r), min(settings.width, cx + r),
+                min(settings.height, cy + r))
+        for _ in range(size * 30):
+            if len(boxes) == size:
+                break
+            species = biome.species[cls]
+            box = _place(draw, rng, boxes, species, _LOOKS[species], area)
+            if box is not None:
+                boxes.append(box)
+                labels.append(cls)
+    taken = list(boxes)
+    for _ in range(int(rng.poisson(settings.confusers))):
+        kind = str(rng.choice(list(_CONFUSERS)))
+        box = _place(draw, rng, taken, kind, _CONFUSERS[kind],
+                     (0, 0, settings.width, settings.height))
+        if box is not None:
+            taken.append(box)
+    return _scene(image, boxes, labels)
+
+
+def _tile_plan(height: int, width: int):
+    from .detection.tiling import TilePlan, TilingOptions
+
+    return TilePlan.for_image(height, width, TilingOptions(tile_size=320, overlap=0.2))
+
+
+def empty_tile_share(scenes: Sequence[Scene]) -> float:
+    """The share of the loop's 320 px tiles whose area holds no animal's centre."""
+    empty = total = 0
+    for scene in scenes:
+        centres = (scene.boxes[:, :2] + scene.boxes[:, 2:]) / 2
+        for t in _tile_plan(*scene.image.shape[:2]).crops:
+            inside = ((centres[:, 0] >= t.x0) & (centres[:, 0] < t.x1)
+                      & (centres[:, 1] >= t.y0) & (centres[:, 1] < t.y1))
+            empty += not inside.any()
+            total += 1
+    return empty / max(total, 1)
 
 
 def _overlaps(a: list[float], b: list[float], margin: float) -> bool:
@@ -101,21 +240,22 @@ def _stripes(draw: ImageDraw.ImageDraw, box: list[float], horizontal: bool) -> N
         draw.line(line, fill=(20, 20, 20), width=2)
 
 
-# A Label Studio project for the generated scenes: boxes labelled with their classes.
-LABEL_CONFIG = (
-    "<View><Image name='image' value='$image'/><RectangleLabels name='label' "
-    "toName='image'>"
-    + "".join(f"<Label value='{c}'/>" for c in CLASSES)
-    + "</RectangleLabels></View>"
-)
+def label_config(classes: Sequence[str] = CLASSES) -> str:
+    """A Label Studio project for generated scenes: boxes labelled with their classes."""
+    return ("<View><Image name='image' value='$image'/><RectangleLabels name='label' "
+            "toName='image'>" + "".join(f"<Label value='{c}'/>" for c in classes)
+            + "</RectangleLabels></View>")
 
 
-def coco_of(scenes: Sequence[tuple[str, np.ndarray, np.ndarray, tuple[int, int]]]
-            ) -> dict[str, Any]:
+LABEL_CONFIG = label_config()
+
+
+def coco_of(scenes: Sequence[tuple[str, np.ndarray, np.ndarray, tuple[int, int]]],
+            classes: Sequence[str] = CLASSES) -> dict[str, Any]:
     """A COCO detection dataset of generated scenes, given as (file name, boxes (x0, y0, x1,
-    y1), classes, (height, width)); image ids are positions, categories CLASSES."""
+    y1), classes, (height, width)); image ids are positions, categories `classes`."""
     coco: dict[str, Any] = {"images": [], "annotations": [],
-                            "categories": [{"id": i, "name": n} for i, n in enumerate(CLASSES)]}
+                            "categories": [{"id": i, "name": n} for i, n in enumerate(classes)]}
     for i, (name, boxes, classes, (height, width)) in enumerate(scenes):
         coco["images"].append({"id": i, "file_name": name, "width": width, "height": height})
         for box, cls in zip(boxes.tolist(), classes.tolist(), strict=True):

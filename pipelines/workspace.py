@@ -37,7 +37,7 @@ def copy_code(dest: Path) -> None:
     for package in PACKAGES:
         shutil.rmtree(dest / package, ignore_errors=True)
         shutil.copytree(_package_dir(package), dest / package,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "loop"))
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "loop", "models"))
 
 
 def create_loop_project(

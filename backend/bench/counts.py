@@ -1,0 +1,114 @@
+"""`tridentloop bench --counts`: do the published figures hold on surveys they were not fitted
+on? Per seed a generated survey (92% empty tiles, herds, a rare species, look-alikes): the
+model's count calibration, annotator thresholds and triage threshold chosen on `val_frames`
+labelled frames, then applied to `survey_frames` new ones. Reports per seed and, over the
+seeds, how often the 95% count interval held the true count (per class), how often the
+out-of-sample effort interval held the effort measured on the new frames, and the triage
+threshold's recall and the share of frames it spared. The model is the shipped source model
+(savanna-v1) unless `--model` names another of the same biome's classes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import counts, effort
+from ..imagery.counts import interval
+from ..model_dir import ModelDir
+from ..synthetic import BIOMES, PoolSettings, Scene, coco_of, survey_pool
+from .source_model import SHIPPED
+
+
+@dataclass(frozen=True)
+class CountBench:
+    model: Path = SHIPPED
+    biome: str = "savanna"
+    seeds: int = 20
+    val_frames: int = 30
+    survey_frames: int = 30
+    empty_fraction: float = 0.92
+    device: str = "cpu"
+
+
+def _scored(predictor: Any, model: ModelDir, frames: list[Scene], names: tuple[str, ...],
+            settings: effort.EffortSettings) -> effort.Scored:
+    coco = coco_of([(str(i), f.boxes, f.classes, f.image.shape[:2])
+                    for i, f in enumerate(frames)], names)
+    records = []
+    for i, frame in enumerate(frames):
+        det = predictor.detect(frame.image, model.recipe)
+        records += [{"image_id": i, "category_id": int(c), "score": float(s),
+                     "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
+                    for b, s, c in zip(det.boxes.tolist(), det.scores.tolist(),
+                                       det.classes.tolist(), strict=True)]
+    return effort.score_coco(coco, records, settings)
+
+
+def _seed(bench: CountBench, seed: int, predictor: Any, model: ModelDir) -> dict[str, Any]:
+    names = BIOMES[bench.biome].species
+    settings = effort.EffortSettings()
+    rng = np.random.default_rng(1000 + seed)
+    pool = PoolSettings(biome=bench.biome, empty_fraction=bench.empty_fraction)
+    val = _scored(predictor, model, survey_pool(rng, bench.val_frames, pool), names, settings)
+    new = _scored(predictor, model, survey_pool(rng, bench.survey_frames, pool), names,
+                  settings)
+    calibration = counts.calibrate_counts(val, settings.min_boxes)
+    row: dict[str, Any] = {"seed": seed, "counts": {}}
+    for c, name in enumerate(names):
+        cal = calibration["per_class"][name]
+        true = int((new.truth_cls == c).sum())
+        if cal is None:
+            row["counts"][name] = {"true": true, "estimate": None}
+            continue
+        counted = int(((new.cls == c) & (new.score >= cal["threshold"])).sum())
+        mean, sd = counts.estimate(cal, counted, new.images)
+        low, high = interval(mean, sd)
+        row["counts"][name] = {"true": true, "estimate": round(mean, 1), "low": round(low, 1),
+                               "high": round(high, 1), "covered": low <= true <= high}
+    chosen = effort.choose_thresholds(val, settings)["per_class"]
+    held = effort.cross_fitted(val, settings)
+    fresh = effort.at_thresholds(new, chosen, settings)["effort_ratio"]
+    row["effort"] = {"out_of_sample": held["effort_ratio"], "low": held["low"],
+                     "high": held["high"], "fresh": fresh,
+                     "covered": held["low"] <= fresh <= held["high"]}
+    triage = counts.triage_figures(new, counts.triage_threshold(val, 0.95))
+    row["triage"] = {k: triage[k] for k in ("threshold", "skipped_share", "image_recall",
+                                            "animals_in_skipped")}
+    return row
+
+
+def run_count_benchmark(bench: CountBench) -> Iterator[dict[str, Any]]:
+    started = time.perf_counter()
+    model = ModelDir.open(bench.model)
+    predictor = model.predictor(device=bench.device)
+    rows = []
+    for seed in range(bench.seeds):
+        rows.append(_seed(bench, seed, predictor, model))
+        yield rows[-1]
+    coverage = {}
+    for name in BIOMES[bench.biome].species:
+        trials = [r["counts"][name]["covered"] for r in rows if "covered" in r["counts"][name]]
+        widths = [(r["counts"][name]["high"] - r["counts"][name]["low"])
+                  / max(r["counts"][name]["true"], 1)
+                  for r in rows if "covered" in r["counts"][name]]
+        coverage[name] = {"covered": int(sum(trials)), "trials": len(trials),
+                          "share": round(float(np.mean(trials)), 3) if trials else None,
+                          "mean_width_over_true": round(float(np.mean(widths)), 2)
+                          if widths else None}
+    recalls = [r["triage"]["image_recall"] for r in rows if r["triage"]["image_recall"] is not None]
+    yield {"seeds": bench.seeds, "model": str(bench.model), "count_coverage": coverage,
+           "effort_interval_holds_fresh": round(float(np.mean(
+               [r["effort"]["covered"] for r in rows])), 3),
+           "triage_recall_mean": round(float(np.mean(recalls)), 3) if recalls else None,
+           "triage_recall_min": min(recalls) if recalls else None,
+           "triage_skipped_share_mean": round(float(np.mean(
+               [r["triage"]["skipped_share"] for r in rows])), 3),
+           "val_frames": bench.val_frames, "survey_frames": bench.survey_frames,
+           "empty_fraction": bench.empty_fraction,
+           "seconds": round(time.perf_counter() - started, 1)}
