@@ -536,13 +536,13 @@ def _predict(args: argparse.Namespace) -> int:
         model_dir = ModelDir.open(args.model)
         predictor = model_dir.predictor(overrides, **device)
         labels, detector, recipe = model_dir.labels, model_dir.version, model_dir.recipe
-        counting = model_dir.counting
+        counting, triage = model_dir.counting, model_dir.triage_threshold
     elif args.config is not None and args.weights is not None:
         from .detection.predictor import Predictor
 
         predictor = Predictor.from_files(args.config, args.weights, overrides, **device)
         labels, detector, recipe = None, args.weights.name, None
-        counting = Counting.of_model({}, None)
+        counting, triage = Counting.of_model({}, None), None
     else:
         raise SystemExit("tridentloop predict: give --model DIR, or --config and --weights")
     if args.labels is not None:
@@ -561,8 +561,8 @@ def _predict(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             scaling=PixelScaling(args.value_range, args.bands, args.nodata),
             overlays=args.overlays,
-            exports=Exports(args.megadetector, args.counts, counting,
-                            args.geojson),
+            exports=Exports(args.megadetector, args.counts, counting, args.geojson,
+                            triage=triage),
             detector=detector,
         )
     finally:

@@ -8,11 +8,15 @@ the pre-labels that match the generated ground truth, fixes the rest, and submit
 redeploys if the model is not worse for annotators and for AP. The backend hot-reloads each
 new version and offers boxes by the score thresholds `evaluate` chose for it on val.
 
-What annotators feel is counted per round: the annotator's corrections (pre-labels deleted
-plus animals drawn) per image, and their effort ratio, corrections over the animals there
-(1.0: as costly as drawing every box from scratch, as in round 1). Prints a table per round
-and ends with one JSON line `{"rounds": [...]}`; every server it started is stopped before
-it returns.
+Each round's batch also holds survey frames with nothing but look-alikes (rocks, termite
+mounds, bushes), as real surveys mostly do. What annotators feel is counted per round, by
+the same costs `evaluate` uses (backend/effort.py): pre-labels kept, adjusted (a loose box's
+edges moved) and deleted, animals drawn, and the effort ratio, corrections over drawing
+every animal (1.0: as costly as drawing every box from scratch, as in round 1). What a
+survey gets from the served model is reported too: the frames its triage threshold says
+need not be opened (and the animals in them), and its count with a 95% interval against the
+truth. Prints a table per round and ends with one JSON line `{"rounds": [...]}`; every
+server it started is stopped before it returns.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from label_studio_sdk import LabelStudio
 from PIL import Image
 
-from .detection.boxes import pairwise_iou
+from .counts import TRIAGE_KEY
+from .effort import EffortSettings, Tally, match
+from .imagery.counts import interval
 from .labelstudio.local import LocalLabelStudio, import_image, local_label_studio
 from .labelstudio.results import rectangle_region
 from .media.fetch import MediaFetcher, MediaSettings
@@ -42,42 +47,57 @@ from .serving.backend import Backend, ServerSettings
 from .serving.jobs import TrainingJobs
 from .serving.model_source import ModelSource
 from .serving.server import serve_in_thread
-from .synthetic import CLASSES, LABEL_CONFIG, Scene, coco_of, png_bytes, survey_scene
+from .synthetic import (
+    CLASSES,
+    LABEL_CONFIG,
+    PoolSettings,
+    Scene,
+    coco_of,
+    png_bytes,
+    survey_pool,
+    survey_scene,
+)
 
 MARKER = ".tridentloop-demo"
 IMAGE_SIZE = (480, 640)  # (h, w): six 320 px tiles
+SETTINGS = EffortSettings()  # the costs evaluate scores the loop by
 
 
-def review(predicted: list[dict[str, Any]], scene: Scene) -> tuple[list[dict[str, Any]], int]:
-    """The scripted annotator: keep each pre-label that matches a ground-truth animal
-    (same class, IoU >= 0.5), draw the animals nobody found, delete the rest."""
+def review(predicted: list[dict[str, Any]], scene: Scene
+           ) -> tuple[list[dict[str, Any]], Tally]:
+    """The scripted annotator, matching as `effort` does (per class, best score first): keep
+    a pre-label on an animal from IoU `keep_iou`, move a looser one's edges onto it, delete
+    the rest, draw the animals nobody found. Its result and its tally."""
     height, width = IMAGE_SIZE
     kept: list[dict[str, Any]] = []
     found = np.zeros(len(scene.boxes), bool)
-    for region in sorted(predicted, key=lambda r: -r.get("score", 0)):
-        v = region["value"]
-        box = torch.tensor(
-            [
-                [
-                    v["x"] * width / 100,
-                    v["y"] * height / 100,
-                    (v["x"] + v["width"]) * width / 100,
-                    (v["y"] + v["height"]) * height / 100,
-                ]
-            ]
-        )
-        iou = pairwise_iou(box, torch.from_numpy(scene.boxes))[0].numpy()
-        same = np.array([CLASSES[c] == v["rectanglelabels"][0] for c in scene.classes])
-        iou[found | ~same] = 0
-        if len(iou) and iou.max() >= 0.5:
-            found[int(iou.argmax())] = True
-            kept.append({k: val for k, val in region.items() if k != "score"})
-    drawn = [
+    as_is = np.zeros(len(scene.boxes), bool)
+    for c, name in enumerate(CLASSES):
+        regions = [r for r in predicted if r["value"]["rectanglelabels"][0] == name]
+        truth = np.flatnonzero(scene.classes == c)
+        boxes = np.array([_corners(r["value"]) for r in regions], float).reshape(-1, 4)
+        scores = np.array([r.get("score", 0.0) for r in regions], float)
+        which, overlap = match(boxes, scores, scene.boxes[truth].astype(float), SETTINGS.iou)
+        for region, j, iou in zip(regions, which, overlap, strict=True):
+            if j >= 0:
+                found[truth[j]] = True
+                if iou >= SETTINGS.keep_iou:
+                    as_is[truth[j]] = True
+                    kept.append({k: val for k, val in region.items() if k != "score"})
+    redrawn = [  # drawn from scratch, or a loose pre-label moved onto the animal
         rectangle_region(box, CLASSES[c], width, height)
-        for box, c, hit in zip(scene.boxes.tolist(), scene.classes.tolist(), found, strict=True)
-        if not hit
+        for box, c, keep in zip(scene.boxes.tolist(), scene.classes.tolist(), as_is, strict=True)
+        if not keep
     ]
-    return kept + drawn, len(kept)
+    return kept + redrawn, Tally(len(predicted), int(found.sum()),
+                                 int((found & ~as_is).sum()), len(scene.boxes))
+
+
+def _corners(value: dict[str, float]) -> list[float]:
+    height, width = IMAGE_SIZE
+    return [value["x"] * width / 100, value["y"] * height / 100,
+            (value["x"] + value["width"]) * width / 100,
+            (value["y"] + value["height"]) * height / 100]
 
 
 def _prepare_output(out: Path) -> None:
@@ -124,9 +144,12 @@ def run_demo(args: argparse.Namespace) -> int:
         scenes: dict[str, Scene] = {}
         for round_no in range(1, args.rounds + 1):
             names = []
-            for i in range(args.images_per_round):
+            empty = survey_pool(rng, args.images_per_round // 2, PoolSettings(
+                empty_fraction=1.0, confusers=3.0))  # look-alikes only
+            for i in range(args.images_per_round + len(empty)):
                 name = f"r{round_no}_survey{i:02d}.png"
-                scenes[name] = survey_scene(rng, *IMAGE_SIZE, 10)
+                scenes[name] = (survey_scene(rng, *IMAGE_SIZE, 10) if i < args.images_per_round
+                                else empty[i - args.images_per_round])
                 import_image(ls_server, project.id, name, png_bytes(scenes[name].image))
                 names.append(name)
             tasks = {
@@ -137,8 +160,10 @@ def run_demo(args: argparse.Namespace) -> int:
                 backend_url = _start_backend(
                     stack, registry, loop_dir, out, args, ls, project.id, ls_server
                 )
-            offered = kept_total = objects = 0
+            tally = Tally(0, 0, 0, 0)
             served = _served_thresholds(registry) if backend_url is not None else "none"
+            survey = (_survey_figures(registry, [scenes[n] for n in names], args.device)
+                      if backend_url is not None else {})
             if backend_url is not None:
                 ls.actions.create(
                     id="retrieve_tasks_predictions",
@@ -147,28 +172,30 @@ def run_demo(args: argparse.Namespace) -> int:
                 )
             for name, task_id in zip(names, new_ids, strict=True):
                 predicted = [r for p in ls.predictions.list(task=task_id) for r in p.result]
-                result, kept = review(predicted, scenes[name])
-                offered += len(predicted)
-                kept_total += kept
-                objects += len(scenes[name].boxes)
+                result, one = review(predicted, scenes[name])
+                tally = Tally(*(a + b for a, b in zip(
+                    (tally.offered, tally.matched, tally.adjusted, tally.truth),
+                    (one.offered, one.matched, one.adjusted, one.truth), strict=True)))
                 ls.annotations.create(id=task_id, result=result, was_cancelled=False)
             print(
-                f"round {round_no}: {len(names)} new images; {offered} pre-labels offered, "
-                f"{kept_total} kept unchanged; dvc repro...",
+                f"round {round_no}: {len(names)} new images ({len(empty)} with look-alikes "
+                f"only), {tally.truth} animals; {tally.offered} pre-labels offered, "
+                f"{tally.matched - tally.adjusted} kept, {tally.adjusted} adjusted; dvc repro...",
                 flush=True,
             )
             log = out / f"round{round_no}-dvc-repro.log"
             if _dvc_repro(loop_dir, env, log) != 0:
                 raise RuntimeError(f"dvc repro failed in round {round_no}; see {log}")
-            row = _round_row(round_no, loop_dir, registry, offered, kept_total, objects,
-                             len(names), served)
+            row = {**_round_row(round_no, loop_dir, registry, tally, len(names), served),
+                   **survey}
             row["ap50"] = (_held_out_ap50(registry, held_out, args.device)
                            if registry.current_name() else 0.0)  # nothing deployed yet
             rounds.append(row)
             _print_table(rounds)
     fields = ("round", "model_version", "labels", "ap50", "objects", "pre_labels_offered",
-              "pre_labels_kept", "corrections", "effort_ratio")
-    summary = {"rounds": [{k: r[k] for k in fields} for r in rounds]}
+              "pre_labels_kept", "pre_labels_adjusted", "corrections", "effort_ratio",
+              "images_not_opened", "count", "count_low", "count_high", "count_true")
+    summary = {"rounds": [{k: r.get(k) for k in fields} for r in rounds]}
     (out / "summary.json").write_text(
         json.dumps(
             {**summary, "details": rounds, "seconds": round(time.perf_counter() - started)},
@@ -239,17 +266,41 @@ def _served_thresholds(registry: Registry) -> str:
                     for name, t in zip(model.labels or [], thresholds.by_class, strict=False))
 
 
+def _survey_figures(registry: Registry, scenes: list[Scene], device: str) -> dict[str, Any]:
+    """What the served model tells a survey of these frames: how many need not be opened
+    (below its triage threshold) and the animals in them, and its count with a 95% interval
+    (every class, by its count calibration) against the truth."""
+    model = registry.current()
+    predictor = model.predictor(device=device)
+    counting = model.counting
+    triage = (model.metadata.get(TRIAGE_KEY) or {}).get("threshold")
+    counted = np.zeros(len(model.labels or CLASSES), int)
+    skipped = missed = 0
+    for scene in scenes:
+        det = predictor.detect(scene.image, model.recipe)
+        best = float(det.scores.max()) if len(det) else 0.0
+        if triage is not None and best < triage:
+            skipped, missed = skipped + 1, missed + len(scene.boxes)
+        for score, cls in zip(det.scores.tolist(), det.classes.tolist(), strict=True):
+            counted[cls] += score >= counting.of(cls)
+    found = [counting.estimate(c, int(n), len(scenes)) for c, n in enumerate(counted)]
+    mean = sum(f[0] for f in found if f is not None) if any(found) else float(counted.sum())
+    sd = sum(f[1] ** 2 for f in found if f is not None) ** 0.5
+    low, high = interval(mean, sd)
+    return {"images_not_opened": skipped, "animals_not_opened": missed,
+            "count": round(mean, 1), "count_low": round(low, 1), "count_high": round(high, 1),
+            "count_true": sum(len(s.boxes) for s in scenes)}
+
+
 def _round_row(
-    round_no: int, loop_dir: Path, registry: Registry, offered: int, kept: int, objects: int,
-    images: int, served: str,
+    round_no: int, loop_dir: Path, registry: Registry, tally: Tally, images: int, served: str,
 ) -> dict[str, Any]:
     manifest = json.loads((loop_dir / "data/dataset/manifest.json").read_text())
     metrics = json.loads((loop_dir / "metrics.json").read_text())
     decision = json.loads((loop_dir / "deploy.json").read_text())
     deployed = metrics["deployed"]
     val_ap50 = metrics["ap50"] if decision["deployed"] or deployed is None else deployed["ap50"]
-    # the annotator deleted every other pre-label and drew every animal not kept
-    corrections = (offered - kept) + (objects - kept)
+    corrections = float(tally.cost(SETTINGS))
     return {
         "round": round_no,
         "model_version": registry.current_name() or "-",
@@ -258,12 +309,13 @@ def _round_row(
         "val_ap50": val_ap50,
         "candidate_ap50": metrics["ap50"],
         "deployed": decision["deployed"],
-        "objects": objects,
-        "pre_labels_offered": offered,
-        "pre_labels_kept": kept,
+        "objects": tally.truth,
+        "pre_labels_offered": tally.offered,
+        "pre_labels_kept": tally.matched - tally.adjusted,
+        "pre_labels_adjusted": tally.adjusted,
         "corrections": corrections,
         "corrections_per_image": round(corrections / images, 2),
-        "effort_ratio": round(corrections / max(objects, 1), 3),
+        "effort_ratio": round(float(tally.ratio(SETTINGS)), 3),
         "served_thresholds": served,
     }
 
@@ -287,18 +339,25 @@ def _dvc_repro(loop_dir: Path, env: dict[str, str], log: Path) -> int:
 
 
 def _print_table(rounds: list[dict[str, Any]]) -> None:
-    """One row per round: data, model, AP, and what the round's annotator went through with
-    the pre-labels served then (thresholds: each class's first letter, '-' not offered)."""
+    """One row per round: data, model, AP, what the round's annotator went through with the
+    pre-labels served then (thresholds: each class's first letter, '-' not offered), and
+    what the served model told the survey of that batch (frames not to open, the count)."""
     print(
         f"\n{'round':>5} {'images':>7} {'labels':>7} {'model':>7} {'AP50 held-out':>14} "
-        f"{'AP50 val':>9} {'offered':>8} {'kept':>5} {'corrections/img':>16} "
-        f"{'effort ratio':>13}  served thresholds"
+        f"{'AP50 val':>9} {'offered':>8} {'kept':>5} {'adj.':>5} {'corr./img':>10} "
+        f"{'effort':>7} {'not opened':>11} {'count [95%] (true)':>22}  served thresholds"
     )
     for r in rounds:
+        count = ("-" if r.get("count") is None else
+                 f"{r['count']:.0f} [{r['count_low']:.0f}, {r['count_high']:.0f}] "
+                 f"({r['count_true']})")
+        opened = "-" if r.get("images_not_opened") is None else (
+            f"{r['images_not_opened']} ({r['animals_not_opened']} an.)")
         print(
             f"{r['round']:>5} {r['images']:>7} {r['labels']:>7} {r['model_version']:>7} "
             f"{r['ap50']:>14.3f} {r['val_ap50']:>9.3f} {r['pre_labels_offered']:>8} "
-            f"{r['pre_labels_kept']:>5} {r['corrections_per_image']:>16.2f} "
-            f"{r['effort_ratio']:>13.3f}  {r['served_thresholds']}"
+            f"{r['pre_labels_kept']:>5} {r['pre_labels_adjusted']:>5} "
+            f"{r['corrections_per_image']:>10.2f} {r['effort_ratio']:>7.3f} {opened:>11} "
+            f"{count:>22}  {r['served_thresholds']}"
         )
     print(flush=True)

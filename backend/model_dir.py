@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .counts import Counting
+from .counts import TRIAGE_KEY, Counting
 from .detection.checkpoint import read_state_dict
 from .detection.config import DetectorConfig, config_from_yaml_text, dump_config, load_config
 from .detection.predictor import Predictor
@@ -90,6 +90,12 @@ class ModelDir:
     def counting(self) -> Counting:
         """How its detections become survey counts (calibrated on validation, or 0.5)."""
         return Counting.of_model(self.metadata, self.labels)
+
+    @property
+    def triage_threshold(self) -> float | None:
+        """The image score under which a frame is likely empty (chosen on validation)."""
+        threshold = (self.metadata.get(TRIAGE_KEY) or {}).get("threshold")
+        return None if threshold is None else float(threshold)
 
     @property
     def config(self) -> DetectorConfig:

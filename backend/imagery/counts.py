@@ -31,17 +31,20 @@ def interval(mean: float, sd: float) -> tuple[float, float]:
 
 
 def table(
-    records: Sequence[dict[str, Any]], labels: list[str] | None, counting: Counting
+    records: Sequence[dict[str, Any]], labels: list[str] | None, counting: Counting,
+    triage: float | None = None,
 ) -> list[list[Any]]:
     """Header, one row per image (blank counts for an image that could not be read), the
-    survey's totals, then its estimates with their intervals where calibrated."""
+    survey's totals, then its estimates with their intervals where calibrated. With the
+    model's triage threshold, a last column says which frames are likely empty."""
     names = class_names(labels, records)
-    rows: list[list[Any]] = [["image", *names, "total"]]
+    flag = [] if triage is None else ["likely_empty"]
+    rows: list[list[Any]] = [["image", *names, "total", *flag]]
     totals = [0] * len(names)
     read = 0
     for record in records:
         if "error" in record:  # listed, so no image goes missing from the survey
-            rows.append([record["image"], *[""] * len(names), ""])
+            rows.append([record["image"], *[""] * len(names), "", *[""] * len(flag)])
             continue
         read += 1
         counts = [0] * len(names)
@@ -49,14 +52,17 @@ def table(
             if detection["score"] >= counting.of(detection["class_id"]):
                 counts[detection["class_id"]] += 1
         totals = [t + c for t, c in zip(totals, counts, strict=True)]
-        rows.append([record["image"], *counts, sum(counts)])
+        best = max((d["score"] for d in record["detections"]), default=0.0)
+        empty = [] if triage is None else ["yes" if best < triage else "no"]
+        rows.append([record["image"], *counts, sum(counts), *empty])
     rows.append([TOTAL, *totals, sum(totals)])
-    return rows + _estimates(totals, read, counting)
+    rows += _estimates(totals, read, counting)
+    return [row + [""] * (len(rows[0]) - len(row)) for row in rows]
 
 
 def _estimates(totals: list[int], images: int, counting: Counting) -> list[list[Any]]:
-    """count_estimate / count_low / count_high / method rows; the total's interval treats
-    the classes' errors as independent. None when no class is calibrated."""
+    """count_estimate / count_low / count_high / method rows (only `method` when no class is
+    calibrated); the total's interval treats the classes' errors as independent."""
     found = [counting.estimate(c, n, images) for c, n in enumerate(totals)]
     if all(f is None for f in found):
         return [["method", *[counting.method(c) for c in range(len(totals))], ""]]
@@ -77,7 +83,7 @@ def _estimates(totals: list[int], images: int, counting: Counting) -> list[list[
 
 
 def write(path: Path, records: Sequence[dict[str, Any]], labels: list[str] | None,
-          counting: Counting) -> None:
+          counting: Counting, triage: float | None = None) -> None:
     text = io.StringIO(newline="")
-    csv.writer(text).writerows(table(records, labels, counting))
+    csv.writer(text).writerows(table(records, labels, counting, triage))
     write_atomically(path, text.getvalue())

@@ -19,6 +19,7 @@ class Exports:
     counting: Counting | None = None  # what counts; MegaDetector's typical threshold
     geojson: Path | None = None
     coco: Path | None = None
+    triage: float | None = None  # frames whose best score is below it are likely empty
 
     @property
     def wanted(self) -> bool:
@@ -33,7 +34,7 @@ class Exports:
                                self.counting.fallback)
         if self.counts is not None:
             assert self.counting is not None
-            counts.write(self.counts, records, labels, self.counting)
+            counts.write(self.counts, records, labels, self.counting, self.triage)
         if self.geojson is not None:
             geojson.write(self.geojson, records, labels, detector)
         if self.coco is not None:

@@ -138,7 +138,8 @@ class ResultFiles:
     """JSON Lines (and optionally COCO) results for image files anywhere fsspec reaches."""
 
     def __init__(self, args: argparse.Namespace, version: str, labels: list[str] | None,
-                 thresholds: ScoreThresholds, counting: Counting) -> None:
+                 thresholds: ScoreThresholds, counting: Counting,
+                 triage: float | None) -> None:
         if args.output is None:
             raise ValueError("--images needs --output FILE.jsonl (it is also the progress file)")
         self.pattern = args.images
@@ -146,7 +147,8 @@ class ResultFiles:
         counting = counting.resolve(args.count_threshold, "--count-threshold")
         if args.counts or args.megadetector:
             log.info("prelabel: counting %s", counting.describe(labels))
-        self.exports = Exports(args.megadetector, args.counts, counting, args.geojson, args.coco)
+        self.exports = Exports(args.megadetector, args.counts, counting, args.geojson, args.coco,
+                               triage)
         self.version = version
         self.labels = labels
         self.sink = JsonLinesSink(args.output)
@@ -201,7 +203,8 @@ def run_prelabel(args: argparse.Namespace, recipe: RecipeOverrides) -> int:
     destination: Destination = (
         LabelStudioProject(args, version, labels, model.thresholds)
         if args.project is not None
-        else ResultFiles(args, version, model.labels, model.thresholds, model.counting)
+        else ResultFiles(args, version, model.labels, model.thresholds, model.counting,
+                         model.triage_threshold)
     )
     items, already = destination.todo()
     if args.limit is not None:
