@@ -423,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(effort, name)
         calibrate.add_argument(f"--{name.replace('_', '-')}", type=type(default),
                                default=default, help=f"{text} (default {default})")
+    calibrate.add_argument("--exclude-trained", action="store_true",
+                           help="--project: leave out the tasks the model was trained on "
+                           "(its lineage's train_tasks)")
     calibrate.add_argument("--triage-recall", type=float, default=0.95,
                            help="the likely-empty threshold keeps this share of the images "
                            "with animals")
@@ -733,7 +736,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     settings = EffortSettings(**{k: getattr(args, k) for k in EffortSettings.__dataclass_fields__
                                  if hasattr(args, k)})
     return calibrate(args.model, args.coco, args.images, args.project, args.work_dir,
-                     args.device, settings, args.triage_recall)
+                     args.device, settings, args.triage_recall, args.exclude_trained)
 
 
 def _init(args: argparse.Namespace) -> int:

@@ -92,12 +92,33 @@ def _fraction(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def without_trained(coco: dict[str, Any], model: ModelDir, exclude: bool
+                    ) -> dict[str, Any]:
+    """Figures on images a model was trained on flatter it: say how many of these tasks its
+    lineage names, and with `exclude` leave them out."""
+    trained = set(model.metadata.get("train_tasks") or ())
+    seen = [im["id"] for im in coco["images"] if im["id"] in trained]
+    if not seen:
+        return coco
+    if not exclude:
+        print(f"warning: {model.path} was trained on {len(seen)} of these "
+              f"{len(coco['images'])} tasks (its lineage's train_tasks): the figures there are "
+              "optimistic; --exclude-trained leaves them out")
+        return coco
+    keep = {im["id"] for im in coco["images"]} - set(seen)
+    print(f"calibrate: left out the {len(seen)} tasks {model.path} was trained on; "
+          f"{len(keep)} remain")
+    return {**coco, "images": [im for im in coco["images"] if im["id"] in keep],
+            "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}
+
+
 def main(model_path: Path, coco_file: Path | None, images: Path | None, project: int | None,
-         work_dir: Path, device: str, settings: EffortSettings, triage_recall: float = 0.95
-         ) -> int:
+         work_dir: Path, device: str, settings: EffortSettings, triage_recall: float = 0.95,
+         exclude_trained: bool = False) -> int:
     model = ModelDir.open(model_path)
     if project is not None:
         coco, image_dir = project_data(project, work_dir)
+        coco = without_trained(coco, model, exclude_trained)
         source = f"Label Studio project {project}"
     else:
         assert coco_file is not None and images is not None

@@ -263,6 +263,8 @@ def main() -> None:
                 **({"resumed_at_iteration": start} if start else {}),
                 "start_sha256": start_sha256,
                 "processes": world,
+                # Label Studio task ids: calibrate --project warns about (or leaves out) them
+                "train_tasks": sorted(int(im["id"]) for im in coco["images"]),
             },
         )
         checkpoint.unlink(missing_ok=True)

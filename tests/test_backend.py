@@ -355,6 +355,22 @@ def test_a_request_during_a_reload_waits_for_the_new_version(tmp_path, monkeypat
     source.close()
 
 
+def test_a_model_json_recalibrated_in_place_is_served_without_a_restart(tmp_path):
+    """`tridentloop calibrate` rewrites a served model's model.json: the next request is
+    offered boxes by the new thresholds, from the same loaded weights."""
+    model = ModelDir.open(make_model_dir(tmp_path / "m", version="m1"))
+    source = ModelSource(model_dir=model.path, device="cpu", watch_seconds=3600)
+    before = source.get()
+    assert before.thresholds.of(0) == 0.5
+    model.update_metadata({"score_thresholds": {"per_class": {"Elephant": 0.8, "zebra": None},
+                                                "pooled": 0.7}})
+    after = source.get()
+    assert (after.thresholds.of(0), after.thresholds.of(1), after.thresholds.of(2)) == (
+        0.8, None, 0.7)
+    assert after.predictor is before.predictor and source.get() is after
+    source.close()
+
+
 def test_basic_auth_header_is_parsed_strictly(world):
     garbage = {"Authorization": "Basic " + base64.b64encode(b"\xff\xfe").decode()}
     assert httpx.get(world["url"] + "/versions", headers=garbage).status_code == 401

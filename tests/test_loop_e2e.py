@@ -434,6 +434,16 @@ def test_calibrate_chooses_thresholds_on_a_label_studio_project(loop, tmp_path):
     assert stored["chosen_on"] == f"Label Studio project {loop['project']}"
     exported = json.loads((loop["dir"] / "data/dataset/manifest.json").read_text())
     assert stored["images"] == exported["images"]  # the accepted ones, as the loop exports
+    trained = json.loads((model / "model.json").read_text())["train_tasks"]
+    assert f"was trained on {len(trained)} of these {exported['images']} tasks" in proc.stdout
+    again = run([sys.executable, "-m", "backend.cli", "calibrate", "--model", str(model),
+                 "--project", str(loop["project"]), "--work-dir", str(tmp_path / "work"),
+                 "--device", "cpu", "--exclude-trained", "--confidence", "0.8"],
+                loop["dir"], loop["env"])
+    assert f"left out the {len(trained)} tasks" in again.stdout
+    stored = json.loads((model / "model.json").read_text())["score_thresholds"]
+    assert stored["images"] == exported["images"] - len(trained)
+    assert stored["confidence"] == 0.8
 
 
 def test_export_reads_only_what_changed_and_misses_no_change(loop):

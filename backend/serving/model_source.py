@@ -5,20 +5,22 @@ the tiling too.
 
 A reload happens in the request thread that notices the change (never on the event loop);
 requests already running keep the model they started with, so a switch never fails a
-request. A version that does not load is logged and the previous one keeps serving.
+request. A version that does not load is logged and the previous one keeps serving. A
+served model's `model.json` rewritten in place (`tridentloop calibrate`) is noticed the same
+way, and its new thresholds are served without reloading the weights.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..detection.predictor import Predictor
 from ..detection.tiling import TilingOptions
-from ..model_dir import ModelDir
+from ..model_dir import METADATA_FILE, ModelDir
 from ..recipe import RecipeOverrides
 from ..registry import Registry
 from ..thresholds import ScoreThresholds
@@ -33,6 +35,17 @@ class LoadedModel:
     labels: list[str]
     tiling: TilingOptions | None  # None: each image whole
     thresholds: ScoreThresholds
+    path: Path  # the model directory, whose model.json may be re-calibrated in place
+    metadata_stamp: tuple[int, int] | None
+
+
+def metadata_stamp(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime_ns) of a model directory's model.json: calibrate rewrites it atomically."""
+    try:
+        stat = (path / METADATA_FILE).stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 class ModelSource:
@@ -64,11 +77,12 @@ class ModelSource:
             assert registry is not None
             self._current = self._load(registry.current(), registry.current_name())
         self._stop = threading.Event()
-        if registry is not None:
-            threading.Thread(target=self._watch, args=(watch_seconds,), daemon=True,
-                             name="model-source-watch").start()
+        threading.Thread(target=self._watch, args=(watch_seconds,), daemon=True,
+                         name="model-source-watch").start()
 
     def _watch(self, seconds: float) -> None:
+        """Looks at the registry's pointer and the served model.json; a fixed model
+        directory is watched too, for its model.json."""
         while not self._stop.wait(seconds):
             self.get()
 
@@ -81,13 +95,29 @@ class ModelSource:
                 f"{model_dir.path} has no labels.txt: Label Studio needs class "
                 "names to map to its labels"
             )
+        stamp = metadata_stamp(model_dir.path)  # before reading it: a later edit is noticed
         predictor = model_dir.predictor(self.overrides, **self.predictor_kwargs)
         version = name or model_dir.version
         tiling = self.recipe_overrides.apply(model_dir.recipe, version)
         thresholds = model_dir.thresholds
         log.info("serving model %s from %s; score thresholds %s", version, model_dir.path,
                  thresholds.describe(model_dir.labels))
-        return LoadedModel(version, predictor, model_dir.labels, tiling, thresholds)
+        return LoadedModel(version, predictor, model_dir.labels, tiling, thresholds,
+                           model_dir.path, stamp)
+
+    def _recalibrated(self, model: LoadedModel) -> LoadedModel:
+        """The same weights with the thresholds of a model.json rewritten in place."""
+        stamp = metadata_stamp(model.path)
+        if stamp == model.metadata_stamp:
+            return model
+        try:
+            thresholds = ModelDir.open(model.path).thresholds
+        except ValueError:
+            log.exception("could not read %s; keeping its thresholds", model.path)
+            return replace(model, metadata_stamp=stamp)
+        log.info("model %s re-calibrated: score thresholds %s", model.version,
+                 thresholds.describe(model.labels))
+        return replace(model, thresholds=thresholds, metadata_stamp=stamp)
 
     def current(self) -> LoadedModel:
         """The model being served, without looking at the registry: never blocks, so the
@@ -112,4 +142,7 @@ class ModelSource:
                             self._current.version,
                         )
                     self._stamp = stamp  # a version that fails is not retried every request
+        if metadata_stamp(self._current.path) != self._current.metadata_stamp:
+            with self._lock:
+                self._current = self._recalibrated(self._current)
         return self._current
