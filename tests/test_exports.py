@@ -72,6 +72,11 @@ def test_counts_per_image_and_class_with_the_survey_total(tmp_path):
     assert rows[-2][0] == counts.TOTAL
     assert rows[-1] == ["method", "detections >= 0.5, uncalibrated",
                         "detections >= 0.5, uncalibrated", ""]
+    # With the model's triage threshold: which frames are likely empty (best score below it)
+    flagged = counts.table(_records(tmp_path), LABELS, HALF, triage=0.8)
+    assert flagged[0][-1] == "likely_empty"
+    assert [row[-1] for row in flagged[1:5]] == ["no", "yes", "", "yes"]
+    assert {len(row) for row in flagged} == {5}
     # A model without labels still gets a column per class it found.
     assert counts.table(_records(tmp_path), None, HALF)[0] == [
         "image", "class0", "class1", "total"]
