@@ -30,6 +30,7 @@ from typing import Any
 
 from backend.files import file_sha256
 from backend.labelstudio.tasks import is_labeled, list_tasks
+from backend.labelstudio.views import show_tasks
 from backend.model_dir import ModelDir, ModelDirError
 from backend.registry import Registry
 from backend.uncertainty import DEFAULT as DEFAULT_UNCERTAINTY
@@ -116,22 +117,6 @@ def candidates(tasks: list[dict[str, Any]], version: str, data_key: str):
     return found, missing
 
 
-def show_in_label_studio(client: Any, project: int, ids: list[int]) -> int:
-    """One Data Manager tab, updated in place on every run, filtered to the batch."""
-    data = {
-        "title": VIEW_TITLE,
-        "filters": {"conjunction": "and", "items": [
-            {"filter": "filter:tasks:id", "operator": "in_list", "type": "Number", "value": ids}
-        ]},
-        "ordering": ["-tasks:predictions_score"],
-    }
-    existing = [v for v in client.views.list(project=project)
-                if (v.data or {}).get("title") == VIEW_TITLE]
-    if existing:
-        return client.views.update(id=existing[0].id, project=project, data=data).id
-    return client.views.create(project=project, data=data).id
-
-
 def _prelabel(project: int, model: list[str], sp: dict[str, Any], report: Path) -> None:
     """Score the pool with the ranking model, run by its recipe, as `tridentloop prelabel`
     in its own process (pipelines never import the CLI). Unreadable images are reported
@@ -175,7 +160,8 @@ def main() -> None:
             found, missing = candidates(list_tasks(client, project), version, data_key)
         batch = spread(found, k)
         how = f"ranked by {how}"
-    view = show_in_label_studio(client, project, [c["id"] for c in batch]) if (
+    view = show_tasks(client, project, VIEW_TITLE, [c["id"] for c in batch],
+                      ["-tasks:predictions_score"]) if (
         batch and sp.get("create_view", True)) else None
     write_json(output, {
         "model_version": version, "project": project, "view": view, "candidates": len(found),

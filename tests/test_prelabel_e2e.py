@@ -174,3 +174,33 @@ def test_select_before_any_deploy_ranks_by_the_last_candidate(project, label_stu
     ranked = sorted(((p["score"], t["id"]) for t in tasks.values() for p in t["predictions"]
                      if p["model_version"] == tag), reverse=True)
     assert [t["id"] for t in chosen["tasks"]] == [i for _, i in ranked][:2]
+
+
+def test_prelabel_sorts_tasks_into_to_review_and_likely_empty_tabs(project, label_studio,
+                                                                   monkeypatch, tmp_path):
+    """A model with a triage threshold: the frames whose best detection scores under it go
+    to a "likely empty" Data Manager tab, the others to "to review"."""
+    import shutil
+
+    from backend.prelabel.job import EMPTY_TAB, REVIEW_TAB
+
+    model_path = tmp_path / "triaged"
+    shutil.copytree(project["model"], model_path)
+    model = ModelDir.open(model_path)
+    predictor = model.predictor(device="cpu")
+    best = {name: float(predictor.detect(load_image(data), None).scores.max())
+            for name, data in project["images"].items()}
+    ranked = sorted(best.values())
+    threshold = (ranked[0] + ranked[1]) / 2  # one frame under it
+    model.update_metadata({"version": "triaged", "triage": {"threshold": threshold}})
+    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
+    main(["prelabel", "--project", str(project["id"]), "--model", str(model_path),
+          "--device", "cpu", "--report", str(tmp_path / "r.json")])
+    tasks = _tasks(project)
+    views = {v.data["title"]: v for v in project["ls"].views.list(project=project["id"])}
+    shown = {title: set(views[title].data["filters"]["items"][0]["value"])
+             for title in (EMPTY_TAB, REVIEW_TAB)}
+    assert shown[EMPTY_TAB] == {tasks[n]["id"] for n, b in best.items() if b < threshold}
+    assert shown[REVIEW_TAB] == {tasks[n]["id"] for n, b in best.items() if b >= threshold}
+    assert len(shown[EMPTY_TAB]) == 1

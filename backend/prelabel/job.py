@@ -32,6 +32,7 @@ from ..imagery.exports import Exports
 from ..imagery.images import PixelScaling
 from ..labelstudio.label_config import parse_label_config, read_mapping
 from ..labelstudio.results import prediction, rectangle_results, validate
+from ..labelstudio.views import show_tasks, tab_task_ids
 from ..media.fetch import MediaSettings
 from ..model_dir import ModelDir
 from ..predict import detection_records
@@ -79,11 +80,17 @@ class Report:
         path.write_text(json.dumps(asdict(self), indent=1) + "\n")
 
 
+REVIEW_TAB = "tridentloop: to review"
+EMPTY_TAB = "tridentloop: likely empty"
+
+
 class LabelStudioProject:
-    """Predictions imported into a project, one per task, tagged with the model version."""
+    """Predictions imported into a project, one per task, tagged with the model version.
+    With the model's triage threshold, two Data Manager tabs sort the tasks it saw into
+    those to review and those likely empty (no detection scoring at the threshold)."""
 
     def __init__(self, args: argparse.Namespace, version: str, labels: list[str],
-                 thresholds: ScoreThresholds) -> None:
+                 thresholds: ScoreThresholds, triage: float | None) -> None:
         from label_studio_sdk import LabelStudio
 
         url, key = os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY")
@@ -112,6 +119,8 @@ class LabelStudioProject:
                               allow_private_urls=args.allow_private_urls)
         self.load = TaskLoader(media, args.max_pixels)
         self.importer = PredictionImporter(self.client, self.project, args.chunk, args.retry_for)
+        self.triage = triage
+        self.likely_empty: dict[int, bool] = {}
 
     def todo(self) -> tuple[list[Item], int]:
         return project_tasks(self.client, self.project, self.data_key, self.version,
@@ -129,9 +138,27 @@ class LabelStudioProject:
         validate(regions, self.config)
         assert item.task_id is not None
         self.importer.add(item.task_id, prediction(regions, self.version, score))
+        if self.triage is not None:
+            best = float(det.scores.max()) if len(det) else 0.0
+            self.likely_empty[item.task_id] = best < self.triage
 
     def close(self) -> None:
         self.importer.flush()
+        if self.likely_empty:
+            self._sort_into_tabs()
+
+    def _sort_into_tabs(self) -> None:
+        """This run's verdicts laid over the tabs' earlier ones (a task can change tab)."""
+        empty = set(tab_task_ids(self.client, self.project, EMPTY_TAB))
+        review = set(tab_task_ids(self.client, self.project, REVIEW_TAB))
+        for task, is_empty in self.likely_empty.items():
+            (empty if is_empty else review).add(task)
+            (review if is_empty else empty).discard(task)
+        show_tasks(self.client, self.project, REVIEW_TAB, sorted(review))
+        show_tasks(self.client, self.project, EMPTY_TAB, sorted(empty))
+        log.info("prelabel: %d task(s) likely empty (best score under the triage threshold "
+                 "%.3g), %d to review: Data Manager tabs %r and %r", len(empty), self.triage,
+                 len(review), EMPTY_TAB, REVIEW_TAB)
 
 
 class ResultFiles:
@@ -201,7 +228,7 @@ def run_prelabel(args: argparse.Namespace, recipe: RecipeOverrides) -> int:
     tiling = recipe.apply(model.recipe, version)
     labels = model.labels or []
     destination: Destination = (
-        LabelStudioProject(args, version, labels, model.thresholds)
+        LabelStudioProject(args, version, labels, model.thresholds, model.triage_threshold)
         if args.project is not None
         else ResultFiles(args, version, model.labels, model.thresholds, model.counting,
                          model.triage_threshold)
