@@ -742,25 +742,39 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _init(args: argparse.Namespace) -> int:
     import yaml
 
-    from pipelines.workspace import copy_code, create_loop_project
+    from pipelines.workspace import (
+        check_settings,
+        copy_code,
+        create_loop_project,
+        updated_params,
+    )
 
+    settings: dict[str, dict] = {}
+    for dotted, value in args.set:
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ValueError(f"--set {dotted}: expected SECTION.KEY=VALUE")
+        settings.setdefault(section, {})[key] = yaml.safe_load(value)
+    check_settings(settings)
     if args.refresh_code:
         if not (args.dir / "dvc.yaml").is_file():
             raise ValueError(f"{args.dir} is no loop checkout (no dvc.yaml)")
         copy_code(args.dir)
-        print(f"init: replaced the code in {args.dir}; `git diff --stat` shows what changed, "
-              "commit it, then `dvc repro` re-runs the stages whose code changed")
+        if settings:
+            params = args.dir / "params.yaml"
+            params.write_text(updated_params(params.read_text(), settings))
+        print(f"init: replaced the code in {args.dir}"
+              + (" and set " + ", ".join(a for a, _ in args.set) if settings else "")
+              + "; `git diff --stat` shows what changed, commit it, then `dvc repro` re-runs "
+              "the stages whose code changed")
         return 0
     if args.project is None:
         raise ValueError("give --project: the id of the Label Studio project to learn from")
     updates: dict[str, dict] = {"labelstudio": {"project": args.project}}
     if args.label_studio_url:
         updates["labelstudio"]["url"] = args.label_studio_url
-    for dotted, value in args.set:
-        section, _, key = dotted.partition(".")
-        if not key:
-            raise ValueError(f"--set {dotted}: expected SECTION.KEY=VALUE")
-        updates.setdefault(section, {})[key] = yaml.safe_load(value)
+    for section, values in settings.items():
+        updates.setdefault(section, {}).update(values)
     if args.start:
         from .weights import resolve_start
 

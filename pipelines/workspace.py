@@ -9,6 +9,7 @@ at the repository root), so an installed tridentloop can write them.
 
 from __future__ import annotations
 
+import difflib
 import io
 import shutil
 import subprocess
@@ -74,6 +75,49 @@ def _populate(dest: Path, updates: dict[str, dict[str, Any]], env: dict[str, str
         _git([*DVC, "remote", "add", "-d", "storage", remote], dest, env)
     _git(["git", "add", "-A"], dest, env)
     _git(["git", "commit", "-qm", "tridentloop loop project"], dest, env)
+
+
+def shipped_params() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load((_package_dir("pipelines") / "loop" / "params.yaml").read_text())
+
+
+def _nearest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(choices)}"
+
+
+def _fits(value: Any, default: Any) -> bool:
+    """A value of the default's type; a number also where a float is, and where the default
+    is `auto` (a number or auto)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    if isinstance(default, str) and default == "auto":
+        return isinstance(value, str | int | float)
+    return default is None or isinstance(value, type(default))
+
+
+def check_settings(updates: dict[str, dict[str, Any]]) -> None:
+    """Raise ValueError for a section or key the shipped params.yaml does not have (naming
+    the nearest), or a value that is not of its default's type: a typo must not become a
+    setting nobody reads, nor a training that dies hours later."""
+    shipped = shipped_params()
+    for section, values in updates.items():
+        if section not in shipped:
+            raise ValueError(f"--set {section}.*: params.yaml has no section {section!r}"
+                             + _nearest(section, list(shipped)))
+        for key, value in values.items():
+            defaults = shipped[section]
+            if key not in defaults:
+                raise ValueError(f"--set {section}.{key}: params.yaml's {section} has no "
+                                 f"setting {key!r}" + _nearest(key, list(defaults)))
+            if not _fits(value, defaults[key]):
+                raise ValueError(f"--set {section}.{key}={value!r}: expected a "
+                                 f"{type(defaults[key]).__name__} like its default "
+                                 f"{defaults[key]!r}")
 
 
 def updated_params(text: str, updates: dict[str, dict[str, Any]]) -> str:
