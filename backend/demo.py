@@ -1,11 +1,13 @@
 """`tridentloop demo` (`make demo`): the whole loop on an embedded default, on CPU.
 
 A local Label Studio gets a project of generated survey images (small animals on textured
-ground, larger than one tile). Each round adds new images; from round 2 on, our backend
-pre-labels them through Label Studio's "Retrieve predictions"; a scripted annotator keeps
-the pre-labels that match the generated ground truth, fixes the rest, and submits; then
-`dvc repro` exports the accepted labels, retrains from the deployed model, evaluates, and
-redeploys if the model is not worse for annotators and for AP. The backend hot-reloads each
+ground, larger than one tile). The loop starts from last season's model (the shipped
+savanna-v1, trained on another generated survey of the same species: `train.base_weights`).
+Each round adds new images; once a model is deployed, our backend pre-labels them through
+Label Studio's "Retrieve predictions"; a scripted annotator keeps the pre-labels that match
+the generated ground truth, fixes the rest, and submits; then `dvc repro` exports the
+accepted labels, retrains from the start model on all of them, evaluates, and redeploys if
+the model is not worse for annotators and for AP. The backend hot-reloads each
 new version and offers boxes by the score thresholds `evaluate` chose for it on val.
 
 Each round's batch also holds survey frames with nothing but look-alikes (rocks, termite
@@ -42,6 +44,7 @@ from .imagery.counts import interval
 from .labelstudio.local import LocalLabelStudio, import_image, local_label_studio
 from .labelstudio.results import rectangle_region
 from .media.fetch import MediaFetcher, MediaSettings
+from .models import SAVANNA_V1
 from .registry import Registry
 from .serving.backend import Backend, ServerSettings
 from .serving.jobs import TrainingJobs
@@ -133,7 +136,9 @@ def run_demo(args: argparse.Namespace) -> int:
             out / "loop",
             {
                 "labelstudio": {"url": ls_server.url, "project": project.id},
-                "train": {"iterations": args.iterations, "device": args.device},
+                # a new survey started from last season's model, as teams start
+                "train": {"iterations": args.iterations, "device": args.device,
+                          "base_weights": str(SAVANNA_V1)},
                 "evaluate": {"device": args.device},
             },
             env,

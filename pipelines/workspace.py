@@ -33,12 +33,22 @@ def _package_dir(name: str) -> Path:
     return Path(str(resources.files(name)))
 
 
+_NOT_CODE = shutil.ignore_patterns("__pycache__", "*.pyc", "loop")
+
+
+def _code_only(folder: str, names: list[str]) -> set[str]:
+    """What copy_code leaves out: caches, the loop templates, and the shipped models' weights
+    (backend/models/*/: the checkout names them by path, its git must not hold them)."""
+    shipped = Path(folder).name == "models" and Path(folder).parent.name == "backend"
+    return set(_NOT_CODE(folder, names)) | ({n for n in names if (Path(folder) / n).is_dir()}
+                                            if shipped else set())
+
+
 def copy_code(dest: Path) -> None:
     """The stages' code into `dest` (replacing what was there): what `dvc.yaml` declares."""
     for package in PACKAGES:
         shutil.rmtree(dest / package, ignore_errors=True)
-        shutil.copytree(_package_dir(package), dest / package,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "loop", "models"))
+        shutil.copytree(_package_dir(package), dest / package, ignore=_code_only)
 
 
 def create_loop_project(

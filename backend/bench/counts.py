@@ -21,13 +21,13 @@ import numpy as np
 from .. import counts, effort
 from ..imagery.counts import interval
 from ..model_dir import ModelDir
+from ..models import SAVANNA_V1
 from ..synthetic import BIOMES, PoolSettings, Scene, coco_of, survey_pool
-from .source_model import SHIPPED
 
 
 @dataclass(frozen=True)
 class CountBench:
-    model: Path = SHIPPED
+    model: Path = SAVANNA_V1
     biome: str = "savanna"
     seeds: int = 20
     val_frames: int = 30

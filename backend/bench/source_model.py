@@ -3,7 +3,7 @@ pretrained model a real team starts from (the detectron2 model zoo, or their pre
 survey's registry): the tiny TridentNet trained from scratch on a generated savanna survey
 (elephant, zebra, a rare bird; half its frames hold a herd). It knows what an animal from
 the air looks like, not the steppe's species. The shipped copy (`backend/models/savanna-v1`)
-was built by exactly this procedure; its weights' SHA-256 is pinned in SOURCE_SHA256, and a
+was built by exactly this procedure; its weights' SHA-256 is pinned (backend/models), and a
 rebuild says whether it reproduces it (torch on the CPU, 2 threads, the same machine kind).
 """
 
@@ -23,11 +23,9 @@ from ..detection.tiling import TilingOptions
 from ..detection.training import Sample, TrainOptions, init_from_scratch, train
 from ..files import file_sha256
 from ..model_dir import ModelDir, write_model_dir
+from ..models import SAVANNA_V1_SHA256
 from ..recipe import recipe_json
 from ..synthetic import BIOMES, PoolSettings, survey_pool
-
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "savanna-v1"
-SOURCE_SHA256 = "cf35767346c2ff377aedc7d862d1755539705c35d439fcaf43cd357ea341bc56"
 
 
 @dataclass(frozen=True)
@@ -77,6 +75,6 @@ def run_source_model_build(out: Path) -> Iterator[dict]:
     started = time.perf_counter()
     model = build_source_model(out)
     digest = file_sha256(model.weights)
-    yield {"model": str(out), "sha256": digest, "pinned": SOURCE_SHA256,
-           "reproduces_shipped": digest == SOURCE_SHA256,
+    yield {"model": str(out), "sha256": digest, "pinned": SAVANNA_V1_SHA256,
+           "reproduces_shipped": digest == SAVANNA_V1_SHA256,
            "seconds": round(time.perf_counter() - started, 1)}
