@@ -14,7 +14,7 @@ from backend.detection.model import GeneralizedRCNN
 from backend.imagery.images import load_image
 from backend.model_dir import ModelDir
 from backend.registry import Registry
-from pipelines.deploy import gate
+from pipelines.deploy import GateSettings, gate
 from pipelines.evaluate import detections_for
 from pipelines.train import _start_weights
 
@@ -65,10 +65,10 @@ def test_the_gate_refuses_a_label_change_unless_a_person_allows_it():
     metrics = {"ap50": 0.9, "per_class_ap": {"gnu": 0.9, "zebra": 0.9},
                "deployed": {"version": "v0003", "ap50": 0.2, "labels": ["zebra"],
                             "label_set_changed": True}}
-    ok, reason = gate(metrics, 0.01)
+    ok, reason = gate(metrics)
     assert not ok and "label set changed" in reason and "allow_label_change" in reason
     assert "on the same val images" in reason
-    ok, reason = gate(metrics, 0.01, allow_label_change=True)
+    ok, reason = gate(metrics, GateSettings(allow_label_change=True))
     assert ok and "allow_label_change is set" in reason
 
 
