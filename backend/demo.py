@@ -178,9 +178,7 @@ def run_demo(args: argparse.Namespace) -> int:
             for name, task_id in zip(names, new_ids, strict=True):
                 predicted = [r for p in ls.predictions.list(task=task_id) for r in p.result]
                 result, one = review(predicted, scenes[name])
-                tally = Tally(*(a + b for a, b in zip(
-                    (tally.offered, tally.matched, tally.adjusted, tally.truth),
-                    (one.offered, one.matched, one.adjusted, one.truth), strict=True)))
+                tally = tally + one
                 ls.annotations.create(id=task_id, result=result, was_cancelled=False)
             print(
                 f"round {round_no}: {len(names)} new images ({len(empty)} with look-alikes "

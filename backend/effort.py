@@ -197,6 +197,10 @@ class Tally:
     adjusted: Any
     truth: Any
 
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(self.offered + other.offered, self.matched + other.matched,
+                     self.adjusted + other.adjusted, self.truth + other.truth)
+
     def cost(self, settings: EffortSettings) -> Any:
         """Corrections: the unmatched offered boxes deleted, the loose ones adjusted, the
         truth not matched drawn."""
@@ -294,13 +298,13 @@ def report(scored: Scored, per_class: dict[str, float | None],
            settings: EffortSettings = EffortSettings()) -> dict[str, Any]:
     """What annotators get at these thresholds: per class and overall kept, adjusted,
     deleted, drawn, corrections (per image), effort ratio, precision and recall."""
-    classes, totals = {}, np.zeros(4, int)
+    classes, totals = {}, Tally(0, 0, 0, 0)
     for c, name in enumerate(scored.names):
         tally = _class_tally(scored, c, per_class.get(name), settings)
         classes[name] = {**_figures(tally, scored.images, settings),
                          "threshold": per_class.get(name)}
-        totals += (tally.offered, tally.matched, tally.adjusted, tally.truth)
-    return {"overall": _figures(Tally(*(int(v) for v in totals)), scored.images, settings),
+        totals = totals + tally
+    return {"overall": _figures(totals, scored.images, settings),
             "per_class": classes, "images": scored.images}
 
 
