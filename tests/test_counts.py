@@ -119,6 +119,14 @@ def test_triage_keeps_the_recall_asked_for_and_says_what_it_skips():
     assert looser["skipped_share"] >= triage["skipped_share"]
 
 
+def test_a_val_with_few_herds_triages_nothing():
+    """Nine images with animals cannot show 95% recall: no threshold, nothing skipped."""
+    scored = _survey(np.random.default_rng(6), 60)
+    assert 0 < len(np.unique(scored.truth_image)) < 32
+    triage = choose_triage(scored, recall=0.95)
+    assert triage["threshold"] is None and triage["skipped_images"] == 0
+
+
 def test_val_without_animals_calibrates_nothing():
     empty = Scored(np.array([0]), np.array([0]), np.array([0.6]), np.zeros(1), np.zeros(0, int),
                    np.zeros(0, int), 3, ("zebra",))
