@@ -45,6 +45,21 @@ from .deployed import deployed_model
 from .params import fail, load_params
 
 
+def result_records(det: Any, image_id: int, category: dict[int, int | None] | None = None
+                   ) -> list[dict[str, Any]]:
+    """COCO result records of one image's detections; `category` maps a model class to
+    the val split's category (None: not in val, left out; no map: the class id as is)."""
+    records = []
+    for box, score, cls in zip(det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(),
+                               strict=True):
+        category_id = int(cls) if category is None else category.get(int(cls))
+        if category_id is not None:
+            records.append({"image_id": image_id, "category_id": category_id,
+                            "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                            "score": float(score)})
+    return records
+
+
 def detections_for(
     model: ModelDir, coco: dict[str, Any], images: Path, tiling: Recipe, device: str
 ) -> list[dict[str, Any]]:
@@ -57,20 +72,7 @@ def detections_for(
     records = []
     for image in tqdm(coco["images"], desc=f"evaluate {model.version}", unit="img"):
         det = predictor.detect(load_image(images / image["file_name"]), tiling)
-        for box, score, cls in zip(
-            det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(), strict=True
-        ):
-            category_id = int(cls) if ids is None else ids.get(int(cls))
-            if category_id is None:
-                continue  # a class the val split does not have
-            records.append(
-                {
-                    "image_id": image["id"],
-                    "category_id": category_id,
-                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
-                    "score": float(score),
-                }
-            )
+        records += result_records(det, image["id"], ids)
     return records
 
 

@@ -72,15 +72,10 @@ def _scenes(count: int, size: int, rng: np.random.Generator) -> _Scenes:
 
 
 def _ap50(predictor: Predictor, held_out: _Scenes, coco: dict[str, Any]) -> float:
-    from pipelines.evaluate import coco_metrics
+    from pipelines.evaluate import coco_metrics, result_records
 
-    records = []
-    for i, sample in enumerate(held_out.samples):
-        det = predictor(sample.image)
-        for box, score, cls in zip(det.boxes.tolist(), det.scores.tolist(),
-                                   det.classes.tolist(), strict=True):
-            records.append({"image_id": i, "category_id": int(cls), "score": float(score),
-                            "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+    records = [r for i, sample in enumerate(held_out.samples)
+               for r in result_records(predictor(sample.image), i)]
     return coco_metrics(coco, records)[0]["ap50"]
 
 

@@ -40,13 +40,10 @@ def _scored(predictor: Any, model: ModelDir, frames: list[Scene], names: tuple[s
             settings: effort.EffortSettings) -> effort.Scored:
     coco = coco_of([(str(i), f.boxes, f.classes, f.image.shape[:2])
                     for i, f in enumerate(frames)], names)
-    records = []
-    for i, frame in enumerate(frames):
-        det = predictor.detect(frame.image, model.recipe)
-        records += [{"image_id": i, "category_id": int(c), "score": float(s),
-                     "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
-                    for b, s, c in zip(det.boxes.tolist(), det.scores.tolist(),
-                                       det.classes.tolist(), strict=True)]
+    from pipelines.evaluate import result_records
+
+    records = [r for i, frame in enumerate(frames)
+               for r in result_records(predictor.detect(frame.image, model.recipe), i)]
     return effort.score_coco(coco, records, settings)
 
 
