@@ -9,9 +9,11 @@ true animals (false positives balancing misses), then the ratio R = true / count
 A survey with X detections at that threshold over n images is estimated at R * X, with
 variance n * s^2 + X^2 * var(R): s^2 the per-image variance of (true - R * counted) on val
 (what the new images add) and var(R) its delta-method variance (what the val sample leaves
-unknown). A class with fewer than `min_boxes` val animals takes the classes' pooled
-calibration. The interval assumes the survey's images are like val's; `metrics.json`
-reports how often it covered the truth on val folds it was not fitted on.
+unknown). A class with fewer than `min_boxes` val animals, or in fewer than MIN_IMAGES (3)
+val images, takes the classes' pooled calibration; with less evidence than that, nothing is
+calibrated and counts say "uncalibrated". The interval assumes the survey's images are like
+val's; `metrics.json` reports how often it covered the truth on val folds it was not fitted
+on.
 
 Triage: an image's "animals present" score is its best detection's score; the threshold
 keeps `recall` (0.95) of the val images that hold animals, with 90% confidence (so a val
@@ -32,6 +34,7 @@ from .effort import Scored, folds_of, precision_lower_bound
 from .imagery.counts import interval
 
 COUNTS_KEY = "count_calibration"
+MIN_IMAGES = 3  # val images holding the animals a calibration is fitted to, at least
 TRIAGE_KEY = "triage"
 DEFAULT_COUNT_THRESHOLD = 0.5
 
@@ -51,8 +54,8 @@ def _calibration(scored: Scored, cls: int | None, threshold: float) -> dict[str,
     counted = np.bincount(scored.image[pick & (scored.score >= threshold)],
                           minlength=scored.images).astype(float)
     true = np.bincount(scored.truth_image[truth_pick], minlength=scored.images).astype(float)
-    if counted.sum() == 0:
-        return None
+    if counted.sum() == 0 or (true > 0).sum() < MIN_IMAGES:
+        return None  # a ratio fitted to one or two images has no variance to show
     ratio = true.sum() / counted.sum()
     residual = true - ratio * counted
     variance = float((residual ** 2).sum() / max(scored.images - 1, 1))

@@ -127,6 +127,13 @@ def test_a_val_with_few_herds_triages_nothing():
     assert triage["threshold"] is None and triage["skipped_images"] == 0
 
 
+def test_animals_in_one_or_two_val_images_calibrate_nothing():
+    """A ratio fitted to two images fits them exactly: a zero-width interval would be a lie."""
+    two = Scored(np.array([0, 1, 1]), np.zeros(3, int), np.array([0.9, 0.8, 0.7]), np.zeros(3),
+                 np.array([0, 0, 1, 1, 1]), np.zeros(5, int), 10, ("zebra",))
+    assert calibrate_counts(two, min_boxes=1)["per_class"]["zebra"] is None
+
+
 def test_val_without_animals_calibrates_nothing():
     empty = Scored(np.array([0]), np.array([0]), np.array([0.6]), np.zeros(1), np.zeros(0, int),
                    np.zeros(0, int), 3, ("zebra",))
