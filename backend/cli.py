@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel.add_argument("--limit", type=int, help="do at most this many images this run")
     prelabel.add_argument("--only-unlabeled", action="store_true",
                           help="--project: skip tasks someone annotated or skipped")
+    prelabel.add_argument("--rank-only", action="store_true",
+                          help="--project: store each task's uncertainty without any box "
+                          "(a model the gate held back orders the pool, shows nothing)")
     prelabel.add_argument("--ray", metavar="ADDRESS",
                           help="run on a Ray cluster (`auto`, ray://host:10001, or `local`)")
     prelabel.add_argument("--ray-workers", type=int, default=None,

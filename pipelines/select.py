@@ -10,8 +10,9 @@ named in the output: pre-label them first.
 The ranking model is the deployed one. Before anything is deployed (a cold start: the
 first models rarely beat drawing, and the gate rightly holds them back) the pool is ranked
 by the model the next training starts from, the last candidate, tagged
-`candidate-<its weights' SHA-256 prefix>`; its predictions are not offered as pre-labels
-through serving, they only order the pool. With no model at all (nothing trained yet) the
+`candidate-<its weights' SHA-256 prefix>`; its predictions carry the uncertainty and no
+boxes (`prelabel --rank-only`): they order the pool, annotators are shown nothing the gate
+held back. With no model at all (nothing trained yet) the
 batch is a spread sample: every group in turn, a fixed pseudo-random order within each.
 A batch is never empty while unlabeled tasks exist; the console says how it was chosen.
 
@@ -95,9 +96,9 @@ def ranking_model(params: dict[str, Any]) -> tuple[str, list[str], str] | None:
     except ModelDirError:
         return None
     tag = f"candidate-{file_sha256(candidate.weights)[:12]}"
-    return tag, ["--model", output, "--model-version", tag], (
-        f"the last candidate {tag} (nothing is deployed yet: its pre-labels are not offered, "
-        "it only orders the pool)")
+    return tag, ["--model", output, "--model-version", tag, "--rank-only"], (
+        f"the last candidate {tag} (nothing is deployed yet: it orders the pool, its "
+        "predictions carry no boxes)")
 
 
 def candidates(tasks: list[dict[str, Any]], version: str, data_key: str):

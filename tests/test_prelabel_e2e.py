@@ -174,6 +174,9 @@ def test_select_before_any_deploy_ranks_by_the_last_candidate(project, label_stu
     ranked = sorted(((p["score"], t["id"]) for t in tasks.values() for p in t["predictions"]
                      if p["model_version"] == tag), reverse=True)
     assert [t["id"] for t in chosen["tasks"]] == [i for _, i in ranked][:2]
+    # the gate held it back: its predictions order the pool and show annotators no box
+    assert all(p["result"] == [] for t in tasks.values() for p in t["predictions"]
+               if p["model_version"] == tag)
 
 
 def test_prelabel_sorts_tasks_into_to_review_and_likely_empty_tabs(project, label_studio,

@@ -131,7 +131,7 @@ class LabelStudioProject:
 
     def save(self, item: Item, det: Detections, height: int, width: int, score: float) -> None:
         regions = []
-        for control, class_map in self.usable:
+        for control, class_map in [] if self.args.rank_only else self.usable:
             regions += rectangle_results(
                 det, width, height, control, class_map, self.thresholds
             )
