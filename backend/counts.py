@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .effort import Scored, folds_of, precision_lower_bound
+from .effort import Scored, cross_folds, precision_lower_bound
 from .imagery.counts import interval
 
 COUNTS_KEY = "count_calibration"
@@ -188,11 +188,9 @@ def choose_triage(scored: Scored, recall: float = 0.95, folds: int = 5) -> dict[
     """The triage threshold (for model.json) with its figures on val, in sample and with the
     threshold chosen on the other folds (what a new survey can expect)."""
     threshold = triage_threshold(scored, recall)
-    fold = folds_of(scored.images, folds)
     held_out = np.zeros(4, int)  # skipped, animals in skipped, positives kept, positives
-    for f in np.unique(fold):
-        fig = triage_figures(scored.of_images(fold == f),
-                             triage_threshold(scored.of_images(fold != f), recall))
+    for _, fit, held in cross_folds(scored, folds):
+        fig = triage_figures(held, triage_threshold(fit, recall))
         held_out += [fig[k] for k in ("skipped_images", "animals_in_skipped",
                                       "kept_with_animals", "images_with_animals")]
     return {"recall_target": recall, **triage_figures(scored, threshold), "out_of_sample": {
@@ -201,21 +199,38 @@ def choose_triage(scored: Scored, recall: float = 0.95, folds: int = 5) -> dict[
         "image_recall": round(held_out[2] / held_out[3], 4) if held_out[3] else None}}
 
 
+def class_count(scored: Scored, cls: int, calibration: dict[str, Any] | None
+                ) -> dict[str, Any]:
+    """One class's count on these images by its calibration: the true count, and (when
+    calibrated) the detections counted, the estimate and its 95% interval, unrounded."""
+    true = int((scored.truth_cls == cls).sum())
+    if calibration is None:
+        return {"count_true": true, "estimate": None}
+    counted = int(((scored.cls == cls) & (scored.score >= calibration["threshold"])).sum())
+    mean, sd = estimate(calibration, counted, scored.images)
+    low, high = interval(mean, sd)
+    return {"count_true": true, "counted": counted, "estimate": mean, "low": low,
+            "high": high, "covered": low <= true <= high}
+
+
+def describe_count(row: dict[str, Any]) -> str:
+    """`72 [23, 121]` (estimate and 95% interval), or `-` when uncalibrated."""
+    if row.get("estimate") is None:
+        return "-"
+    return f"{row['estimate']:.0f} [{row['low']:.0f}, {row['high']:.0f}]"
+
+
 def count_figures(scored: Scored, calibration: dict[str, Any]) -> dict[str, Any]:
     """Per class on val: the raw count at the threshold, the estimate, its interval and the
     truth; and how often the interval covered the truth on folds it was not fitted on."""
     rows = {}
     for c, name in enumerate(scored.names):
         cal = calibration["per_class"].get(name)
-        true = int((scored.truth_cls == c).sum())
-        if cal is None:
-            rows[name] = {"count_true": true, "estimate": None}
-            continue
-        counted = int(((scored.cls == c) & (scored.score >= cal["threshold"])).sum())
-        mean, sd = estimate(cal, counted, scored.images)
-        low, high = interval(mean, sd)
-        rows[name] = {"count_true": true, "counted": counted, "estimate": round(mean, 2),
-                      "low": round(low, 2), "high": round(high, 2), "source": cal["source"]}
+        row = class_count(scored, c, cal)
+        rows[name] = row if cal is None else {
+            "count_true": row["count_true"], "counted": row["counted"],
+            **{k: round(row[k], 2) for k in ("estimate", "low", "high")},
+            "source": cal["source"]}
     return {"method": calibration["method"], "per_class": rows,
             "coverage_out_of_sample": _coverage(scored, calibration["min_boxes"])}
 
@@ -223,18 +238,13 @@ def count_figures(scored: Scored, calibration: dict[str, Any]) -> dict[str, Any]
 def _coverage(scored: Scored, min_boxes: int, folds: int = 5) -> dict[str, Any]:
     """Share of (fold, class) pairs whose 95% interval, calibrated on the other folds,
     covered the fold's true count."""
-    fold = folds_of(scored.images, folds)
     covered = trials = 0
-    for f in np.unique(fold):
-        held = scored.of_images(fold == f)
-        calibration = calibrate_counts(scored.of_images(fold != f), min_boxes)
+    for _, fit, held in cross_folds(scored, folds):
+        calibration = calibrate_counts(fit, min_boxes)
         for c, name in enumerate(scored.names):
             cal = calibration["per_class"].get(name)
-            if cal is None:
-                continue
-            counted = int(((held.cls == c) & (held.score >= cal["threshold"])).sum())
-            low, high = interval(*estimate(cal, counted, held.images))
-            trials += 1
-            covered += low <= int((held.truth_cls == c).sum()) <= high
+            if cal is not None:
+                trials += 1
+                covered += class_count(held, c, cal)["covered"]
     return {"covered": covered, "trials": trials,
             "share": round(covered / trials, 4) if trials else None}

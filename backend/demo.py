@@ -40,7 +40,7 @@ from PIL import Image
 
 from .counts import TRIAGE_KEY
 from .effort import EffortSettings, Tally, match
-from .imagery.counts import interval
+from .imagery.counts import interval, survey_estimate
 from .labelstudio.local import LocalLabelStudio, import_image, local_label_studio
 from .labelstudio.results import rectangle_region
 from .media.fetch import MediaFetcher, MediaSettings
@@ -286,9 +286,7 @@ def _survey_figures(registry: Registry, scenes: list[Scene], device: str) -> dic
             skipped, missed = skipped + 1, missed + len(scene.boxes)
         for score, cls in zip(det.scores.tolist(), det.classes.tolist(), strict=True):
             counted[cls] += score >= counting.of(cls)
-    found = [counting.estimate(c, int(n), len(scenes)) for c, n in enumerate(counted)]
-    mean = sum(f[0] for f in found if f is not None) if any(found) else float(counted.sum())
-    sd = sum(f[1] ** 2 for f in found if f is not None) ** 0.5
+    mean, sd = survey_estimate(counted, len(scenes), counting)[1] or (float(counted.sum()), 0.0)
     low, high = interval(mean, sd)
     return {"images_not_opened": skipped, "animals_not_opened": missed,
             "count": round(mean, 1), "count_low": round(low, 1), "count_high": round(high, 1),

@@ -42,7 +42,7 @@ all boxes, so one pass gives the whole curve.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from statistics import NormalDist
 from typing import Any
@@ -240,16 +240,14 @@ def best_threshold(scores: np.ndarray, overlap: np.ndarray, truth: int,
     offered) when nothing offered beats drawing from scratch."""
     candidates = np.concatenate([[np.inf], np.unique(scores)[::-1]])  # inf: offer nothing
     tally = _tally(scores, overlap, truth, candidates, settings)
-    cost = tally.cost(settings)
     eligible = precision_lower_bound(tally.matched, tally.offered,
                                      settings.confidence) > settings.break_even
     eligible[0] = True  # not offering is always possible
-    cost = np.where(eligible, cost, np.inf)
-    best = int(np.argmin(cost))  # the first minimum: candidates run from high to low
-    ratio = float(cost[best]) / (settings.draw_cost * max(truth, 1))
-    if best == 0 or ratio >= 1.0:
-        return None, float(cost[0]) / (settings.draw_cost * max(truth, 1))
-    return float(candidates[best]), ratio
+    ratios = np.where(eligible, tally.ratio(settings), np.inf)
+    best = int(np.argmin(ratios))  # the first minimum: candidates run from high to low
+    if best == 0 or ratios[best] >= 1.0:
+        return None, float(ratios[0])
+    return float(candidates[best]), float(ratios[best])
 
 
 def choose_thresholds(scored: Scored, settings: EffortSettings = EffortSettings()
@@ -345,6 +343,14 @@ def folds_of(images: int, folds: int, seed: int = 0) -> np.ndarray:
     return fold
 
 
+def cross_folds(scored: Scored, folds: int) -> Iterator[tuple[np.ndarray, Scored, Scored]]:
+    """Per fold of the images: (its mask, the run on the other folds, the run on it)."""
+    fold = folds_of(scored.images, folds)
+    for f in np.unique(fold):
+        held = fold == f
+        yield held, scored.of_images(~held), scored.of_images(held)
+
+
 def ratio_interval(cost: np.ndarray, truth: np.ndarray, settings: EffortSettings,
                    resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95% percentile interval of sum(cost) / (draw_cost * sum(truth)) over images drawn
@@ -363,14 +369,14 @@ def cross_fitted(scored: Scored, settings: EffortSettings = EffortSettings()
     """The effort ratio annotators would see on images the thresholds were not chosen on:
     per fold of the val images, thresholds chosen on the others and scored on it; with the
     95% interval over images. What the deploy gate decides on."""
-    fold = folds_of(scored.images, settings.folds)
     cost = np.zeros(scored.images)
     truth = np.bincount(scored.truth_image, minlength=scored.images).astype(float)
-    for f in np.unique(fold):
-        chosen = choose_thresholds(scored.of_images(fold != f), settings)["per_class"]
-        held = fold == f
-        cost[held] = per_image_costs(scored.of_images(held), chosen, settings)[0]
-    return _ratio_figures(cost, truth, settings, folds=len(np.unique(fold)))
+    folds = 0
+    for mask, fit, held in cross_folds(scored, settings.folds):
+        chosen = choose_thresholds(fit, settings)["per_class"]
+        cost[mask] = per_image_costs(held, chosen, settings)[0]
+        folds += 1
+    return _ratio_figures(cost, truth, settings, folds=folds)
 
 
 def at_thresholds(scored: Scored, per_class: dict[str, float | None],

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from backend.counts import COUNTS_KEY, TRIAGE_KEY
+from backend.counts import COUNTS_KEY, TRIAGE_KEY, describe_count
 from backend.effort import EffortSettings, describe_threshold
 from backend.model_dir import ModelDir
 from backend.thresholds import METADATA_KEY
@@ -68,8 +68,7 @@ def table(figures: dict[str, Any]) -> str:
     effort, counted = figures["effort"], figures["counts"]["per_class"]
     for name, row in effort["per_class"].items():
         count = counted[name]
-        shown = ("-" if count["estimate"] is None else
-                 f"{count['estimate']:.0f} [{count['low']:.0f}, {count['high']:.0f}]")
+        shown = describe_count(count)
         lines.append(
             f"{name:<16}{describe_threshold(row['threshold']):>12}{row['kept']:>6}"
             f"{row['adjusted']:>9}{row['deleted']:>8}{row['drawn']:>6}"

@@ -215,11 +215,8 @@ def print_effort(version: str, figures: dict[str, Any], per_class: dict[str, flo
 
 
 def _print_survey(figures: dict[str, Any]) -> None:
-    rows = []
-    for name, row in figures["counts"]["per_class"].items():
-        rows.append(f"{name} -" if row["estimate"] is None else
-                    f"{name} {row['estimate']:.0f} [{row['low']:.0f}, {row['high']:.0f}] "
-                    f"(true {row['count_true']})")
+    rows = [f"{name} {counts.describe_count(row)} (true {row['count_true']})"
+            for name, row in figures["counts"]["per_class"].items()]
     coverage = figures["counts"]["coverage_out_of_sample"]
     triage = figures["triage"]
     print(f"evaluate: counts on val {'; '.join(rows)}; interval coverage on held-out folds "

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from .. import counts, effort
-from ..imagery.counts import interval
 from ..model_dir import ModelDir
 from ..models import SAVANNA_V1
 from ..synthetic import BIOMES, PoolSettings, Scene, coco_of, survey_pool
@@ -58,16 +57,11 @@ def _seed(bench: CountBench, seed: int, predictor: Any, model: ModelDir) -> dict
     calibration = counts.calibrate_counts(val, settings.min_boxes)
     row: dict[str, Any] = {"seed": seed, "counts": {}}
     for c, name in enumerate(names):
-        cal = calibration["per_class"][name]
-        true = int((new.truth_cls == c).sum())
-        if cal is None:
-            row["counts"][name] = {"true": true, "estimate": None}
-            continue
-        counted = int(((new.cls == c) & (new.score >= cal["threshold"])).sum())
-        mean, sd = counts.estimate(cal, counted, new.images)
-        low, high = interval(mean, sd)
-        row["counts"][name] = {"true": true, "estimate": round(mean, 1), "low": round(low, 1),
-                               "high": round(high, 1), "covered": low <= true <= high}
+        count = counts.class_count(new, c, calibration["per_class"][name])
+        row["counts"][name] = {"true": count["count_true"], **(
+            {"estimate": None} if count["estimate"] is None else
+            {**{k: round(count[k], 1) for k in ("estimate", "low", "high")},
+             "covered": count["covered"]})}
     chosen = effort.choose_thresholds(val, settings)["per_class"]
     held = effort.cross_fitted(val, settings)
     fresh = effort.at_thresholds(new, chosen, settings)["effort_ratio"]

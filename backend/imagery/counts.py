@@ -60,16 +60,26 @@ def table(
     return [row + [""] * (len(rows[0]) - len(row)) for row in rows]
 
 
+def survey_estimate(totals: Sequence[int], images: int, counting: Counting
+                    ) -> tuple[list[tuple[float, float] | None], tuple[float, float] | None]:
+    """Per class (estimate, sd) where calibrated, and the survey's: the calibrated classes'
+    estimates summed, their errors taken as independent; None when no class is."""
+    found = [counting.estimate(c, int(n), images) for c, n in enumerate(totals)]
+    known = [f for f in found if f is not None]
+    if not known:
+        return found, None
+    return found, (sum(m for m, _ in known), math.sqrt(sum(s * s for _, s in known)))
+
+
 def _estimates(totals: list[int], images: int, counting: Counting) -> list[list[Any]]:
     """count_estimate / count_low / count_high / method rows (only `method` when no class is
-    calibrated); the total's interval treats the classes' errors as independent."""
-    found = [counting.estimate(c, n, images) for c, n in enumerate(totals)]
-    if all(f is None for f in found):
+    calibrated)."""
+    found, survey = survey_estimate(totals, images, counting)
+    if survey is None:
         return [["method", *[counting.method(c) for c in range(len(totals))], ""]]
     means = [None if f is None else f[0] for f in found]
     sds = [None if f is None else f[1] for f in found]
-    total = sum(m for m in means if m is not None)
-    total_sd = math.sqrt(sum(s * s for s in sds if s is not None))
+    total, total_sd = survey
 
     def row(name: str, pick) -> list[Any]:
         cells = ["" if m is None else round(pick(m, s), 1) for m, s in zip(means, sds,
