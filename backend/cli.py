@@ -445,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "detectron2:// model-zoo name (train.base_weights); checked and "
                       "downloaded now")
     init.add_argument("--remote", help="the default DVC remote for datasets and models "
-                      "(s3://bucket/loop, /mnt/share/loop, ...)")
+                      "(s3://bucket/loop, /mnt/share/loop, ...; default: a folder "
+                      "tridentloop-dvc-remote beside the checkout)")
     init.add_argument("--set", action="append", default=[], type=_key_value,
                       metavar="SECTION.KEY=VALUE",
                       help="any params.yaml setting, the value read as YAML "
@@ -749,6 +750,7 @@ def _init(args: argparse.Namespace) -> int:
         check_settings,
         copy_code,
         create_loop_project,
+        default_remote,
         updated_params,
     )
 
@@ -788,10 +790,16 @@ def _init(args: argparse.Namespace) -> int:
         print(f"init: the loop starts from {spec} (SHA-256 {start.sha256[:16]}...)"
               + ("" if start.labels is None else f", trained on {start.labels}; a new box "
                  "predictor is trained for this project's labels where they differ"))
-    checkout = create_loop_project(args.dir, updates, remote=args.remote)
+    remote = args.remote or default_remote(args.dir)
+    checkout = create_loop_project(args.dir, updates, remote=remote)
     print(f"init: {checkout} is a git + DVC checkout of the loop for Label Studio project "
-          f"{args.project}.\nNext: cd {checkout}; export LABEL_STUDIO_API_KEY=<token>; "
-          "dvc repro   (then `git add -A; git commit` after each run)")
+          f"{args.project}; datasets and models are pushed to {remote} (DVC remote "
+          "`storage`).\nNext:\n"
+          f"  cd {checkout} && export LABEL_STUDIO_API_KEY=<token>\n"
+          "  dvc repro                                   # export, train, evaluate, deploy\n"
+          "  git add -A && git commit -m 'round 1' && dvc push   # this round's data and model\n"
+          "  git remote add origin <url> && git push -u origin HEAD   # share the checkout\n"
+          "A teammate: git clone <url> && cd <dir> && dvc pull && dvc repro")
     return 0
 
 

@@ -49,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from .settings import from_section
+
 PLOT_THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
 RARE_CHOICES = ("withhold", "pooled")
 
@@ -82,8 +84,7 @@ class EffortSettings:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> EffortSettings:
-        return cls(**{k: type(getattr(cls, k))(v) for k, v in params.items()
-                      if k in cls.__dataclass_fields__})
+        return from_section(cls, params)
 
 
 @dataclass(frozen=True)

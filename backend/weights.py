@@ -18,6 +18,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .files import file_sha256
 from .model_dir import ModelDir, ModelDirError
@@ -42,10 +43,12 @@ class Start:
     source: str  # as the user gave it
     url: str | None = None  # where it was downloaded from
     labels: list[str] | None = None  # a model directory's classes (None: unknown)
+    lineage: dict[str, Any] | None = None  # a model directory's model.json (None: none)
 
-    def lineage(self) -> dict[str, object]:
-        return {"source": self.source, "sha256": self.sha256,
-                **({"url": self.url} if self.url else {}), "file": str(self.weights)}
+    @property
+    def location(self) -> str:
+        """Where a teammate finds these weights again: the address, else the local path."""
+        return self.url or str(self.weights.absolute())
 
 
 def cache_dir() -> Path:
@@ -92,7 +95,8 @@ def _local(path: Path, spec: str) -> Start:
         except (RegistryError, ValueError) as exc:
             raise StartError(f"train.base_weights: {path} is neither a model directory nor a "
                              f"registry with a current version ({exc})") from exc
-    return Start(model.weights, file_sha256(model.weights), spec, labels=model.labels)
+    return Start(model.weights, file_sha256(model.weights), spec, labels=model.labels,
+                 lineage=model.metadata)
 
 
 def cached_path(url: str) -> Path:

@@ -22,14 +22,12 @@ from backend.model_dir import ModelDir
 from backend.thresholds import METADATA_KEY
 
 from .evaluate import calibration_figures, detections_for
-from .params import fail
+from .params import fail, open_label_studio
 
 
 def project_data(project: int, work_dir: Path) -> tuple[dict[str, Any], Path]:
     """A Label Studio project's accepted annotations as COCO, images under `work_dir`."""
     import os
-
-    from label_studio_sdk import LabelStudio
 
     from backend.media.fetch import MediaFetcher, MediaSettings
 
@@ -38,7 +36,8 @@ def project_data(project: int, work_dir: Path) -> tuple[dict[str, Any], Path]:
     url, key = os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY")
     if not url or not key:
         fail("calibrate --project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set")
-    coco, _ = export_project(LabelStudio(base_url=url, api_key=key), project, work_dir,
+    client, _ = open_label_studio(url, key, project, "calibrate")
+    coco, _ = export_project(client, project, work_dir,
                              MediaFetcher(MediaSettings(label_studio_url=url, api_key=key)))
     return coco, work_dir / "images"
 
@@ -111,10 +110,35 @@ def without_trained(coco: dict[str, Any], model: ModelDir, exclude: bool
             "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}
 
 
+def dvc_stage_owning(path: Path) -> str | None:
+    """The DVC stage (or .dvc file) whose output holds `path`; None outside one. Editing
+    such an output in place makes `dvc status` show its stage changed and the next repro
+    silently adopt, or overwrite, the edit."""
+    from dvc.exceptions import NotDvcRepoError, OutputNotFoundError
+    from dvc.repo import Repo
+
+    try:
+        root = Repo.find_root(str(path))
+    except NotDvcRepoError:
+        return None
+    with Repo(root) as repo:
+        try:
+            outs = repo.find_outs_by_path(str(path.absolute()), strict=False)
+        except OutputNotFoundError:
+            return None
+    return outs[0].stage.addressing
+
+
 def main(model_path: Path, coco_file: Path | None, images: Path | None, project: int | None,
          work_dir: Path, device: str, settings: EffortSettings, triage_recall: float = 0.95,
          exclude_trained: bool = False) -> int:
     model = ModelDir.open(model_path)
+    stage = dvc_stage_owning(model.path)
+    if stage is not None:
+        fail(f"{model.path} is an output of the DVC stage {stage!r}: calibrate writes into "
+             "model.json, and an edited DVC output is what the next `dvc repro` re-runs or "
+             f"adopts. Calibrate a copy (cp -r {model.path} my-model) or a version in the "
+             "registry (models/registry/versions/<v>), which DVC does not track")
     if project is not None:
         coco, image_dir = project_data(project, work_dir)
         coco = without_trained(coco, model, exclude_trained)

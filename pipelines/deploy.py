@@ -26,6 +26,7 @@ from typing import Any
 
 from backend.model_dir import ModelDir, copy_model_dir
 from backend.registry import Registry
+from backend.settings import from_section
 
 from .coco import write_json
 from .params import fail, load_params
@@ -46,8 +47,7 @@ class GateSettings:
         if "tolerance" in params:
             fail("deploy.tolerance is now two settings, deploy.ap50_tolerance and "
                  "deploy.effort_tolerance: rename it in params.yaml")
-        return cls(**{k: type(getattr(cls, k))(v) for k, v in params.items()
-                      if k in cls.__dataclass_fields__})
+        return from_section(cls, params)
 
 
 def _effort(metrics: dict[str, Any]) -> float | None:
@@ -150,7 +150,6 @@ def main() -> None:
         "reason": reason,
         "ap50": metrics["ap50"],
         "effort_ratio": _effort(metrics),
-        "time": time.time(),
     }
     if ok:
         registry = Registry(dp.get("registry", "models/registry"))

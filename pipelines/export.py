@@ -22,9 +22,10 @@ also reads every task again). Images no task uses any more are removed once the 
 dataset is complete.
 
 Outputs: `<dir>/annotations.json` and `<dir>/images/` (DVC-tracked) and `<dir>/manifest.json`
-(counts per class, the project, the snapshot time, images fetched and reused with the bytes
-downloaded, what was skipped, and every region left out of the dataset counted by why:
-unknown label, rotated box, other control or type).
+(counts per class, the project, when the dataset last changed, images fetched and reused
+with the bytes downloaded, what was skipped, and every region left out of the dataset
+counted by why: unknown label, rotated box, other control or type). A run that changes
+nothing leaves the manifest as it was, so a no-op `dvc repro` leaves `git status` clean.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from backend.labelstudio.label_config import LabelConfigError, parse_label_confi
 from backend.media.fetch import MediaError, MediaFetcher, MediaSettings
 
 from .coco import content_name, write_json
-from .params import fail, label_studio_target, load_params
+from .params import fail, label_studio_target, load_params, open_label_studio
 
 
 def latest_accepted(
@@ -368,7 +369,6 @@ def export_project(
         counts[control.labels[ann["category_id"]]] += 1
     manifest = {
         "project": project_id,
-        "snapshot_time": time.time(),
         "images": len(coco["images"]),
         "boxes": len(coco["annotations"]),
         "boxes_per_class": counts,
@@ -400,16 +400,28 @@ def main() -> None:
     dataset = params.get("dataset", {})
     out = Path(dataset.get("dir", "data/dataset"))
     url, api_key, project_id = label_studio_target(params, "export")
-    from label_studio_sdk import LabelStudio
-
+    client, _ = open_label_studio(url, api_key, project_id, "export", params)
     coco, manifest = export_project(
-        LabelStudio(base_url=url, api_key=api_key), project_id, out,
+        client, project_id, out,
         MediaFetcher(MediaSettings(label_studio_url=url, api_key=api_key)),
         bool(ls_params.get("only_ground_truth", False)), dataset.get("split_field", "split"),
         bool(dataset.get("refetch_images", False)),
     )
     write_json(out / "annotations.json", coco)
-    write_json(out / "manifest.json", {**manifest, "label_studio": url})
+    write_json(out / "manifest.json", dated({**manifest, "label_studio": url},
+                                            out / "manifest.json"))
+
+
+def dated(manifest: dict[str, Any], previous: Path) -> dict[str, Any]:
+    """The manifest with `snapshot_time` now, or the previous manifest's when nothing else
+    differs: the time says when the dataset last changed, and a run that changed nothing
+    must not give git a file to commit."""
+    try:
+        before = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        before = {}
+    same = {**before, "snapshot_time": None} == {**manifest, "snapshot_time": None}
+    return {**manifest, "snapshot_time": before["snapshot_time"] if same else time.time()}
 
 
 if __name__ == "__main__":

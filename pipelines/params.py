@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -22,7 +22,7 @@ def load_params(section: str | None = None) -> dict[str, Any]:
     return params if section is None else params.get(section, {})
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """End a stage with a clear message and a non-zero exit, so `dvc repro` stops there."""
     raise SystemExit(f"error: {message}")
 
@@ -42,6 +42,20 @@ def label_studio_target(params: dict[str, Any], stage: str) -> tuple[str, str, i
             "labelstudio.project"
         )
     return url, api_key, project
+
+
+def open_label_studio(url: str, api_key: str, project: int, stage: str,
+                      params: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """(SDK client, project) for a stage, or its end with one line naming the fix (a wrong
+    token, an unknown project, a server unreachable for params.yaml's
+    `labelstudio.retry_for` seconds)."""
+    give_up_after = float((params or {}).get("labelstudio", {}).get("retry_for", 120))
+    from backend.labelstudio.connect import LabelStudioError, open_project
+
+    try:
+        return open_project(url, api_key, project, stage, give_up_after)
+    except LabelStudioError as exc:
+        fail(str(exc))
 
 
 CODE_ROOTS = ("backend", "pipelines")

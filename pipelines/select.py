@@ -37,7 +37,7 @@ from backend.registry import Registry
 from backend.uncertainty import DEFAULT as DEFAULT_UNCERTAINTY
 
 from .coco import write_json
-from .params import fail, label_studio_target, load_params
+from .params import fail, label_studio_target, load_params, open_label_studio
 
 VIEW_TITLE = "tridentloop: label next"
 
@@ -140,12 +140,10 @@ def main() -> None:
     output = Path(sp.get("output", "data/select/next.json"))
     report = output.with_name("prelabel.report.json")
     url, api_key, project = label_studio_target(params, "select")
-    from label_studio_sdk import LabelStudio
-
     from backend.labelstudio.label_config import parse_label_config
 
-    client = LabelStudio(base_url=url, api_key=api_key)
-    data_key = parse_label_config(client.projects.get(id=project).label_config).controls[0].data_key
+    client, found = open_label_studio(url, api_key, project, "select", params)
+    data_key = parse_label_config(found.label_config).controls[0].data_key
     k = int(sp.get("k", 20))
     ranking = ranking_model(params)
     tasks = list_tasks(client, project)

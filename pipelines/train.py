@@ -16,11 +16,13 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from backend.detection.checkpoint import load_weights
 from backend.detection.config import DetectorConfig, bundled_config, dump_config, load_config
@@ -80,15 +82,49 @@ def _previous_candidate(out: Path) -> ModelDir | None:
         return None
 
 
+@dataclass(frozen=True)
+class Link:
+    """What a training run started from, as its model's lineage names it: the weights
+    (SHA-256, where they are found again) and what they had seen before, so a model says
+    every iteration its weights went through and the chain of models before it."""
+
+    start: str
+    sha256: str | None  # None: random weights
+    location: str | None = None
+    before: dict[str, Any] = field(default_factory=dict)  # the start's own model.json
+
+    @property
+    def iterations_before(self) -> int | None:
+        """Iterations in the start's weights: 0 for random weights, None when unknown (a
+        checkpoint from outside the loop, with no lineage)."""
+        if self.sha256 is None:
+            return 0
+        seen = self.before.get("iterations_total", self.before.get("iterations"))
+        return None if seen is None else int(seen)
+
+    def lineage(self, iterations: int) -> dict[str, Any]:
+        """The model.json entries of a run of `iterations` from this start."""
+        chain = [] if self.sha256 is None else [
+            {"start": self.start, "sha256": self.sha256, "location": self.location,
+             "iterations_total": self.iterations_before}, *self.before.get("chain", [])]
+        return {"start": self.start, "start_sha256": self.sha256, "iterations": iterations,
+                "iterations_total": iterations + (self.iterations_before or 0),
+                "chain": chain}
+
+    def as_state(self) -> dict[str, Any]:
+        return {"start": self.start, "sha256": self.sha256, "location": self.location,
+                "before": self.before}
+
+
 def _start_weights(
     model: GeneralizedRCNN, params: dict[str, Any], labels: list[str],
     deployed: ModelDir | None, deployed_sha256: str | None, previous: ModelDir | None,
-) -> tuple[str, str | None]:
-    """Load the weights training starts from: (what they are, the SHA-256 of their file;
-    None for random weights), so a model's lineage names its parent exactly. Before any
-    model is deployed (none has yet saved annotators work), training goes on from the last
-    candidate rather than from scratch: the gate holds back what annotators see, not what
-    the loop has learnt."""
+    out: Path,
+) -> Link:
+    """Load the weights training starts from, and name them. Before any model is deployed
+    (none has yet saved annotators work), training goes on from the last candidate rather
+    than from scratch: the gate holds back what annotators see, not what the loop has
+    learnt."""
     if params.get("base_weights"):
         try:
             base = resolve_start(str(params["base_weights"]))
@@ -96,15 +132,29 @@ def _start_weights(
             fail(str(exc))
         load_weights(model, base.weights, for_inference=False)
         name = f"weights {base.source}" + (f" ({base.url})" if base.url else "")
-        return _new_head(model, name, base.labels, labels), base.sha256
-    start, name = (deployed, f"deployed model {deployed.version}") if deployed is not None else (
-        previous, "the last candidate (not deployed)")
-    if start is None:
+        return Link(_new_head(model, name, base.labels, labels), base.sha256, base.location,
+                    base.lineage or {})
+    if deployed is not None:
+        load_weights(model, deployed.weights, for_inference=False)
+        name = _new_head(model, f"deployed model {deployed.version}", deployed.labels, labels)
+        return Link(name, deployed_sha256, str(deployed.path.absolute()), deployed.metadata)
+    if previous is None:
         init_from_scratch(model)
-        return "random weights", None
-    load_weights(model, start.weights, for_inference=False)
-    sha = deployed_sha256 if deployed is not None else file_sha256(start.weights)
-    return _new_head(model, name, start.labels, labels), sha
+        return Link("random weights", None)
+    load_weights(model, previous.weights, for_inference=False)
+    name = _new_head(model, "the last candidate (not deployed)", previous.labels, labels)
+    return Link(name, file_sha256(previous.weights), _in_dvc_cache(out), previous.metadata)
+
+
+def _in_dvc_cache(out: Path) -> str:
+    """Where a candidate replaced by this run is found again: the DVC cache, by the hash
+    dvc.lock gives the output (`git log -S <md5> dvc.lock` names the commit to check out)."""
+    try:
+        outs = yaml.safe_load(Path("dvc.lock").read_text())["stages"]["train"]["outs"]
+        md5 = next(o["md5"] for o in outs if Path(o["path"]) == out)
+    except (OSError, KeyError, TypeError, StopIteration):
+        return f"{out} (not recorded by DVC)"
+    return f"DVC cache: {out} md5 {md5}"
 
 
 def _new_head(model: GeneralizedRCNN, name: str, theirs: list[str] | None,
@@ -163,13 +213,12 @@ def main() -> None:
     torch.manual_seed(options.seed)
     model = GeneralizedRCNN(cfg)
     deployed, snapshot = deployed_model(params)
-    origin, start_sha256 = _start_weights(
-        model, tp, labels, deployed, snapshot.get("weights_sha256"), _previous_candidate(out)
-    )
+    link = _start_weights(model, tp, labels, deployed, snapshot.get("weights_sha256"),
+                          _previous_candidate(out), out)
     settings = {k: v for k, v in tp.items() if k != "threads"}  # threads change no result
     lineage = {"dataset": dataset_hash(split_dir / "train.json"), "params": settings,
                "recipe": recipe_json(recipe), "code_sha256": code_sha256("train")}
-    kept = _already_trained(out, lineage, start_sha256)
+    kept = _already_trained(out, lineage, link.sha256)
     if kept is not None:
         if rank == 0:
             print(f"train: {out} was trained from {kept.metadata.get('start')} with this code "
@@ -185,15 +234,14 @@ def main() -> None:
         model.load_state_dict(state["model"])
         start = int(state["iteration"])
         # The lineage names what the run started from, not the checkpoint (deleted at the end).
-        origin = state.get("origin", origin)
-        start_sha256 = state.get("start_sha256")  # the resumed run's own starting point
+        link = Link(**state["link"]) if "link" in state else link  # an older checkpoint
         resumed = f", resumed at iteration {start} from {checkpoint}"
-    elif start_sha256 is None and rank == 0:
+    elif link.sha256 is None and rank == 0:
         print(f"train: {snapshot.get('why_none')}; starting from random weights", flush=True)
     model.to(device)
     if rank == 0:
         print(
-            f"train: {len(coco['images'])} images, classes {labels}, from {origin}{resumed}, "
+            f"train: {len(coco['images'])} images, classes {labels}, from {link.start}{resumed}, "
             f"{world} process(es) on {device}; recipe: {describe(recipe)}"
         )
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
@@ -206,7 +254,7 @@ def main() -> None:
     if state is not None and "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
 
-    live = _live(start) if rank == 0 else None
+    live = _live((link.iterations_before or 0) + start) if rank == 0 else None
     progress = Progress(start, options.iterations) if rank == 0 else None
 
     def on_step(iteration: int, losses: dict[str, float]) -> None:
@@ -228,8 +276,7 @@ def main() -> None:
                 "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict(),
                 "iteration": done,
-                "origin": origin,
-                "start_sha256": start_sha256,
+                "link": link.as_state(),
             },
             tmp,
         )
@@ -258,10 +305,8 @@ def main() -> None:
             {
                 "version": "candidate",
                 **lineage,
-                "iterations": options.iterations,
-                "start": origin,
+                **link.lineage(options.iterations),
                 **({"resumed_at_iteration": start} if start else {}),
-                "start_sha256": start_sha256,
                 "processes": world,
                 # Label Studio task ids: calibrate --project warns about (or leaves out) them
                 "train_tasks": sorted(int(im["id"]) for im in coco["images"]),
@@ -295,8 +340,9 @@ class Progress:
 
 def _live(start: int):
     """dvclive's logger; its metrics and plots are declared in our dvc.yaml, so it must not
-    write them there itself (the first `dvc repro` left dvc.yaml modified). A resumed run
-    goes on from its iteration, not from step 0."""
+    write them there itself (the first `dvc repro` left dvc.yaml modified). Steps count
+    every iteration the weights have seen: a resumed run, and a round started from the
+    last model, go on from there instead of overwriting the curve from step 0."""
     try:
         from dvclive import Live
     except ImportError:

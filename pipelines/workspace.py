@@ -20,7 +20,8 @@ from typing import Any
 
 PACKAGES = ("backend", "pipelines")
 DVC = [sys.executable, "-m", "dvc"]  # the DVC installed with us, whatever PATH says
-GITIGNORE = "__pycache__/\n/models/\n.tridentloop/\n"
+# prelabel.report.json: what select's pre-labelling could not read, a fact of one run
+GITIGNORE = "__pycache__/\n/models/\n.tridentloop/\nprelabel.report.json\n"
 
 
 def _git(args: list[str], cwd: Path, env: dict[str, str] | None) -> None:
@@ -49,6 +50,13 @@ def copy_code(dest: Path) -> None:
     for package in PACKAGES:
         shutil.rmtree(dest / package, ignore_errors=True)
         shutil.copytree(_package_dir(package), dest / package, ignore=_code_only)
+
+
+def default_remote(dest: Path) -> str:
+    """Where `init` keeps datasets and models when no `--remote` is given: a folder beside
+    the checkout, by absolute path, so a teammate's clone on this machine or a shared disk
+    pushes to and pulls from the same store (`dvc remote modify storage url ...` moves it)."""
+    return str(dest.expanduser().absolute().parent / "tridentloop-dvc-remote")
 
 
 def create_loop_project(

@@ -203,20 +203,26 @@ def test_after_a_deploy_the_loop_keeps_its_model_then_runs_nothing(loop):
     manifest = json.loads((checkout / "data/dataset/manifest.json").read_text())
     assert (manifest["images_fetched"], manifest["images_reused"]) == (0, 9)
     assert "fetched 0 new or changed image(s) (0.0 MB), reused 9" in out
+    run(["git", "add", "-A"], checkout, env)
+    run(["git", "commit", "-qm", "the deployed model kept"], checkout, env)
     third = run(["dvc", "repro"], checkout, env)
     out = third.stdout + third.stderr
     for stage in ("split", "train", "evaluate", "deploy"):
         assert f"Running stage '{stage}'" not in out, stage
+    # export, deployed and select ran again and found nothing new: nothing for git either
+    assert run(["git", "status", "--porcelain"], checkout, env).stdout == ""
 
 
-def test_datasets_and_models_push_to_and_pull_from_a_shared_remote(loop):
+def test_datasets_and_models_push_to_and_pull_from_the_remote_init_set(loop):
+    """The README's team workflow with no DVC configuration by hand: `init` committed a
+    default remote beside the checkout; commit, `dvc push`, and a teammate's clone elsewhere
+    `dvc pull`s the same dataset and model."""
     checkout, env = loop["dir"], loop["env"]
-    remote = loop["root"] / "dvc-remote"
-    run(["dvc", "remote", "add", "-d", "team", str(remote)], checkout, env)
     run(["git", "add", "-A"], checkout, env)
-    run(["git", "commit", "-qm", "dataset and model version"], checkout, env)
+    run(["git", "commit", "-qm", "dataset and model version", "--allow-empty"], checkout, env)
     run(["dvc", "push"], checkout, env)
-    clone = loop["root"] / "teammate"
+    assert (loop["root"] / "tridentloop-dvc-remote").is_dir()
+    clone = loop["root"] / "elsewhere" / "teammate"
     run(["git", "clone", "-q", str(checkout), str(clone)], loop["root"], env)
     run(["dvc", "pull"], clone, env)
     for path in (
@@ -302,6 +308,7 @@ def test_killed_training_resumes_from_its_checkpoint(loop, tmp_path):
     lineage = json.loads((tmp_path / "killed" / "model" / "model.json").read_text())
     assert "checkpoint" not in lineage["start"]  # the checkpoint is gone; the start is not
     assert lineage["resumed_at_iteration"] > 0
+    assert lineage["iterations_total"] == 12  # the resumed iterations are not counted twice
     straight_env = _train_params(loop, tmp_path, "straight", iterations=12, checkpoint_period=4)
     run([sys.executable, "-m", "pipelines.train"], loop["dir"], straight_env)
     got = _weights(tmp_path / "killed" / "model")
@@ -325,6 +332,26 @@ def test_a_model_names_the_exact_weights_it_started_from(loop, tmp_path):
     assert lineage["start"] == (f"weights detectron2://Survey/last.pth "
                                 f"({zoo.url}/Survey/last.pth)")
     assert lineage["start_sha256"] == hashlib.sha256(deployed.read_bytes()).hexdigest()
+
+
+def test_a_model_counts_every_iteration_its_weights_saw_and_names_its_ancestors(loop,
+                                                                                tmp_path):
+    """A round started from the deployed model: its lineage adds the parent's iterations,
+    names the parent (SHA-256, where it is) and the parent's own start, and dvclive's loss
+    curve goes on from the parent's last step instead of starting again at 0."""
+    parent = Registry(loop["dir"] / "models/registry").current()
+    env = _train_params(loop, tmp_path, "round2", iterations=2, base_weights=str(parent.path))
+    run([sys.executable, "-m", "pipelines.train"], loop["dir"], env)
+    lineage = json.loads((tmp_path / "round2/model/model.json").read_text())
+    assert (lineage["iterations"], lineage["iterations_total"]) == (2, 12 + 2)
+    first, *before = lineage["chain"]
+    assert first == {"start": f"weights {parent.path}",
+                     "sha256": hashlib.sha256(parent.weights.read_bytes()).hexdigest(),
+                     "location": str(parent.weights.absolute()), "iterations_total": 12}
+    assert before == parent.metadata["chain"] == []  # the parent began from random weights
+    curve = (loop["dir"] / "dvclive/plots/metrics/train/total_loss.tsv").read_text()
+    steps = [int(row.split("\t")[0]) for row in curve.splitlines()[1:]]
+    assert steps[-2:] == [12, 13] and steps == sorted(steps)
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -444,6 +471,17 @@ def test_calibrate_chooses_thresholds_on_a_label_studio_project(loop, tmp_path):
     stored = json.loads((model / "model.json").read_text())["score_thresholds"]
     assert stored["images"] == exported["images"] - len(trained)
     assert stored["confidence"] == 0.8
+    # the candidate is train's DVC output: edited in place, the next repro would adopt it
+    candidate = loop["dir"] / "models/candidate/model.json"
+    before = candidate.read_bytes()
+    refused = run([sys.executable, "-m", "backend.cli", "calibrate", "--model",
+                   "models/candidate", "--project", str(loop["project"]), "--work-dir",
+                   str(tmp_path / "work"), "--device", "cpu"], loop["dir"], loop["env"],
+                  check=False)
+    assert refused.returncode != 0
+    assert "an output of the DVC stage 'train'" in refused.stderr
+    assert "cp -r models/candidate my-model" in refused.stderr
+    assert candidate.read_bytes() == before
 
 
 def test_export_reads_only_what_changed_and_misses_no_change(loop):

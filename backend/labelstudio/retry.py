@@ -24,6 +24,8 @@ class OutageError(RuntimeError):
 
 def transient(exc: BaseException) -> bool:
     """Worth retrying: the server is down, restarting or overloaded, not refusing us."""
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return False  # a URL without http(s)://: no wait will fix it
     if isinstance(exc, httpx.TransportError):
         return True
     # Imported here: a folder-only run (`prelabel --images`) needs no Label Studio client.

@@ -30,6 +30,7 @@ from ..detection.structures import Detections
 from ..detection.tiling import TilingOptions
 from ..imagery.exports import Exports
 from ..imagery.images import PixelScaling
+from ..labelstudio.connect import open_project
 from ..labelstudio.label_config import parse_label_config, read_mapping
 from ..labelstudio.results import prediction, rectangle_results, validate
 from ..labelstudio.views import show_tasks, tab_task_ids
@@ -91,19 +92,17 @@ class LabelStudioProject:
 
     def __init__(self, args: argparse.Namespace, version: str, labels: list[str],
                  thresholds: ScoreThresholds, triage: float | None) -> None:
-        from label_studio_sdk import LabelStudio
-
         url, key = os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY")
         if not url or not key:
             raise ValueError("--project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set")
-        self.client = LabelStudio(base_url=url, api_key=key)
+        self.client, found = open_project(url, key, args.project, "prelabel", args.retry_for)
         self.args = args
         self.version = version
         self.thresholds = thresholds.resolve(args.score_threshold, "--score-threshold")
         log.info("prelabel: boxes offered from score thresholds %s",
                  self.thresholds.describe(labels))
         self.project = args.project
-        config = parse_label_config(self.client.projects.get(id=self.project).label_config)
+        config = parse_label_config(found.label_config)
         self.config = config
         mapping = read_mapping(args.label_mapping) if args.label_mapping else None
         usable = config.usable(labels, mapping)
