@@ -271,7 +271,9 @@ def choose_thresholds(scored: Scored, settings: EffortSettings = EffortSettings(
             per_class[name] = best_threshold(scores, overlap, truth, settings)[0]
             if per_class[name] is None:
                 withheld[name] = ("no threshold makes its boxes cheaper than drawing with "
-                                  f"confidence {settings.confidence}")
+                                  f"confidence {settings.confidence} (the bar: "
+                                  "effort.confidence and effort.delete_cost, calibrate's "
+                                  "--confidence and --delete-cost; more val labels)")
     return {"per_class": per_class, "pooled": pooled, "withheld": withheld,
             "iou": settings.iou, "keep_iou": settings.keep_iou,
             "delete_cost": settings.delete_cost, "adjust_cost": settings.adjust_cost,

@@ -494,12 +494,9 @@ def test_a_click_boxes_the_one_animal_under_it_and_an_alt_click_excludes(world):
     v = region["value"]
     assert v["x"] <= cx <= v["x"] + v["width"] and v["y"] <= cy <= v["y"] + v["height"]
     assert region["type"] == "rectanglelabels" and region["from_name"] == "label"
-    excluded = _ask(world, _smart("keypointlabels", {**point, "x": 99.5, "y": 99.5},
-                                  is_positive=True),
+    excluded = _ask(world, _smart("keypointlabels", point, is_positive=True),
                     _smart("keypointlabels", point, is_positive=False)).json()
-    for region in excluded["results"][0]["result"]:  # nothing under the excluded point
-        v = region["value"]
-        assert not (v["x"] <= cx <= v["x"] + v["width"] and v["y"] <= cy <= v["y"] + v["height"])
+    assert excluded["results"][0]["result"] == []  # every box under the Alt-click is out
 
 
 @pytest.mark.parametrize(("context", "message"), [
@@ -511,6 +508,10 @@ def test_a_click_boxes_the_one_animal_under_it_and_an_alt_click_excludes(world):
     ({"results": []}, "needs a 'result' list"),
     ({"result": [_smart("rectanglelabels", {"x": 1, "y": 1, "width": "wide", "height": 5})]},
      "not a number"),
+    ({"result": [_smart("rectanglelabels", {"x": 1, "y": 1, "width": 5, "height": 5},
+                        image_rotation=90)]}, "image_rotation=90"),
+    ({"result": [_smart("rectanglelabels", {"x": 1, "y": 1, "width": 5, "height": 5,
+                                            "rotation": 30})]}, "rotation=30"),
 ])
 def test_a_context_that_does_not_parse_is_a_400_naming_the_problem(world, context, message):
     body = {"tasks": [task(5, str(world["images"] / "small.png"))], "project": "7.1",
@@ -518,6 +519,60 @@ def test_a_context_that_does_not_parse_is_a_400_naming_the_problem(world, contex
     with client(world) as c:
         answer = c.post("/predict", content=json.dumps(body))
     assert answer.status_code == 400 and message in answer.json()["error"]
+
+
+@pytest.mark.parametrize(("image", "status", "message"), [
+    ("missing.png", 502, "could not be fetched"),
+    ("broken.png", 502, "not an image file"),
+])
+def test_a_smart_tool_on_an_image_that_fails_names_it(world, image, status, message):
+    body = {"tasks": [task(5, str(world["images"] / image))], "project": "7.1",
+            "label_config": CONFIG, "params": {"context": {"result": [
+                _smart("keypointlabels", {"x": 50, "y": 50, "keypointlabels": []})]}}}
+    with client(world) as c:
+        answer = c.post("/predict", json=body)
+    assert answer.status_code == status
+    assert image in answer.json()["error"] and message in answer.json()["error"]
+
+
+def test_a_smart_tool_on_an_image_over_the_pixel_limit_is_a_422_naming_it(world, tmp_path):
+    from backend.serving.backend import HTTPError
+
+    backend = Backend(world["backend"].models, world["backend"].media,
+                      TrainingJobs("true", tmp_path, tmp_path / "jobs"),
+                      ServerSettings(max_pixels=10_000))
+    with pytest.raises(HTTPError) as refused:
+        backend.predict({"tasks": [task(5, str(world["images"] / "small.png"))],
+                         "project": "7.1", "label_config": CONFIG, "params": {"context": {
+                             "result": [_smart("keypointlabels", {"x": 50, "y": 50})]}}})
+    assert refused.value.status == 422 and "small.png" in str(refused.value)
+
+
+def test_a_smart_tool_request_on_a_full_queue_is_a_503_with_retry_after(world, tmp_path):
+    from backend.serving.backend import HTTPError
+    from backend.serving.inference_queue import InferenceQueue
+
+    from .conftest import held_batches
+
+    queue = InferenceQueue(max_pending=1, max_batch=1)
+    backend = Backend(world["backend"].models, world["backend"].media,
+                      TrainingJobs("true", tmp_path, tmp_path / "jobs"), ServerSettings(),
+                      queue=queue)
+    predictor = backend.models.current().predictor
+    photo = np.zeros((64, 64, 3), np.uint8)
+    body = {"tasks": [task(5, str(world["images"] / "small.png"))], "project": "7.1",
+            "label_config": CONFIG, "params": {"context": {"result": [
+                _smart("keypointlabels", {"x": 50, "y": 50, "keypointlabels": []})]}}}
+    with held_batches(predictor) as (gate, _):
+        held = queue.submit(predictor, photo, None)  # on the device, held at the gate
+        wait_until(lambda: queue.pending() == 0, 30, "the first image taken to the device")
+        waiting = queue.submit(predictor, photo, None)  # fills the queue
+        with pytest.raises(HTTPError) as refused:
+            backend.predict(body)
+        gate.set()
+        held.result(timeout=120), waiting.result(timeout=120)
+    queue.close()
+    assert (refused.value.status, refused.value.retry_after) == (503, 5)
 
 
 def test_smart_tool_work_jumps_the_queue_ahead_of_batch_work(fixture_image):

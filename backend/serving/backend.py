@@ -28,7 +28,13 @@ import numpy as np
 
 from .. import uncertainty
 from ..detection.structures import Detections
-from ..imagery.images import DEFAULT_MAX_PIXELS, DEFAULT_SCALING, PixelScaling, load_image
+from ..imagery.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_SCALING,
+    ImageError,
+    PixelScaling,
+    load_image,
+)
 from ..labelstudio.label_config import (
     LabelConfig,
     LabelConfigError,
@@ -36,7 +42,7 @@ from ..labelstudio.label_config import (
     parse_label_config,
 )
 from ..labelstudio.results import ResultError, prediction, rectangle_results, validate
-from ..media.fetch import MediaFetcher
+from ..media.fetch import MediaError, MediaFetcher
 from ..thresholds import ScoreThresholds
 from . import interactive
 from .auth import BasicAuth
@@ -303,8 +309,7 @@ class Backend:
                 if target is None:
                     continue  # an image without a box control this model can fill
                 uri = data.get(target.control.data_key)
-                image = self._decoded.get_or_make(
-                    str(uri), lambda uri=uri: self._load(uri, _task_id(tasks[0]), deadline))
+                image = self._asked_image(uri, _task_id(tasks[0]), deadline)
                 normal = self._normal.get_or_make(
                     (str(uri), model.version),
                     lambda image=image: self._run(model, image, deadline, urgent=True))
@@ -314,12 +319,26 @@ class Backend:
                     self.settings.interactive_threshold)
         except TimeoutError as exc:
             raise HTTPError(504, "no answer before the request's deadline") from exc
+        except QueueFull as exc:
+            raise HTTPError(503, "the inference queue is full; retry shortly",
+                            self.settings.retry_after) from exc
         try:
             validate(regions, config)
         except ResultError as exc:
             raise HTTPError(500, f"smart-tool answer failed validation: {exc}") from exc
         score = max((r["score"] for r in regions), default=0.0)
         return {"results": [prediction(regions, model.version, score)]}
+
+    def _asked_image(self, uri: Any, task_id: int | None, deadline: float) -> np.ndarray:
+        """The image a smart tool was used on, decoded once for the prompts that follow; an
+        annotator waits on this answer, so a failure names the image instead of a 500."""
+        try:
+            return self._decoded.get_or_make(
+                str(uri), lambda: self._load(uri, task_id, deadline))
+        except MediaError as exc:  # its message names the URI, any token in it redacted
+            raise HTTPError(502, f"the task's image could not be fetched: {exc}") from exc
+        except ImageError as exc:
+            raise HTTPError(422, f"the task's image cannot be used: {exc}") from exc
 
     def _load(self, uri: Any, task_id: int | None, deadline: float) -> np.ndarray:
         raw = self.media.fetch(uri, task_id, deadline)

@@ -11,6 +11,10 @@ Studio 1.23's code shows it is in the README).
 - **Smart keypoint**: a positive click returns the single best box containing it (from the
   normal pass and a zoomed pass around the point); a box containing a negative click
   (Alt-click) is never returned. Nothing found is an empty result, not an error.
+- A rotated image (`image_rotation`) or rotated rectangle (`value.rotation`) is refused with
+  a 400 naming the rotation: its percentages would be read in the wrong frame. A full
+  inference queue is a 503 with Retry-After; an image that cannot be fetched (or is not an
+  image) a 502, one that cannot be used (too many pixels) a 422, each naming the image.
 
 Decisions: the label chosen on the smart tool restricts the classes returned when it maps
 to a model class (an annotator who picks "Zebra" and circles a herd wants zebras); a label
@@ -94,6 +98,12 @@ def _prompt(item: Any, i: int) -> Prompt:
     value, to_name = item.get("value"), item.get("to_name")
     if not isinstance(value, dict) or not isinstance(to_name, str):
         raise ContextError(f"context region {i} needs a 'value' object and a 'to_name'")
+    for name, turned in (("image_rotation", item.get("image_rotation")),
+                         ("rotation", value.get("rotation"))):
+        if turned not in (None, 0, 0.0):
+            raise ContextError(
+                f"context region {i}: {name}={turned!r}; smart tools here answer unrotated "
+                "images and regions only (rotate the image back, or draw an upright box)")
     kind = TYPES[item["type"]]
     labels = value.get(item["type"]) or value.get("labels") or []
     if not isinstance(labels, list) or not all(isinstance(lbl, str) for lbl in labels):
