@@ -148,15 +148,8 @@ def run_demo(args: argparse.Namespace) -> int:
         backend_url = None
         scenes: dict[str, Scene] = {}
         for round_no in range(1, args.rounds + 1):
-            names = []
-            empty = survey_pool(rng, args.images_per_round // 2, PoolSettings(
-                empty_fraction=1.0, confusers=3.0))  # look-alikes only
-            for i in range(args.images_per_round + len(empty)):
-                name = f"r{round_no}_survey{i:02d}.png"
-                scenes[name] = (survey_scene(rng, *IMAGE_SIZE, 10) if i < args.images_per_round
-                                else empty[i - args.images_per_round])
-                import_image(ls_server, project.id, name, png_bytes(scenes[name].image))
-                names.append(name)
+            names, empty = _import_round(rng, round_no, args.images_per_round, ls_server,
+                                         project.id, scenes)
             tasks = {
                 t.data["image"].rsplit("-", 1)[-1]: t.id for t in ls.tasks.list(project=project.id)
             }
@@ -165,7 +158,6 @@ def run_demo(args: argparse.Namespace) -> int:
                 backend_url = _start_backend(
                     stack, registry, loop_dir, out, args, ls, project.id, ls_server
                 )
-            tally = Tally(0, 0, 0, 0)
             served = _served_thresholds(registry) if backend_url is not None else "none"
             survey = (_survey_figures(registry, [scenes[n] for n in names], args.device)
                       if backend_url is not None else {})
@@ -175,11 +167,7 @@ def run_demo(args: argparse.Namespace) -> int:
                     project=project.id,
                     selected_items={"all": False, "included": new_ids},
                 )
-            for name, task_id in zip(names, new_ids, strict=True):
-                predicted = [r for p in ls.predictions.list(task=task_id) for r in p.result]
-                result, one = review(predicted, scenes[name])
-                tally = tally + one
-                ls.annotations.create(id=task_id, result=result, was_cancelled=False)
+            tally = _label(ls, [(scenes[n], t) for n, t in zip(names, new_ids, strict=True)])
             print(
                 f"round {round_no}: {len(names)} new images ({len(empty)} with look-alikes "
                 f"only), {tally.truth} animals; {tally.offered} pre-labels offered, "
@@ -195,19 +183,45 @@ def run_demo(args: argparse.Namespace) -> int:
                            if registry.current_name() else 0.0)  # nothing deployed yet
             rounds.append(row)
             _print_table(rounds)
+    _write_summary(out, rounds, time.perf_counter() - started)
+    return 0
+
+
+def _import_round(rng: np.random.Generator, round_no: int, animals: int, ls_server: Any,
+                  project: int, scenes: dict[str, Scene]) -> tuple[list[str], list[Scene]]:
+    """A round's new images in Label Studio: `animals` survey frames and half as many
+    with look-alikes only (rocks, mounds, bushes); their names, and the empty ones."""
+    empty = survey_pool(rng, animals // 2, PoolSettings(empty_fraction=1.0, confusers=3.0))
+    names = []
+    for i in range(animals + len(empty)):
+        name = f"r{round_no}_survey{i:02d}.png"
+        scenes[name] = (survey_scene(rng, *IMAGE_SIZE, 10) if i < animals
+                        else empty[i - animals])
+        import_image(ls_server, project, name, png_bytes(scenes[name].image))
+        names.append(name)
+    return names, empty
+
+
+def _label(ls: LabelStudio, work: list[tuple[Scene, int]]) -> Tally:
+    """The annotator's pass over the round's tasks (see `review`): what they kept,
+    adjusted, deleted and drew, summed."""
+    tally = Tally(0, 0, 0, 0)
+    for scene, task_id in work:
+        predicted = [r for p in ls.predictions.list(task=task_id) for r in p.result]
+        result, one = review(predicted, scene)
+        tally = tally + one
+        ls.annotations.create(id=task_id, result=result, was_cancelled=False)
+    return tally
+
+
+def _write_summary(out: Path, rounds: list[dict[str, Any]], seconds: float) -> None:
     fields = ("round", "model_version", "labels", "ap50", "objects", "pre_labels_offered",
               "pre_labels_kept", "pre_labels_adjusted", "corrections", "effort_ratio",
               "images_not_opened", "count", "count_low", "count_high", "count_true")
     summary = {"rounds": [{k: r.get(k) for k in fields} for r in rounds]}
-    (out / "summary.json").write_text(
-        json.dumps(
-            {**summary, "details": rounds, "seconds": round(time.perf_counter() - started)},
-            indent=2,
-        )
-        + "\n"
-    )
+    (out / "summary.json").write_text(json.dumps(
+        {**summary, "details": rounds, "seconds": round(seconds)}, indent=2) + "\n")
     print(json.dumps(summary))
-    return 0
 
 
 def _start_backend(

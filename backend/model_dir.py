@@ -106,6 +106,10 @@ class ModelDir:
         return str(self.metadata.get("version") or self.path.resolve().name)
 
     def predictor(self, overrides: dict[str, Any] | None = None, **kwargs: Any) -> Predictor:
+        """The model ready to run; `"exact": true` in model.json asks for the exact mode
+        (DeviceOptions.create) whatever the command says."""
+        if self.metadata.get("exact"):
+            kwargs["exact"] = True
         predictor = Predictor.from_files(
             self.path / CONFIG_FILE, self.weights, overrides, **kwargs
         )

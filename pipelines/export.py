@@ -312,66 +312,27 @@ def export_project(
         control = parse_label_config(project.label_config).controls[0]
     except LabelConfigError as exc:
         fail(f"project {project_id}: {exc}")
-    categories = {name: i for i, name in enumerate(control.labels)}
     store = ImageStore(out / "images", media, refetch)
     known = TaskStore(out / "tasks.index.json", refetch)
-    coco: dict[str, Any] = {
-        "images": [],
-        "annotations": [],
-        "categories": [{"id": i, "name": n} for n, i in categories.items()],
-    }
-    skipped: list[dict[str, Any]] = []
-    dropped: Counter[str] = Counter()
+    dataset = _Dataset(control, split_field)
     tasks = known.sync(client, project_id)
     for task in tqdm(tasks, desc="export", unit="task"):
         annotation = latest_accepted(task.get("annotations") or [], only_gt)
-        if annotation is None:
-            continue
-        uri = (task.get("data") or {}).get(control.data_key)
-        try:
-            image = store.get(task["id"], uri)
-        except (MediaError, ImageError) as exc:
-            skipped.append({"task": task["id"], "image": uri, "reason": str(exc)})
-            print(f"warning: task {task['id']} skipped: {exc}")
-            continue
-        width, height = image["width"], image["height"]
-        entry = {"id": task["id"], "file_name": image["file"], "width": width, "height": height}
-        pin = (task.get("data") or {}).get(split_field)
-        if isinstance(pin, str) and pin.strip():
-            entry["split"] = pin.strip().lower()  # `split` decides what it means
-        coco["images"].append(entry)
-        boxes, left_out = boxes_of(annotation, control.from_name, categories, width, height)
-        dropped.update(left_out)
-        for box in boxes:
-            coco["annotations"].append(
-                {
-                    "image_id": task["id"],
-                    "iscrowd": 0,
-                    "area": round(box["bbox"][2] * box["bbox"][3], 3),
-                    **box,
-                }
-            )
-    if not coco["images"]:
+        if annotation is not None:
+            dataset.add(task, annotation, store)
+    if not dataset.coco["images"]:
         fail(
             f"project {project_id} has no accepted annotations yet ({len(tasks)} tasks, "
-            f"{len(skipped)} skipped): label some images in Label Studio first"
+            f"{len(dataset.skipped)} skipped): label some images in Label Studio first"
         )
-    coco["images"].sort(key=lambda im: im["id"])
-    for i, ann in enumerate(
-        sorted(coco["annotations"], key=lambda a: (a["image_id"], a["bbox"])), start=1
-    ):
-        ann["id"] = i
-    coco["annotations"].sort(key=lambda a: a["id"])
+    coco = dataset.finished()
     store.commit()
     known.commit()
-    counts = {name: 0 for name in categories}
-    for ann in coco["annotations"]:
-        counts[control.labels[ann["category_id"]]] += 1
     manifest = {
         "project": project_id,
         "images": len(coco["images"]),
         "boxes": len(coco["annotations"]),
-        "boxes_per_class": counts,
+        "boxes_per_class": dataset.counts(),
         "tasks_read": known.read,
         "tasks_unchanged": known.kept,
         "tasks_gone": known.removed,
@@ -379,19 +340,73 @@ def export_project(
         "images_fetched": store.fetched,
         "images_reused": store.reused,
         "fetched_bytes": store.fetched_bytes,
-        "skipped": skipped,
-        "dropped_regions": dict(sorted(dropped.items())),
+        "skipped": dataset.skipped,
+        "dropped_regions": dict(sorted(dataset.dropped.items())),
         "only_ground_truth": only_gt,
     }
     print(
-        f"exported {len(coco['images'])} images, {len(coco['annotations'])} boxes "
-        f"{counts}; skipped {len(skipped)}; read {known.read} new or changed task(s), "
-        f"{known.kept} unchanged, {known.removed} gone; fetched {store.fetched} new or "
-        f"changed image(s) ({store.fetched_bytes / 1e6:.1f} MB), reused {store.reused}"
+        f"exported {manifest['images']} images, {manifest['boxes']} boxes "
+        f"{manifest['boxes_per_class']}; skipped {len(dataset.skipped)}; read {known.read} "
+        f"new or changed task(s), {known.kept} unchanged, {known.removed} gone; fetched "
+        f"{store.fetched} new or changed image(s) ({store.fetched_bytes / 1e6:.1f} MB), "
+        f"reused {store.reused}"
     )
-    for why, count in sorted(dropped.items()):
+    for why, count in sorted(dataset.dropped.items()):
         print(f"warning: {count} region(s) left out of the dataset: {why}")
     return coco, manifest
+
+
+class _Dataset:
+    """The COCO dataset of the accepted tasks, one task at a time, with what was skipped
+    (images that cannot be used) and every region left out, counted by why."""
+
+    def __init__(self, control: Any, split_field: str) -> None:
+        self.control, self.split_field = control, split_field
+        self.categories = {name: i for i, name in enumerate(control.labels)}
+        self.coco: dict[str, Any] = {
+            "images": [], "annotations": [],
+            "categories": [{"id": i, "name": n} for n, i in self.categories.items()],
+        }
+        self.skipped: list[dict[str, Any]] = []
+        self.dropped: Counter[str] = Counter()
+
+    def add(self, task: dict[str, Any], annotation: dict[str, Any], store: ImageStore) -> None:
+        uri = (task.get("data") or {}).get(self.control.data_key)
+        try:
+            image = store.get(task["id"], uri)
+        except (MediaError, ImageError) as exc:
+            self.skipped.append({"task": task["id"], "image": uri, "reason": str(exc)})
+            print(f"warning: task {task['id']} skipped: {exc}")
+            return
+        width, height = image["width"], image["height"]
+        entry = {"id": task["id"], "file_name": image["file"], "width": width, "height": height}
+        pin = (task.get("data") or {}).get(self.split_field)
+        if isinstance(pin, str) and pin.strip():
+            entry["split"] = pin.strip().lower()  # `split` decides what it means
+        self.coco["images"].append(entry)
+        boxes, left_out = boxes_of(annotation, self.control.from_name, self.categories,
+                                   width, height)
+        self.dropped.update(left_out)
+        self.coco["annotations"] += [
+            {"image_id": task["id"], "iscrowd": 0,
+             "area": round(box["bbox"][2] * box["bbox"][3], 3), **box} for box in boxes]
+
+    def finished(self) -> dict[str, Any]:
+        """The dataset in a stable order: images by task id, annotations numbered by
+        (image, box), so an unchanged dataset hashes the same."""
+        coco = self.coco
+        coco["images"].sort(key=lambda im: im["id"])
+        ordered = sorted(coco["annotations"], key=lambda a: (a["image_id"], a["bbox"]))
+        for i, ann in enumerate(ordered, start=1):
+            ann["id"] = i
+        coco["annotations"] = ordered
+        return coco
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.categories, 0)
+        for ann in self.coco["annotations"]:
+            counts[self.control.labels[ann["category_id"]]] += 1
+        return counts
 
 
 def main() -> None:

@@ -186,22 +186,67 @@ def _already_trained(
     return candidate if same else None
 
 
+def _processes(tp: dict[str, Any]) -> tuple[torch.device, int, int]:
+    """(device, rank, world size): one process, or one of torchrun's."""
+    if int(tp.get("threads") or 0) > 0:  # beside other jobs, all cores is oversubscription
+        torch.set_num_threads(int(tp["threads"]))
+    device = resolve_device(tp.get("device", "auto"))
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, 0, 1
+    backend, device = distributed_setup(device, int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def _resume(checkpoint: Path, model: GeneralizedRCNN, link: Link
+            ) -> tuple[int, dict[str, Any] | None, Link]:
+    """(iteration, checkpoint state, start) of an interrupted run of these settings; the
+    lineage names what that run started from, not the checkpoint (deleted at the end)."""
+    if not checkpoint.is_file():
+        return 0, None, link
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return (int(state["iteration"]), state,
+            Link(**state["link"]) if "link" in state else link)  # else an older checkpoint
+
+
+def _saver(checkpoint: Path, model: GeneralizedRCNN, link: Link, rank: int):
+    """What the training loop calls every checkpoint period: rank 0 saves atomically."""
+
+    def save(done: int, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        if rank != 0:
+            return
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict(), "iteration": done,
+                    "link": link.as_state()}, tmp)
+        tmp.replace(checkpoint)
+
+    return save
+
+
+def _reporter(live: Any, progress: Progress | None):
+    """What the training loop calls every step: dvclive's metrics and the console line."""
+
+    def report(iteration: int, losses: dict[str, float]) -> None:
+        if live is not None:
+            for name, value in losses.items():
+                live.log_metric(f"train/{name}", value)
+            live.next_step()
+        if progress is not None:
+            progress.step(iteration + 1, losses["total_loss"])
+
+    return report
+
+
 def main() -> None:
     params = load_params()
     tp = params.get("train", {})
     split_dir = Path(params.get("split", {}).get("dir", "data/split"))
     images = Path(params.get("dataset", {}).get("dir", "data/dataset")) / "images"
     out = Path(tp.get("output", "models/candidate"))
-    work = Path(tp.get("checkpoints", "models/checkpoints"))
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if int(tp.get("threads") or 0) > 0:  # beside other jobs, all cores is oversubscription
-        torch.set_num_threads(int(tp["threads"]))
-    device = resolve_device(tp.get("device", "auto"))
-    if distributed:
-        backend, device = distributed_setup(device, int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
+    device, rank, world = _processes(tp)
 
     coco = read_coco(split_dir / "train.json")
     labels = category_names(coco)
@@ -219,104 +264,49 @@ def main() -> None:
     lineage = {"dataset": dataset_hash(split_dir / "train.json"), "params": settings,
                "recipe": recipe_json(recipe), "code_sha256": code_sha256("train")}
     kept = _already_trained(out, lineage, link.sha256)
-    if kept is not None:
+    if kept is not None and rank == 0:
+        print(f"train: {out} was trained from {kept.metadata.get('start')} with this code "
+              "and these settings on this train split: kept as it is")
+    if kept is None:
+        checkpoint = Path(tp.get("checkpoints", "models/checkpoints")) / (
+            _run_key([settings, recipe_json(recipe)], lineage["dataset"]) + ".pth")
+        start, state, link = _resume(checkpoint, model, link)
         if rank == 0:
-            print(f"train: {out} was trained from {kept.metadata.get('start')} with this code "
-                  "and these settings on this train split: kept as it is")
-        if distributed:
-            dist.destroy_process_group()
-        return
-    key = _run_key([settings, recipe_json(recipe)], lineage["dataset"])
-    checkpoint = work / f"{key}.pth"
-    start, state, resumed = 0, None, ""
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        start = int(state["iteration"])
-        # The lineage names what the run started from, not the checkpoint (deleted at the end).
-        link = Link(**state["link"]) if "link" in state else link  # an older checkpoint
-        resumed = f", resumed at iteration {start} from {checkpoint}"
-    elif link.sha256 is None and rank == 0:
-        print(f"train: {snapshot.get('why_none')}; starting from random weights", flush=True)
-    model.to(device)
-    if rank == 0:
-        print(
-            f"train: {len(coco['images'])} images, classes {labels}, from {link.start}{resumed}, "
-            f"{world} process(es) on {device}; recipe: {describe(recipe)}"
-        )
-    wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    optimizer = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=options.lr,
-        momentum=options.momentum,
-        weight_decay=options.weight_decay,
-    )
-    if state is not None and "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-
-    live = _live((link.iterations_before or 0) + start) if rank == 0 else None
-    progress = Progress(start, options.iterations) if rank == 0 else None
-
-    def on_step(iteration: int, losses: dict[str, float]) -> None:
-        if live is not None:
-            for name, value in losses.items():
-                live.log_metric(f"train/{name}", value)
-            live.next_step()
-        if progress is not None:
-            progress.step(iteration + 1, losses["total_loss"])
-
-    def on_checkpoint(done: int, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-        if rank != 0:
-            return
-        work.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict(),
-                "iteration": done,
-                "link": link.as_state(),
-            },
-            tmp,
-        )
-        tmp.replace(checkpoint)
-
-    samples = StreamedSamples(coco, images)
-    train(
-        wrapped,
-        samples,
-        options,
-        start_iteration=start,
-        optimizer=optimizer,
-        on_step=on_step,
-        on_checkpoint=on_checkpoint,
-        rank=rank,
-        world_size=world,
-        scaler_state=state.get("scaler") if state is not None else None,
-    )
-    if rank == 0:
-        shutil.rmtree(out, ignore_errors=True)
-        write_model_dir(
-            out,
-            dump_config(cfg_file, overrides),
-            {k: v.cpu() for k, v in model.state_dict().items()},
-            labels,
-            {
-                "version": "candidate",
-                **lineage,
-                **link.lineage(options.iterations),
-                **({"resumed_at_iteration": start} if start else {}),
-                "processes": world,
-                # Label Studio task ids: calibrate --project warns about (or leaves out) them
-                "train_tasks": sorted(int(im["id"]) for im in coco["images"]),
-            },
-        )
-        checkpoint.unlink(missing_ok=True)
-        if live is not None:
-            live.end()
-        print(f"train: wrote {out}")
-    if distributed:
+            resumed = f", resumed at iteration {start} from {checkpoint}" if start else ""
+            if link.sha256 is None and not start:
+                print(f"train: {snapshot.get('why_none')}; starting from random weights")
+            print(f"train: {len(coco['images'])} images, classes {labels}, from "
+                  f"{link.start}{resumed}, {world} process(es) on {device}; recipe: "
+                  f"{describe(recipe)}", flush=True)
+        model.to(device)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                    lr=options.lr, momentum=options.momentum,
+                                    weight_decay=options.weight_decay)
+        if state is not None and "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        live = _live((link.iterations_before or 0) + start) if rank == 0 else None
+        train(torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model,
+              StreamedSamples(coco, images), options, start_iteration=start,
+              optimizer=optimizer,
+              on_step=_reporter(live, Progress(start, options.iterations) if rank == 0 else None),
+              on_checkpoint=_saver(checkpoint, model, link, rank), rank=rank, world_size=world,
+              scaler_state=state.get("scaler") if state is not None else None)
+        if rank == 0:
+            shutil.rmtree(out, ignore_errors=True)
+            write_model_dir(out, dump_config(cfg_file, overrides),
+                            {k: v.cpu() for k, v in model.state_dict().items()}, labels, {
+                                "version": "candidate", **lineage,
+                                **link.lineage(options.iterations),
+                                **({"resumed_at_iteration": start} if start else {}),
+                                "processes": world,
+                                # Label Studio task ids: calibrate --project warns about them
+                                "train_tasks": sorted(int(im["id"]) for im in coco["images"]),
+                            })
+            checkpoint.unlink(missing_ok=True)
+            if live is not None:
+                live.end()
+            print(f"train: wrote {out}")
+    if world > 1:
         dist.destroy_process_group()
 
 

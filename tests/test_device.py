@@ -241,3 +241,15 @@ def test_the_queue_skips_work_whose_request_gave_up(fixture_image):
         after = queue.submit(predictor, photo, None).result(timeout=60)
     queue.close()
     assert len(after) > 0 and ran == [1, 1]  # the abandoned image never ran
+
+
+def test_the_exact_mode_on_cuda_turns_tf32_off():
+    """The CUDA-only branch of the exact mode, taken on the CPU: flags only, no GPU work."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        DeviceOptions(torch.device("cuda"), fold_norms=False, exact=True).apply_backend_flags()
+        assert not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

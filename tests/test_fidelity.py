@@ -35,7 +35,34 @@ def test_predict_cli_reproduces_detectron2(name, tmp_path):
     expected = expected_detections(name)
     assert (record["width"], record["height"]) == (expected["width"], expected["height"])
     assert all(det["label"] is None for det in record["detections"])
-    assert_same_detections(record["detections"], expected["detections"])
+    # the default mode (folded norms, NHWC, threaded ROIAlign): the README's stated bound
+    assert_same_detections(record["detections"], expected["detections"], 0.001, 1e-5)
+
+
+@pytest.mark.parametrize("name", FIXTURE_MODELS)
+def test_exact_mode_reproduces_detectron2_bit_for_bit(name, tmp_path):
+    """`--exact`: every detection's class, box and score equal DefaultPredictor's, with no
+    tolerance (the default mode stays within 0.01 px and 1e-4: the test above)."""
+    out = tmp_path / "out.jsonl"
+    assert run_predict_cli(name, out, D2_FIXTURES / "input.png",
+                           extra=("--no-tiling", "--exact")) == 0
+    got = json.loads(out.read_text())["detections"]
+    assert_same_detections(got, expected_detections(name)["detections"], 0.0, 0.0)
+
+
+def test_a_model_asks_for_the_exact_mode_and_clashing_settings_are_refused(tmp_path):
+    from backend.model_dir import ModelDir
+
+    from .servers import make_model_dir
+
+    model = ModelDir.open(make_model_dir(tmp_path / "m"))
+    assert ModelDir.open(model.path).predictor(device="cpu").options.fold_norms is True
+    model.update_metadata({"exact": True})
+    options = ModelDir.open(model.path).predictor(device="cpu").options
+    assert (options.exact, options.fold_norms, options.channels_last, options.roi_align) == (
+        True, False, False, "torchvision")
+    with pytest.raises(ValueError, match="drop --precision bf16, --compile"):
+        ModelDir.open(model.path).predictor(device="cpu", precision="bf16", compile=True)
 
 
 def test_console_script_writes_the_json_lines_contract(tmp_path):

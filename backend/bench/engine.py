@@ -9,7 +9,8 @@ interleaved): `default`, `torchvision-nms` (torchvision's batched NMS instead of
 `torchvision-roi-align` (one call of torchvision's ROIAlign instead of the Triton kernel on
 CUDA, or of the ROIs shared among threads on the CPU),
 `folded`/`unfolded` (frozen norms folded into the convolutions or not), `compiled`
-(torch.compile, opt-in). Each line of a variant also gives its ratio to the first variant.
+(torch.compile, opt-in), `exact` (every optimisation that changes rounding off: the
+`--exact` mode). Each line of a variant also gives its ratio to the first variant.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "folded": {"fold_norms": True},
     "unfolded": {"fold_norms": False},
     "compiled": {"compile": True},
+    "exact": {"exact": True, "channels_last": False, "fold_norms": False,
+              "roi_align": "torchvision"},
 }
 
 
@@ -168,7 +171,6 @@ def _measure(
         "width": bench.width,
         "device": device_name(options.device),
         "precision": options.precision,
-        "channels_last": options.channels_last,
         "threads": torch.get_num_threads(),
         "batch": len(tiles),
     }
@@ -193,8 +195,10 @@ def _measure(
     seconds = time_interleaved(runs, bench.repeats, options.device)
     for i, (variant, predictor) in enumerate(zip(bench.variants, predictors, strict=True)):
         engine = predictor.options
-        record = {**shared, "variant": variant, "nms": engine.nms, "roi_align": engine.roi_align,
-                  "fold_norms": engine.fold_norms, "compile": engine.compile, **counted[i]}
+        record = {**shared, "variant": variant, "channels_last": engine.channels_last,
+                  "nms": engine.nms, "roi_align": engine.roi_align,
+                  "fold_norms": engine.fold_norms, "compile": engine.compile,
+                  "exact": engine.exact, **counted[i]}
         ms = seconds[i] * 1000 / len(tiles)
         record.update({"ms_per_tile": round(ms, 2), "tiles_per_s": round(1000 / ms, 2)})
         if i > 0:

@@ -323,9 +323,6 @@ def from_dict(raw: dict[str, Any], source: str) -> DetectorConfig:
     _refuse_unsupported(raw, source)
     backbone = model["BACKBONE"]["NAME"]
     res = model["RESNETS"]
-    roi = model["ROI_HEADS"]
-    box = model["ROI_BOX_HEAD"]
-    rpn = model["RPN"]
     anchors = model["ANCHOR_GENERATOR"]
     trident = model["TRIDENT"] if backbone == "build_trident_resnet_backbone" else None
     fpn = model["FPN"] if backbone == "build_resnet_fpn_backbone" else None
@@ -367,45 +364,55 @@ def from_dict(raw: dict[str, Any], source: str) -> DetectorConfig:
             aspect_ratios=tuple(tuple(float(r) for r in lv) for lv in anchors["ASPECT_RATIOS"]),
             offset=float(anchors["OFFSET"]),
         ),
-        rpn=RPNConfig(
-            in_features=tuple(rpn["IN_FEATURES"]),
-            iou_thresholds=tuple(float(t) for t in rpn["IOU_THRESHOLDS"]),
-            iou_labels=tuple(int(t) for t in rpn["IOU_LABELS"]),
-            batch_size_per_image=int(rpn["BATCH_SIZE_PER_IMAGE"]),
-            positive_fraction=float(rpn["POSITIVE_FRACTION"]),
-            bbox_reg_weights=tuple(float(w) for w in rpn["BBOX_REG_WEIGHTS"]),
-            smooth_l1_beta=float(rpn["SMOOTH_L1_BETA"]),
-            loss_weight=float(rpn["LOSS_WEIGHT"]),
-            bbox_reg_loss_weight=float(rpn["BBOX_REG_LOSS_WEIGHT"]),
-            pre_nms_topk=(int(rpn["PRE_NMS_TOPK_TRAIN"]), int(rpn["PRE_NMS_TOPK_TEST"])),
-            post_nms_topk=(int(rpn["POST_NMS_TOPK_TRAIN"]), int(rpn["POST_NMS_TOPK_TEST"])),
-            nms_thresh=float(rpn["NMS_THRESH"]),
-            min_box_size=float(model["PROPOSAL_GENERATOR"]["MIN_SIZE"]),
-            boundary_thresh=float(rpn["BOUNDARY_THRESH"]),
-        ),
-        roi_heads=ROIHeadsConfig(
-            name=str(roi["NAME"]),
-            num_classes=int(roi["NUM_CLASSES"]),
-            in_features=tuple(roi["IN_FEATURES"]),
-            iou_thresholds=tuple(float(t) for t in roi["IOU_THRESHOLDS"]),
-            iou_labels=tuple(int(t) for t in roi["IOU_LABELS"]),
-            batch_size_per_image=int(roi["BATCH_SIZE_PER_IMAGE"]),
-            positive_fraction=float(roi["POSITIVE_FRACTION"]),
-            score_thresh_test=float(roi["SCORE_THRESH_TEST"]),
-            nms_thresh_test=float(roi["NMS_THRESH_TEST"]),
-            proposal_append_gt=bool(roi["PROPOSAL_APPEND_GT"]),
-            detections_per_image=int(raw["TEST"]["DETECTIONS_PER_IMAGE"]),
-            bbox_reg_weights=tuple(float(w) for w in box["BBOX_REG_WEIGHTS"]),
-            smooth_l1_beta=float(box["SMOOTH_L1_BETA"]),
-            bbox_reg_loss_weight=float(box["BBOX_REG_LOSS_WEIGHT"]),
-            pooler_resolution=int(box["POOLER_RESOLUTION"]),
-            pooler_sampling_ratio=int(box["POOLER_SAMPLING_RATIO"]),
-            pooler_aligned=box["POOLER_TYPE"] == "ROIAlignV2",
-            num_fc=int(box["NUM_FC"]),
-            fc_dim=int(box["FC_DIM"]),
-            cls_agnostic_bbox_reg=bool(box["CLS_AGNOSTIC_BBOX_REG"]),
-        ),
+        rpn=_rpn(model),
+        roi_heads=_roi_heads(model, raw),
         source=source,
+    )
+
+
+def _rpn(model: dict[str, Any]) -> RPNConfig:
+    rpn = model["RPN"]
+    return RPNConfig(
+        in_features=tuple(rpn["IN_FEATURES"]),
+        iou_thresholds=tuple(float(t) for t in rpn["IOU_THRESHOLDS"]),
+        iou_labels=tuple(int(t) for t in rpn["IOU_LABELS"]),
+        batch_size_per_image=int(rpn["BATCH_SIZE_PER_IMAGE"]),
+        positive_fraction=float(rpn["POSITIVE_FRACTION"]),
+        bbox_reg_weights=tuple(float(w) for w in rpn["BBOX_REG_WEIGHTS"]),
+        smooth_l1_beta=float(rpn["SMOOTH_L1_BETA"]),
+        loss_weight=float(rpn["LOSS_WEIGHT"]),
+        bbox_reg_loss_weight=float(rpn["BBOX_REG_LOSS_WEIGHT"]),
+        pre_nms_topk=(int(rpn["PRE_NMS_TOPK_TRAIN"]), int(rpn["PRE_NMS_TOPK_TEST"])),
+        post_nms_topk=(int(rpn["POST_NMS_TOPK_TRAIN"]), int(rpn["POST_NMS_TOPK_TEST"])),
+        nms_thresh=float(rpn["NMS_THRESH"]),
+        min_box_size=float(model["PROPOSAL_GENERATOR"]["MIN_SIZE"]),
+        boundary_thresh=float(rpn["BOUNDARY_THRESH"]),
+    )
+
+
+def _roi_heads(model: dict[str, Any], raw: dict[str, Any]) -> ROIHeadsConfig:
+    roi, box = model["ROI_HEADS"], model["ROI_BOX_HEAD"]
+    return ROIHeadsConfig(
+        name=str(roi["NAME"]),
+        num_classes=int(roi["NUM_CLASSES"]),
+        in_features=tuple(roi["IN_FEATURES"]),
+        iou_thresholds=tuple(float(t) for t in roi["IOU_THRESHOLDS"]),
+        iou_labels=tuple(int(t) for t in roi["IOU_LABELS"]),
+        batch_size_per_image=int(roi["BATCH_SIZE_PER_IMAGE"]),
+        positive_fraction=float(roi["POSITIVE_FRACTION"]),
+        score_thresh_test=float(roi["SCORE_THRESH_TEST"]),
+        nms_thresh_test=float(roi["NMS_THRESH_TEST"]),
+        proposal_append_gt=bool(roi["PROPOSAL_APPEND_GT"]),
+        detections_per_image=int(raw["TEST"]["DETECTIONS_PER_IMAGE"]),
+        bbox_reg_weights=tuple(float(w) for w in box["BBOX_REG_WEIGHTS"]),
+        smooth_l1_beta=float(box["SMOOTH_L1_BETA"]),
+        bbox_reg_loss_weight=float(box["BBOX_REG_LOSS_WEIGHT"]),
+        pooler_resolution=int(box["POOLER_RESOLUTION"]),
+        pooler_sampling_ratio=int(box["POOLER_SAMPLING_RATIO"]),
+        pooler_aligned=box["POOLER_TYPE"] == "ROIAlignV2",
+        num_fc=int(box["NUM_FC"]),
+        fc_dim=int(box["FC_DIM"]),
+        cls_agnostic_bbox_reg=bool(box["CLS_AGNOSTIC_BBOX_REG"]),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -63,6 +64,7 @@ class DeviceOptions:
     roi_align: str = "torchvision"  # or "threads" (CPU), "triton" (C4 heads): roi_align.py
     fold_norms: bool = True  # frozen batch norms folded into their convolutions (fp32)
     compile: bool = False  # torch.compile the backbone and the box head (opt-in)
+    exact: bool = False  # every optimisation that changes rounding off (see `create`)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -91,6 +93,7 @@ class DeviceOptions:
         roi_align: str | None = None,
         fold_norms: bool | None = None,
         compile: bool = False,
+        exact: bool = False,
     ) -> DeviceOptions:
         """Defaults measured per device: NHWC everywhere (on CPU, with the frozen norms
         folded, 13-20% faster than NCHW: docs/benchmarks.md); on CPU, batches beyond 2
@@ -101,9 +104,19 @@ class DeviceOptions:
         on the CPU in fp32 only: in bf16 the folded bias is rounded to 8 bits relative to the shift
         rather than to the output, which cost TridentNet-Fast 2 of its 37 detectron2 twins
         (measured on CPU), and on CUDA eager the bias costs its own pass, so folding was
-        slower there (see docs/benchmarks.md)."""
+        slower there (see docs/benchmarks.md).
+
+        `exact` runs as detectron2's DefaultPredictor rounds: fp32, NCHW, norms unfolded,
+        torchvision's ROIAlign, one image per pass, no autotuning or TF32 (on the CPU the
+        shared fixtures then match detectron2 bit for bit: tests/test_fidelity.py)."""
         resolved = resolve_device(device)
         cuda = is_cuda(resolved)
+        if exact:
+            _check_exact(precision, channels_last, roi_align, fold_norms, compile)
+            return cls(resolved, pin_memory=cuda if pin_memory is None else pin_memory,
+                       batch_size=1 if batch_size is None else batch_size,
+                       roi_budget_mb=(4096 if cuda else 512) if roi_budget_mb is None
+                       else roi_budget_mb, nms=nms, fold_norms=False, exact=True)
         return cls(
             resolved,
             precision,
@@ -124,7 +137,7 @@ class DeviceOptions:
                 "channels_last": self.channels_last, "pin_memory": self.pin_memory,
                 "batch_size": self.batch_size, "roi_budget_mb": self.roi_budget_mb,
                 "nms": self.nms, "roi_align": self.roi_align, "fold_norms": self.fold_norms,
-                "compile": self.compile}
+                "compile": self.compile, "exact": self.exact}
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -146,6 +159,9 @@ class DeviceOptions:
         CPU."""
         if self.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
+        if self.exact and is_cuda(self.device):  # process-wide: an exact run is one mode
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
 
     def to_host_staging(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host tensor ready to cross to the device: page-locked when `pin_memory`, so the
@@ -154,6 +170,29 @@ class DeviceOptions:
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, non_blocking=True)
+
+
+def run_settings(args: Any) -> dict[str, Any]:
+    """A command's `--device --precision --channels-last --compile --exact` as a
+    Predictor's keyword arguments: one reading for predict, serve, prelabel and its Ray
+    replicas."""
+    return {"device": args.device, "precision": args.precision,
+            "channels_last": args.channels_last, "compile": args.compile,
+            "exact": args.exact}
+
+
+def _check_exact(precision: str, channels_last: bool | None, roi_align: str | None,
+                 fold_norms: bool | None, compile: bool) -> None:
+    """Refuse a setting `exact` would have to ignore, naming it."""
+    clashes = [name for name, clash in (
+        (f"--precision {precision}", precision != "fp32"),
+        ("--channels-last", channels_last is True),
+        (f"roi_align {roi_align}", roi_align not in (None, "torchvision")),
+        ("fold_norms", fold_norms is True),
+        ("--compile", compile)) if clash]
+    if clashes:
+        raise ValueError(f"exact mode runs fp32, NCHW, unfolded and uncompiled: drop "
+                         f"{', '.join(clashes)} or the exact mode")
 
 
 def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:

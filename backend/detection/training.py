@@ -185,6 +185,33 @@ def _same_shape(crops: list[_Crop]) -> list[list[_Crop]]:
     return list(groups.values())
 
 
+def _backward(model: nn.Module, crops: list[_Crop], scaler: torch.amp.GradScaler,
+              dtype: torch.dtype | None, iteration: int) -> dict[str, float]:
+    """One step's gradients, the crops of one shape in one forward pass each, weighted by
+    their share of the step (DDP syncs once, after the last); the step's mean losses."""
+    device = getattr(model, "module", model).device
+    logged: dict[str, float] = {}
+    groups = _same_shape(crops)
+    for n, group in enumerate(groups):
+        last = n == len(groups) - 1
+        sync = (contextlib.nullcontext() if last or not hasattr(model, "no_sync")
+                else model.no_sync())
+        share = len(group) / len(crops)
+        with sync:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                losses = model([c.image for c in group], [c.target for c in group])
+                total = sum(losses.values())
+            if not torch.isfinite(total):
+                raise FloatingPointError(
+                    f"loss became {total.item()} at iteration {iteration}: "
+                    f"{ {k: v.item() for k, v in losses.items()} }"
+                )
+            scaler.scale(total * share).backward()
+        for key, value in (("total_loss", total), *losses.items()):
+            logged[key] = logged.get(key, 0.0) + value.item() * share
+    return logged
+
+
 def train(
     model: nn.Module,
     samples: Sequence[Sample],
@@ -233,28 +260,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(iteration, options)
         optimizer.zero_grad(set_to_none=True)
-        logged: dict[str, float] = {}
-        groups = _same_shape(crops)
-        for n, group in enumerate(groups):
-            last = n == len(groups) - 1
-            sync = (
-                contextlib.nullcontext()
-                if last or not hasattr(model, "no_sync")
-                else model.no_sync()
-            )
-            share = len(group) / len(crops)
-            with sync:
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    losses = model([c.image for c in group], [c.target for c in group])
-                    total = sum(losses.values())
-                if not torch.isfinite(total):
-                    raise FloatingPointError(
-                        f"loss became {total.item()} at iteration {iteration}: "
-                        f"{ {k: v.item() for k, v in losses.items()} }"
-                    )
-                scaler.scale(total * share).backward()
-            for key, value in (("total_loss", total), *losses.items()):
-                logged[key] = logged.get(key, 0.0) + value.item() * share
+        logged = _backward(model, crops, scaler, dtype, iteration)
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(core.parameters(), options.clip_grad_norm)
         scaler.step(optimizer)

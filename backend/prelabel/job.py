@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .. import uncertainty
 from ..counts import Counting
+from ..detection.device import run_settings
 from ..detection.structures import Detections
 from ..detection.tiling import TilingOptions
 from ..imagery.exports import Exports
@@ -300,10 +301,7 @@ def _results(
             ) from exc
 
         return ray_detect_stream(args, model, tiling, destination.load, items)
-    predictor = model.predictor(
-        dict(args.opt), device=args.device, precision=args.precision,
-        channels_last=args.channels_last, compile=args.compile,
-    )
+    predictor = model.predictor(dict(args.opt), **run_settings(args))
     predictors = [predictor, *uncertainty.counterparts(args.uncertainty, predictor)]
     return detect_stream(
         items, destination.load, predictors, tiling, args.workers, args.batch_size, on_crops

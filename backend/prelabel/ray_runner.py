@@ -20,6 +20,7 @@ import ray
 import torch
 
 from .. import uncertainty
+from ..detection.device import run_settings
 from ..detection.structures import Detections
 from ..detection.tiling import TilingOptions
 from ..model_dir import ModelDir
@@ -46,15 +47,11 @@ class _Decode:
 class _Replica:
     """One model on one device, fed decoded images by Ray Data."""
 
-    def __init__(self, model: str, overrides: dict[str, str], device: str, precision: str,
-                 channels_last: bool | None, compile: bool, method: str,
-                 tiling: TilingOptions | None, threads: int | None) -> None:
+    def __init__(self, model: str, overrides: dict[str, str], settings: dict[str, Any],
+                 method: str, tiling: TilingOptions | None, threads: int | None) -> None:
         if threads:
             torch.set_num_threads(threads)
-        predictor = ModelDir.open(model).predictor(
-            overrides, device=device, precision=precision, channels_last=channels_last,
-            compile=compile,
-        )
+        predictor = ModelDir.open(model).predictor(overrides, **settings)
         self.predictors = [predictor, *uncertainty.counterparts(method, predictor)]
         self.tiling = tiling
 
@@ -115,9 +112,7 @@ def ray_detect_stream(
             _Replica,
             fn_constructor_kwargs={
                 "model": str(model.path.resolve()), "overrides": dict(args.opt),
-                "device": args.device,
-                "precision": args.precision, "channels_last": args.channels_last,
-                "compile": args.compile,
+                "settings": run_settings(args),
                 "method": args.uncertainty, "tiling": tiling,
                 # The driver's thread count: CPU replicas then compute exactly what it would.
                 "threads": None if gpus else (args.threads or torch.get_num_threads()),

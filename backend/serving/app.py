@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from .backend import Backend, HTTPError
+from .backend import Backend, HTTPError, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,14 @@ OPEN_PATHS = {"/health", "/", "/webhook"}
 ALWAYS_AUTH_PATHS = ("/jobs",)
 
 
-def create_app(backend: Backend) -> FastAPI:
-    app = FastAPI(title="tridentloop ML backend", docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    settings = backend.settings
-    predictions = ThreadPoolExecutor(settings.max_open_requests, thread_name_prefix="predict")
-    control = ThreadPoolExecutor(4, thread_name_prefix="control")
+def _authorized(settings: ServerSettings, request: Request) -> bool:
+    auth = settings.basic_auth
+    return auth is not None and auth.accepts(request.headers.get("authorization"))
 
-    def authorized(request: Request) -> bool:
-        auth = settings.basic_auth
-        return auth is not None and auth.accepts(request.headers.get("authorization"))
+
+def _add_guard(app: FastAPI, settings: ServerSettings) -> None:
+    """Basic auth where it is needed: always for what starts work on the machine, and
+    for everything but the health check once credentials are set."""
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -49,7 +47,7 @@ def create_app(backend: Backend) -> FastAPI:
         needs_auth = path.startswith(ALWAYS_AUTH_PATHS) or (
             settings.basic_auth is not None and path not in OPEN_PATHS
         )
-        if needs_auth and not authorized(request):
+        if needs_auth and not _authorized(settings, request):
             reason = (
                 "wrong or missing basic auth credentials"
                 if settings.basic_auth is not None
@@ -59,31 +57,32 @@ def create_app(backend: Backend) -> FastAPI:
                                 headers={"WWW-Authenticate": 'Basic realm="tridentloop"'})
         return await call_next(request)
 
-    async def read_json(request: Request) -> dict[str, Any]:
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > settings.max_request_bytes:
-            raise HTTPError(413, f"request of {int(length):,} bytes exceeds the limit of "
-                                 f"{settings.max_request_bytes:,}")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > settings.max_request_bytes:
-                raise HTTPError(413, f"request body exceeds {settings.max_request_bytes:,} bytes")
-        try:
-            body = json.loads(bytes(raw) or b"{}")
-        except UnicodeDecodeError as exc:
-            raise HTTPError(400, "the body is not UTF-8 JSON") from exc
-        except RecursionError as exc:
-            raise HTTPError(400, "the JSON body is nested too deeply") from exc
-        except ValueError as exc:  # JSONDecodeError, or an integer of thousands of digits
-            raise HTTPError(400, f"malformed JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise HTTPError(400, "the JSON body must be an object")
-        return body
 
-    async def off_loop(pool: ThreadPoolExecutor, work: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(pool, work, *args)
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object, read no further than `limit` bytes."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise HTTPError(413, f"request of {int(length):,} bytes exceeds the limit of "
+                             f"{limit:,}")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise HTTPError(413, f"request body exceeds {limit:,} bytes")
+    try:
+        body = json.loads(bytes(raw) or b"{}")
+    except UnicodeDecodeError as exc:
+        raise HTTPError(400, "the body is not UTF-8 JSON") from exc
+    except RecursionError as exc:
+        raise HTTPError(400, "the JSON body is nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, or an integer of thousands of digits
+        raise HTTPError(400, f"malformed JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the JSON body must be an object")
+    return body
 
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPError)
     async def http_error(_: Request, exc: HTTPError):
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
@@ -93,6 +92,22 @@ def create_app(backend: Backend) -> FastAPI:
     async def unexpected(request: Request, exc: Exception):  # a bug, never the client's
         log.exception("%s %s failed", request.method, request.url.path)
         return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+
+def create_app(backend: Backend) -> FastAPI:
+    app = FastAPI(title="tridentloop ML backend", docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    settings = backend.settings
+    predictions = ThreadPoolExecutor(settings.max_open_requests, thread_name_prefix="predict")
+    control = ThreadPoolExecutor(4, thread_name_prefix="control")
+    _add_guard(app, settings)
+    _add_error_handlers(app)
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        return await read_json(request, settings.max_request_bytes)
+
+    async def off_loop(pool: ThreadPoolExecutor, work: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, work, *args)
 
     @app.get("/health")
     @app.get("/")
@@ -106,7 +121,7 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.post("/setup")
     async def setup(request: Request) -> dict[str, Any]:
-        return await off_loop(control, backend.setup, await read_json(request))
+        return await off_loop(control, backend.setup, await body_of(request))
 
     open_requests = 0  # /predict requests being answered; only the event loop touches it
 
@@ -118,14 +133,14 @@ def create_app(backend: Backend) -> FastAPI:
                             settings.retry_after)
         open_requests += 1
         try:
-            return await off_loop(predictions, backend.predict, await read_json(request))
+            return await off_loop(predictions, backend.predict, await body_of(request))
         finally:
             open_requests -= 1
 
     @app.post("/webhook")
     async def webhook(request: Request) -> dict[str, Any]:
-        body = await read_json(request)
-        return await off_loop(control, backend.webhook, body, authorized(request))
+        body = await body_of(request)
+        return await off_loop(control, backend.webhook, body, _authorized(settings, request))
 
     @app.get("/versions")
     async def versions() -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import uvicorn
 
+from ..detection.device import run_settings
 from ..imagery.images import PixelScaling
 from ..labelstudio.label_config import read_mapping
 from ..media.fetch import MediaFetcher, MediaSettings
@@ -41,10 +42,7 @@ def build_backend(args: argparse.Namespace, recipe: RecipeOverrides) -> Backend:
         registry=Registry(args.registry) if args.registry else None,
         recipe_overrides=recipe,
         overrides=dict(args.opt),
-        device=args.device,
-        precision=args.precision,
-        channels_last=args.channels_last,
-        compile=args.compile,
+        **run_settings(args),
     )
     media = MediaFetcher(
         MediaSettings(

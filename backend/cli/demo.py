@@ -1,0 +1,27 @@
+"""`tridentloop demo`: the main job on generated survey images."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .args import add_device_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser("demo", help="the main job on generated survey images")
+    demo.add_argument("--output", type=Path, default=Path("demo-output"))
+    demo.add_argument("--rounds", type=int, default=4, help="label -> retrain -> redeploy rounds")
+    demo.add_argument("--images-per-round", type=int, default=8)
+    demo.add_argument("--iterations", type=int, default=120,
+                      help="training iterations per round (120: the demo ends within 15 min on "
+                      "2 cores)")
+    demo.add_argument("--seed", type=int, default=0)
+    add_device_args(demo)
+    demo.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    return run_demo(args)
