@@ -48,7 +48,9 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+import torch
 
+from .detection.boxes import pairwise_iou
 from .settings import from_section
 
 PLOT_THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
@@ -121,14 +123,9 @@ class Scored:
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of (N, 4) and (M, 4) corner boxes."""
-    wh = np.clip(np.minimum(a[:, None, 2:], b[None, :, 2:])
-                 - np.maximum(a[:, None, :2], b[None, :, :2]), 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    """IoU of (N, 4) and (M, 4) corner boxes: the engine's pairwise IoU, on arrays."""
+    return pairwise_iou(torch.from_numpy(np.asarray(a, np.float64)),
+                        torch.from_numpy(np.asarray(b, np.float64))).numpy()
 
 
 def match(boxes: np.ndarray, scores: np.ndarray, truth: np.ndarray, iou: float
@@ -279,11 +276,6 @@ def choose_thresholds(scored: Scored, settings: EffortSettings = EffortSettings(
             "delete_cost": settings.delete_cost, "adjust_cost": settings.adjust_cost,
             "draw_cost": settings.draw_cost, "min_boxes": settings.min_boxes,
             "confidence": settings.confidence, "offer_rare": settings.offer_rare}
-
-
-def describe_threshold(threshold: float | None, digits: int = 3) -> str:
-    """A threshold as the console and tables show it."""
-    return "not offered" if threshold is None else f"{threshold:.{digits}f}"
 
 
 def _class_tally(scored: Scored, cls: int, threshold: float | None,

@@ -73,6 +73,11 @@ class ScoreThresholds:
             every = "nothing" if self.fallback is None else f"{self.fallback:g}"
             return f"{every} for every class ({self.source})"
         names = list(labels or [f"class{i}" for i in range(len(self.by_class))])
-        parts = [f"{name} {'not offered' if t is None else f'{t:.3g}'}"
+        parts = [f"{name} {describe_threshold(t, '.3g')}"
                  for name, t in zip(names, self.by_class, strict=False)]
         return f"{', '.join(parts)} ({self.source})"
+
+
+def describe_threshold(threshold: float | None, spec: str = ".3f") -> str:
+    """A class's threshold as people read it, "not offered" where there is none."""
+    return "not offered" if threshold is None else format(threshold, spec)

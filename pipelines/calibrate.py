@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from backend.counts import COUNTS_KEY, TRIAGE_KEY, describe_count
-from backend.effort import EffortSettings, describe_threshold
+from backend.effort import EffortSettings
 from backend.model_dir import ModelDir
-from backend.thresholds import METADATA_KEY
+from backend.thresholds import METADATA_KEY, describe_threshold
 
 from .evaluate import calibration_figures, detections_for
 from .params import fail, open_label_studio

@@ -39,6 +39,7 @@ from backend.files import file_sha256
 from backend.imagery.images import load_image
 from backend.model_dir import ModelDir
 from backend.recipe import Recipe
+from backend.thresholds import describe_threshold
 
 from .coco import read_coco, write_json
 from .deployed import deployed_model
@@ -203,7 +204,7 @@ def served_figures(model: ModelDir, val: dict[str, Any], records: list[dict[str,
 def print_effort(version: str, figures: dict[str, Any], per_class: dict[str, float | None],
                  out_of_sample: dict[str, Any] | None = None) -> None:
     overall = figures["overall"]
-    thresholds = ", ".join(f"{name} {effort.describe_threshold(t)}"
+    thresholds = ", ".join(f"{name} {describe_threshold(t)}"
                            for name, t in per_class.items())
     held = ("" if out_of_sample is None else
             f"; out of sample {out_of_sample['effort_ratio']:.3f} "

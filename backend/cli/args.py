@@ -138,3 +138,13 @@ def add_export_args(parser: argparse.ArgumentParser, only: str = "") -> None:
                         help="score from which a detection counts, for every class, "
                         "uncalibrated (default: the model's count calibration, chosen on "
                         "validation; else 0.5)")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """How a model runs, for every command that runs one (predict, serve, prelabel): the
+    device, the exact mode, raster pixels, config overrides and tiling."""
+    add_device_args(parser)
+    add_exact_arg(parser)
+    add_pixel_args(parser)
+    add_opt_arg(parser)
+    add_tiling_args(parser)

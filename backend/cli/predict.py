@@ -9,12 +9,8 @@ from pathlib import Path
 from ..detection.device import run_settings
 from ..imagery.images import DEFAULT_MAX_PIXELS
 from .args import (
-    add_device_args,
-    add_exact_arg,
     add_export_args,
-    add_opt_arg,
-    add_pixel_args,
-    add_tiling_args,
+    add_run_args,
     recipe_overrides,
 )
 
@@ -28,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--config", type=Path, help="detectron2 config.yaml")
     source.add_argument("--weights", type=Path, help="checkpoint (.pth or model-zoo .pkl)")
     source.add_argument("--labels", type=Path, help="class names, one per line")
-    add_opt_arg(predict)
+    add_run_args(predict)
     predict.add_argument("--output", "-o", type=Path, help="JSON Lines file (default: stdout)")
     predict.add_argument("--overlays", type=Path, help="also draw each image's boxes to a PNG here")
     predict.add_argument(
@@ -38,11 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="refuse larger images (decompression-bomb guard)",
     )
     predict.add_argument("images", nargs="+", help="image files")
-    add_pixel_args(predict)
     add_export_args(predict)
-    add_device_args(predict)
-    add_exact_arg(predict)
-    add_tiling_args(predict)
     predict.set_defaults(run=run)
 
 

@@ -9,12 +9,8 @@ from ..imagery.images import DEFAULT_MAX_PIXELS
 from ..uncertainty import DEFAULT as DEFAULT_UNCERTAINTY
 from ..uncertainty import METHODS
 from .args import (
-    add_device_args,
-    add_exact_arg,
     add_export_args,
-    add_opt_arg,
-    add_pixel_args,
-    add_tiling_args,
+    add_run_args,
     recipe_overrides,
 )
 
@@ -37,8 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           help="--images: JSON Lines results, also the progress file")
     prelabel.add_argument("--coco", type=Path, help="--images: also write COCO results here")
     add_export_args(prelabel, "--images: ")
-    add_pixel_args(prelabel)
-    add_opt_arg(prelabel)
+    add_run_args(prelabel)
     prelabel.add_argument("--report", type=Path,
                           help="run report (default: beside --output, or in the current dir)")
     prelabel.add_argument("--uncertainty", default=DEFAULT_UNCERTAINTY, choices=METHODS,
@@ -70,9 +65,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           help="run on a Ray cluster (`auto`, ray://host:10001, or `local`)")
     prelabel.add_argument("--ray-workers", type=int, default=None,
                           help="model replicas on Ray (default: one per GPU, else 1)")
-    add_device_args(prelabel)
-    add_exact_arg(prelabel)
-    add_tiling_args(prelabel)
     prelabel.set_defaults(run=run)
 
 

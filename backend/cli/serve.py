@@ -9,11 +9,7 @@ from ..imagery.images import DEFAULT_MAX_PIXELS
 from ..uncertainty import DEFAULT as DEFAULT_UNCERTAINTY
 from ..uncertainty import METHODS
 from .args import (
-    add_device_args,
-    add_exact_arg,
-    add_opt_arg,
-    add_pixel_args,
-    add_tiling_args,
+    add_run_args,
     recipe_overrides,
 )
 
@@ -59,11 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--port", type=int, default=9090)
     _add_answer_options(serve)
-    add_device_args(serve)
-    add_exact_arg(serve)
-    add_pixel_args(serve)
-    add_opt_arg(serve)
-    add_tiling_args(serve)
+    add_run_args(serve)
     serve.set_defaults(run=run)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .filters import filters
+
 
 def _existing(client: Any, project: int, title: str) -> Any | None:
     found = [v for v in client.views.list(project=project)
@@ -28,9 +30,7 @@ def show_tasks(client: Any, project: int, title: str, ids: list[int],
     """A tab titled `title` filtered to `ids` (created, or updated in place); its id."""
     data: dict[str, Any] = {
         "title": title,
-        "filters": {"conjunction": "and", "items": [
-            {"filter": "filter:tasks:id", "operator": "in_list", "type": "Number", "value": ids}
-        ]},
+        "filters": filters("and", ("id", "Number", "in_list", ids)),
         **({"ordering": ordering} if ordering else {}),
     }
     view = _existing(client, project, title)

@@ -17,12 +17,11 @@ import logging
 import math
 import threading
 import time
-from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Hashable
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +48,8 @@ from .auth import BasicAuth
 from .inference_queue import InferenceQueue, QueueFull
 from .jobs import TrainingJobs
 from .model_source import LoadedModel, ModelSource
+from .recent import Recent
+from .request_run import Busy, RequestRun
 
 log = logging.getLogger(__name__)
 
@@ -107,44 +108,6 @@ class ProjectState:
     score_threshold: float | None = None
 
 
-class _Busy(Exception):
-    """The inference queue refused a task: the whole request is answered 503."""
-
-
-V = TypeVar("V")
-
-
-class _Recent(Generic[V]):
-    """The `size` most recently used entries, shared by the request threads."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict[Hashable, V] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> V | None:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-            return self._items.get(key)
-
-    def put(self, key: Hashable, value: V) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-    def get_or_make(self, key: Hashable, make: Callable[[], V]) -> V:
-        """The entry, made outside the lock when missing (two threads may both make it;
-        either result serves)."""
-        found = self.get(key)
-        if found is None:
-            found = make()
-            self.put(key, found)
-        return found
-
-
 class Backend:
     """Everything the endpoints share: the model, the queue, media, jobs, per-project setup."""
 
@@ -163,12 +126,12 @@ class Backend:
         self.queue = queue or InferenceQueue()
         self.events: Counter[str] = Counter()
         self.fetchers = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="task")
-        self._projects: _Recent[ProjectState] = _Recent(settings.max_projects)
-        self._configs: _Recent[LabelConfig] = _Recent(settings.max_configs)
+        self._projects: Recent[ProjectState] = Recent(settings.max_projects)
+        self._configs: Recent[LabelConfig] = Recent(settings.max_configs)
         # The task being labelled is asked about again and again: its decoded image and its
         # normal-scale detections (per model version) are kept for the next smart region.
-        self._decoded: _Recent[np.ndarray] = _Recent(settings.cached_images)
-        self._normal: _Recent[Detections] = _Recent(8 * settings.cached_images)
+        self._decoded: Recent[np.ndarray] = Recent(settings.cached_images)
+        self._normal: Recent[Detections] = Recent(8 * settings.cached_images)
         self._lock = threading.Lock()  # the webhook's event counts
 
     def label_config(self, schema: object) -> LabelConfig:
@@ -236,8 +199,9 @@ class Backend:
         if context is not None:
             return self._interactive(tasks, context, model, config, usable, deadline)
         thresholds = self._thresholds(model, state.score_threshold, project)
-        run = _RequestRun(self, tasks, lambda t: self._predict_task(
-            t, model, config, usable, thresholds, deadline))
+        run = RequestRun(self.fetchers, self.settings.tasks_in_flight_per_request, tasks,
+                         lambda t: self._predict_task(t, model, config, usable, thresholds,
+                                                      deadline))
         results = run.wait(deadline)
         if run.busy:
             raise HTTPError(503, "the inference queue is full; retry shortly",
@@ -281,7 +245,7 @@ class Backend:
                         for det, _, _ in detections.values())
             return prediction(regions, model.version, score)
         except QueueFull as exc:
-            raise _Busy from exc
+            raise Busy from exc
         except Exception as exc:  # every other failure is this task's alone
             log.warning("task %s: empty prediction: %s: %s", task_id, type(exc).__name__, exc)
             return prediction([], model.version, 0.0)
@@ -386,59 +350,6 @@ class Backend:
             "current": self.models.get().version,
             "details": registry.describe(),
         }
-
-
-class _RequestRun:
-    """One request's tasks, at most `tasks_in_flight_per_request` on the pool at a time."""
-
-    def __init__(self, backend: Backend, tasks: list[Any], run: Any) -> None:
-        self.backend = backend
-        self.run = run
-        self.waiting = deque(enumerate(tasks))
-        self.results: list[dict[str, Any] | None] = [None] * len(tasks)
-        self.left = len(tasks)
-        self.busy = False
-        self.stopped = False
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-        if not tasks:
-            self.done.set()
-        for _ in range(min(backend.settings.tasks_in_flight_per_request, len(tasks))):
-            self._launch()
-
-    def wait(self, deadline: float) -> list[dict[str, Any] | None]:
-        finished = self.done.wait(timeout=max(0.0, deadline - time.monotonic()))
-        with self.lock:
-            self.stopped = True
-            if not finished:
-                log.warning("request deadline: %d task(s) unfinished, answered empty",
-                            sum(r is None for r in self.results))
-            return list(self.results)
-
-    def _launch(self) -> None:
-        with self.lock:
-            if self.stopped or self.busy or not self.waiting:
-                return
-            index, task = self.waiting.popleft()
-        future = self.backend.fetchers.submit(self.run, task)
-        future.add_done_callback(lambda f, i=index: self._finish(i, f))
-
-    def _finish(self, index: int, future: Future) -> None:
-        try:
-            result = future.result()
-        except (_Busy, CancelledError):
-            result = None
-            with self.lock:
-                self.busy = True
-        except Exception:  # _predict_task answers every failure itself; belt and braces
-            log.exception("task %d of a request failed", index)
-            result = None
-        with self.lock:
-            self.results[index] = result
-            self.left -= 1
-            if self.left == 0 or self.busy:
-                self.done.set()
-        self._launch()
 
 
 def _project_id(project: Any) -> str:
