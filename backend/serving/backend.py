@@ -263,24 +263,20 @@ class Backend:
         data = tasks[0].get("data")
         if not isinstance(data, dict):
             raise HTTPError(400, "the task has no 'data' object")
-        targets: dict[str, interactive.Target] = {}
-        for control, class_map in usable:
-            targets.setdefault(control.to_name, interactive.Target(control, class_map))
-        regions: list[dict[str, Any]] = []
+        task_id = _task_id(tasks[0])
+
+        def detect(image: np.ndarray) -> Detections:  # the priority lane: someone waits
+            return self._run(model, image, deadline, urgent=True)
+
+        def seen(uri: Any) -> tuple[np.ndarray, Detections]:
+            """The task's image and its normal-scale detections, kept for the next prompt."""
+            image = self._asked_image(uri, task_id, deadline)
+            return image, self._normal.get_or_make((str(uri), model.version),
+                                                   lambda: detect(image))
+
         try:
-            for to_name in dict.fromkeys(p.to_name for p in prompts):
-                target = targets.get(to_name)
-                if target is None:
-                    continue  # an image without a box control this model can fill
-                uri = data.get(target.control.data_key)
-                image = self._asked_image(uri, _task_id(tasks[0]), deadline)
-                normal = self._normal.get_or_make(
-                    (str(uri), model.version),
-                    lambda image=image: self._run(model, image, deadline, urgent=True))
-                regions += interactive.answer(
-                    [p for p in prompts if p.to_name == to_name], image, normal, target,
-                    model.tiling, lambda crop: self._run(model, crop, deadline, urgent=True),
-                    self.settings.interactive_threshold)
+            regions = interactive.answer_task(prompts, data, usable, seen, detect,
+                                              model.tiling, self.settings.interactive_threshold)
         except TimeoutError as exc:
             raise HTTPError(504, "no answer before the request's deadline") from exc
         except QueueFull as exc:

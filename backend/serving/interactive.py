@@ -239,3 +239,29 @@ def _regions(det: Detections, target: Target, width: int, height: int) -> list[d
                                   target.control.to_name)
         out.append({"id": secrets.token_urlsafe(8)[:10], **region, "score": float(score)})
     return out
+
+
+def answer_task(
+    prompts: list[Prompt],
+    data: dict[str, Any],
+    usable: Sequence[tuple[RectangleControl, dict[int, str]]],
+    seen: Callable[[Any], tuple[np.ndarray, Detections]],
+    detect: Callable[[np.ndarray], Detections],
+    tiling: TilingOptions | None,
+    threshold: float,
+) -> list[dict[str, Any]]:
+    """Every image's smart regions of one task answered: each prompted image is read once
+    (`seen`: the image and its normal-scale detections) and its prompts answered against
+    its box control; an image without a box control this model can fill gets nothing."""
+    targets: dict[str, Target] = {}
+    for control, class_map in usable:
+        targets.setdefault(control.to_name, Target(control, class_map))
+    regions: list[dict[str, Any]] = []
+    for to_name in dict.fromkeys(p.to_name for p in prompts):
+        target = targets.get(to_name)
+        if target is None:
+            continue
+        image, normal = seen(data.get(target.control.data_key))
+        regions += answer([p for p in prompts if p.to_name == to_name], image, normal,
+                          target, tiling, detect, threshold)
+    return regions
