@@ -59,7 +59,7 @@ def test_a_lost_ray_worker_s_images_are_redone(survey, tmp_path):
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     args = argparse.Namespace(ray="local", ray_workers=1, device="cpu", precision="fp32",
-                              channels_last=None, compile=False, opt=[],
+                              channels_last=None, compile=False, exact=False, opt=[],
                               uncertainty="least-confidence", threads=1)
     items = [Item(f) for f in image_files(str(survey["root"])) if f.endswith(".png")]
     results = list(ray_detect_stream(args, ModelDir.open(survey["model"]), TilingOptions(320),
@@ -67,3 +67,58 @@ def test_a_lost_ray_worker_s_images_are_redone(survey, tmp_path):
     assert (tmp_path / "died").exists()  # a worker really was lost
     assert sorted(r.item.uri for r in results) == sorted(i.uri for i in items)
     assert all(r.error is None and r.crops >= 1 for r in results)
+
+
+def test_cpu_replicas_that_leave_decoding_no_cpu_are_refused_naming_the_numbers():
+    from backend.prelabel.ray_runner import check_room
+
+    check_room(2, 0, 3.0)  # two replicas, one CPU left for decoding
+    check_room(4, 4, 2.0)  # GPU replicas hold no CPU
+    with pytest.raises(ValueError, match=r"--ray-workers 2 on a cluster of 2 CPUs leaves "
+                                         r"decoding no CPU .*use --ray-workers 1"):
+        check_room(2, 0, 2.0)
+    with pytest.raises(ValueError, match=r"needs at least 1\.5 CPUs"):
+        check_room(1, 0, 1.0)
+
+
+def test_a_job_that_stops_making_progress_says_what_it_waits_for(caplog):
+    import time
+
+    from backend.prelabel.ray_runner import Watchdog
+
+    watchdog = Watchdog(lambda: "the cluster has 0 of 2 CPUs free", stall_s=0.2)
+    try:
+        time.sleep(0.7)
+    finally:
+        watchdog.stop()
+    assert "no image finished for" in caplog.text
+    assert "the cluster has 0 of 2 CPUs free" in caplog.text
+
+
+def test_ray_local_starts_its_own_cluster_beside_a_running_one(survey, tmp_path, capsys):
+    """A cluster `ray start` runs on this machine, too small for two CPU replicas: joining
+    it is refused with the numbers (not a silent hang); `--ray local` starts its own and
+    gives what one process gives."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--include-dashboard",
+                    "false", "--disable-usage-stats"], check=True, env=env,
+                   capture_output=True, timeout=120)
+    try:
+        common = ["prelabel", "--images", str(survey["root"]), "--model",
+                  str(survey["model"]), "--device", "cpu", "--threads", "1",
+                  "--tile-size", "320", "--ray-workers", "2"]
+        assert main([*common, "--output", str(tmp_path / "joined.jsonl"),
+                     "--ray", "auto"]) == 2
+        assert "--ray-workers 2 on a cluster of 2 CPUs leaves decoding no CPU" in (
+            capsys.readouterr().err)
+        assert main([*common, "--output", str(tmp_path / "own.jsonl"), "--ray", "local"]) == 1
+        assert len(_records(tmp_path / "own.jsonl")) == 5
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True,
+                       timeout=120)

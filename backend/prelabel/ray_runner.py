@@ -12,6 +12,9 @@ tridentloop installed, as on this machine.
 from __future__ import annotations
 
 import argparse
+import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,6 +31,9 @@ from .sources import Item
 from .stream import ImageResult, detect_stream
 
 _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)  # Ray columns hold no None; "" is "no error"
+DECODE_CPUS = 0.5  # what one decode task reserves
+STALL_S = 120.0  # no image finished for this long: say what the job waits for
+log = logging.getLogger(__name__)
 
 
 class _Decode:
@@ -83,14 +89,62 @@ def _detections(arrays: Any, height: int, width: int) -> Detections:
 
 
 def _connect(address: str, replicas: int) -> bool:
-    """Join the cluster at `address`, or start a local one; True when we started it."""
+    """Join the cluster at `address`, or start a local one of our own (`address="local"`:
+    never the cluster `ray start` may already run on this machine); True when we started
+    it."""
     if ray.is_initialized():
         return False
     if address == "local":
-        ray.init(num_cpus=replicas + 2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=replicas + 2, include_dashboard=False,
+                 log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
     return True
+
+
+def check_room(replicas: int, gpus: int, cpus: float) -> None:
+    """Refuse CPU replicas that would leave decoding no CPU: each holds a whole CPU for the
+    job's length, and Ray would wait forever for a decode task to fit."""
+    if gpus or cpus >= replicas + DECODE_CPUS:
+        return
+    fit = int(cpus - DECODE_CPUS)
+    advice = (f"use --ray-workers {fit} or add CPUs" if fit >= 1 else
+              f"a CPU-only job needs at least {1 + DECODE_CPUS:g} CPUs")
+    raise ValueError(f"--ray-workers {replicas} on a cluster of {cpus:g} CPUs leaves decoding "
+                     f"no CPU (each CPU replica holds 1 CPU, each decode task "
+                     f"{DECODE_CPUS:g}): {advice}")
+
+
+class Watchdog:
+    """Says, every `stall_s` without a finished image, what the job waits for: a lost node
+    or a cluster too small must not look like a job that works."""
+
+    def __init__(self, describe: Callable[[], str], stall_s: float = STALL_S) -> None:
+        self.describe, self.stall_s = describe, stall_s
+        self.last = time.monotonic()
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, daemon=True, name="ray-watchdog").start()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(self.stall_s, 10.0)):
+            idle = time.monotonic() - self.last
+            if idle >= self.stall_s:
+                log.warning("prelabel --ray: no image finished for %.0f s; %s", idle,
+                            self.describe())
+                self.last = time.monotonic()
+
+
+def _waiting_for() -> str:
+    free, total = ray.available_resources(), ray.cluster_resources()
+    return (f"the cluster has {free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPUs and "
+            f"{free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPUs free (a lost node? a "
+            "replica restarted on a node with no CPU left for decoding? `ray status`)")
 
 
 def ray_detect_stream(
@@ -103,11 +157,13 @@ def ray_detect_stream(
     started = _connect(args.ray, args.ray_workers or 1)
     gpus = int(ray.cluster_resources().get("GPU", 0)) if args.device != "cpu" else 0
     replicas = args.ray_workers or max(gpus, 1)
+    watchdog = None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours shows images and tiles per second
     try:
+        check_room(replicas, gpus, ray.cluster_resources().get("CPU", 0))
         ds = ray.data.from_items([{"index": i} for i in range(len(items))])
-        ds = ds.map(_Decode(load, items), num_cpus=0.5)
+        ds = ds.map(_Decode(load, items), num_cpus=DECODE_CPUS)
         ds = ds.map_batches(
             _Replica,
             fn_constructor_kwargs={
@@ -123,7 +179,9 @@ def ray_detect_stream(
             num_cpus=0 if gpus else 1,
             batch_format="numpy",
         )  # Ray Data restarts a lost replica and retries its batches (max_restarts=-1)
+        watchdog = Watchdog(_waiting_for)
         for row in ds.iter_rows():
+            watchdog.beat()
             item = items[int(row["index"])]
             if row["error"]:
                 yield ImageResult(item, error=str(row["error"]))
@@ -134,5 +192,7 @@ def ray_detect_stream(
                 height, width, int(row["crops"]),
             )
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         if started:
             ray.shutdown()
