@@ -1,6 +1,6 @@
 """Label Studio's smart tools answered by the model: "detect here, closer" and "box this
 animal" (interactive pre-annotation, `params.context` of `/predict`; the protocol as Label
-Studio 1.23's code shows it is in the README).
+Studio 1.23's code shows it is in docs/serving.md).
 
 - **Smart rectangle**: the drawn region, plus a margin of a quarter of its size, is cut from
   the full-resolution image and run zoomed to the model's working scale (a tiled model: the
