@@ -40,11 +40,11 @@ def test_a_new_label_set_warm_starts_from_the_deployed_model_with_a_fresh_predic
     deployed = torch.load(registry.current().path / "model_final.pth", weights_only=True)
     deployed = deployed.get("model", deployed)
     same, renamed = _model(), _model()
-    origin, digest = _start_weights(same, {}, LABELS, registry.current(), "d" * 64, None)
-    assert origin == "deployed model v0001" and digest == "d" * 64
-    origin, _ = _start_weights(renamed, {}, ["Elephant", "BIRD", "zebra"], registry.current(),
-                               "d" * 64, None)
-    assert "box predictor re-initialised" in origin and "v0001" in origin
+    link = _start_weights(same, {}, LABELS, registry.current(), "d" * 64, None, tmp_path)
+    assert link.start == "deployed model v0001" and link.sha256 == "d" * 64
+    link = _start_weights(renamed, {}, ["Elephant", "BIRD", "zebra"], registry.current(),
+                          "d" * 64, None, tmp_path)
+    assert "box predictor re-initialised" in link.start and "v0001" in link.start
     for name, value in renamed.state_dict().items():
         kept = torch.equal(value, same.state_dict()[name])
         if name.startswith("roi_heads.box_predictor."):
@@ -53,9 +53,9 @@ def test_a_new_label_set_warm_starts_from_the_deployed_model_with_a_fresh_predic
             assert kept, name
     # Nothing deployed yet (no model has saved annotators work): the last candidate goes on.
     fresh = _model()
-    origin, digest = _start_weights(fresh, {}, LABELS, None, None, registry.current())
-    assert origin == "the last candidate (not deployed)"
-    assert digest == hashlib.sha256(registry.current().weights.read_bytes()).hexdigest()
+    link = _start_weights(fresh, {}, LABELS, None, None, registry.current(), tmp_path)
+    assert link.start == "the last candidate (not deployed)"
+    assert link.sha256 == hashlib.sha256(registry.current().weights.read_bytes()).hexdigest()
     assert all(torch.equal(v, same.state_dict()[k]) for k, v in fresh.state_dict().items())
     backbone = next(k for k in same.state_dict() if k.startswith("backbone."))
     assert torch.equal(same.state_dict()[backbone].float(), deployed[backbone].float())
