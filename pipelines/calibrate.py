@@ -36,8 +36,8 @@ def project_data(project: int, work_dir: Path) -> tuple[dict[str, Any], Path]:
     url, key = os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY")
     if not url or not key:
         fail("calibrate --project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set")
-    client, _ = open_label_studio(url, key, project, "calibrate")
-    coco, _ = export_project(client, project, work_dir,
+    client, found = open_label_studio(url, key, project, "calibrate")
+    coco, _ = export_project(client, found, work_dir,
                              MediaFetcher(MediaSettings(label_studio_url=url, api_key=key)))
     return coco, work_dir / "images"
 

@@ -149,12 +149,13 @@ class ImageStore:
 
 
 def export_project(
-    client: Any, project_id: int, out: Path, media: MediaFetcher, only_gt: bool = False,
+    client: Any, project: Any, out: Path, media: MediaFetcher, only_gt: bool = False,
     split_field: str = "split", refetch: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(COCO annotations, manifest) of a project's accepted tasks, their images stored in
-    `out/images` (fetched only when new or changed); fails when nothing is accepted yet."""
-    project = client.projects.get(id=project_id)
+    """(COCO annotations, manifest) of a project's accepted tasks (`project`: as
+    `open_label_studio` found it), their images stored in `out/images` (fetched only when
+    new or changed); fails when nothing is accepted yet."""
+    project_id = int(project.id)
     try:
         control = parse_label_config(project.label_config).controls[0]
     except LabelConfigError as exc:
@@ -265,9 +266,9 @@ def main() -> None:
     dataset = params.get("dataset", {})
     out = Path(dataset.get("dir", "data/dataset"))
     url, api_key, project_id = label_studio_target(params, "export")
-    client, _ = open_label_studio(url, api_key, project_id, "export", params)
+    client, project = open_label_studio(url, api_key, project_id, "export", params)
     coco, manifest = export_project(
-        client, project_id, out,
+        client, project, out,
         MediaFetcher(MediaSettings(label_studio_url=url, api_key=api_key)),
         bool(ls_params.get("only_ground_truth", False)), dataset.get("split_field", "split"),
         bool(dataset.get("refetch_images", False)),

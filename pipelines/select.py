@@ -142,8 +142,8 @@ def main() -> None:
     url, api_key, project = label_studio_target(params, "select")
     from backend.labelstudio.label_config import parse_label_config
 
-    client, found = open_label_studio(url, api_key, project, "select", params)
-    data_key = parse_label_config(found.label_config).controls[0].data_key
+    client, opened = open_label_studio(url, api_key, project, "select", params)
+    data_key = parse_label_config(opened.label_config).controls[0].data_key
     k = int(sp.get("k", 20))
     ranking = ranking_model(params)
     tasks = list_tasks(client, project)

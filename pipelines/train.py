@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,35 +85,31 @@ def _previous_candidate(out: Path) -> ModelDir | None:
 @dataclass(frozen=True)
 class Link:
     """What a training run started from, as its model's lineage names it: the weights
-    (SHA-256, where they are found again) and what they had seen before, so a model says
-    every iteration its weights went through and the chain of models before it."""
+    (SHA-256, where they are found again), the iterations they had been through (0 for
+    random weights, None when unknown: a checkpoint from outside the loop) and the chain of
+    starts before them, so a model says every iteration its weights went through."""
 
     start: str
     sha256: str | None  # None: random weights
     location: str | None = None
-    before: dict[str, Any] = field(default_factory=dict)  # the start's own model.json
+    iterations_before: int | None = 0
+    ancestors: list[dict[str, Any]] = field(default_factory=list)
 
-    @property
-    def iterations_before(self) -> int | None:
-        """Iterations in the start's weights: 0 for random weights, None when unknown (a
-        checkpoint from outside the loop, with no lineage)."""
-        if self.sha256 is None:
-            return 0
-        seen = self.before.get("iterations_total", self.before.get("iterations"))
-        return None if seen is None else int(seen)
+    @classmethod
+    def to(cls, start: str, sha256: str, location: str, lineage: dict[str, Any]) -> Link:
+        """A start with weights; `lineage` is its model.json ({} for a bare checkpoint)."""
+        seen = lineage.get("iterations_total", lineage.get("iterations"))
+        return cls(start, sha256, location, None if seen is None else int(seen),
+                   list(lineage.get("chain", [])))
 
     def lineage(self, iterations: int) -> dict[str, Any]:
         """The model.json entries of a run of `iterations` from this start."""
         chain = [] if self.sha256 is None else [
             {"start": self.start, "sha256": self.sha256, "location": self.location,
-             "iterations_total": self.iterations_before}, *self.before.get("chain", [])]
+             "iterations_total": self.iterations_before}, *self.ancestors]
         return {"start": self.start, "start_sha256": self.sha256, "iterations": iterations,
                 "iterations_total": iterations + (self.iterations_before or 0),
                 "chain": chain}
-
-    def as_state(self) -> dict[str, Any]:
-        return {"start": self.start, "sha256": self.sha256, "location": self.location,
-                "before": self.before}
 
 
 def _start_weights(
@@ -132,18 +128,19 @@ def _start_weights(
             fail(str(exc))
         load_weights(model, base.weights, for_inference=False)
         name = f"weights {base.source}" + (f" ({base.url})" if base.url else "")
-        return Link(_new_head(model, name, base.labels, labels), base.sha256, base.location,
-                    base.lineage or {})
+        return Link.to(_new_head(model, name, base.labels, labels), base.sha256,
+                       base.location, base.lineage or {})
     if deployed is not None:
         load_weights(model, deployed.weights, for_inference=False)
         name = _new_head(model, f"deployed model {deployed.version}", deployed.labels, labels)
-        return Link(name, deployed_sha256, str(deployed.path.absolute()), deployed.metadata)
+        return Link.to(name, deployed_sha256, str(deployed.path.absolute()), deployed.metadata)
     if previous is None:
         init_from_scratch(model)
         return Link("random weights", None)
     load_weights(model, previous.weights, for_inference=False)
     name = _new_head(model, "the last candidate (not deployed)", previous.labels, labels)
-    return Link(name, file_sha256(previous.weights), _in_dvc_cache(out), previous.metadata)
+    return Link.to(name, file_sha256(previous.weights), _in_dvc_cache(out),
+                   previous.metadata)
 
 
 def _in_dvc_cache(out: Path) -> str:
@@ -220,7 +217,7 @@ def _saver(checkpoint: Path, model: GeneralizedRCNN, link: Link, rank: int):
         tmp = checkpoint.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scaler": scaler.state_dict(), "iteration": done,
-                    "link": link.as_state()}, tmp)
+                    "link": asdict(link)}, tmp)
         tmp.replace(checkpoint)
 
     return save

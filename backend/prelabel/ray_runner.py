@@ -155,13 +155,14 @@ def ray_detect_stream(
     items: list[Item],
 ) -> Iterator[ImageResult[Item]]:
     started = _connect(args.ray, args.ray_workers or 1)
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if args.device != "cpu" else 0
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0)) if args.device != "cpu" else 0
     replicas = args.ray_workers or max(gpus, 1)
     watchdog = None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours shows images and tiles per second
     try:
-        check_room(replicas, gpus, ray.cluster_resources().get("CPU", 0))
+        check_room(replicas, gpus, resources.get("CPU", 0))
         ds = ray.data.from_items([{"index": i} for i in range(len(items))])
         ds = ds.map(_Decode(load, items), num_cpus=DECODE_CPUS)
         ds = ds.map_batches(

@@ -204,8 +204,7 @@ class Backend:
                                                       deadline))
         results = run.wait(deadline)
         if run.busy:
-            raise HTTPError(503, "the inference queue is full; retry shortly",
-                            self.settings.retry_after)
+            raise self._queue_full()
         empty = prediction([], model.version, 0.0)
         return {"results": [r if r is not None else empty for r in results]}
 
@@ -280,14 +279,18 @@ class Backend:
         except TimeoutError as exc:
             raise HTTPError(504, "no answer before the request's deadline") from exc
         except QueueFull as exc:
-            raise HTTPError(503, "the inference queue is full; retry shortly",
-                            self.settings.retry_after) from exc
+            raise self._queue_full() from exc
         try:
             validate(regions, config)
         except ResultError as exc:
             raise HTTPError(500, f"smart-tool answer failed validation: {exc}") from exc
         score = max((r["score"] for r in regions), default=0.0)
         return {"results": [prediction(regions, model.version, score)]}
+
+    def _queue_full(self) -> HTTPError:
+        """A request the inference queue has no room for: 503, try again shortly."""
+        return HTTPError(503, "the inference queue is full; retry shortly",
+                         self.settings.retry_after)
 
     def _asked_image(self, uri: Any, task_id: int | None, deadline: float) -> np.ndarray:
         """The image a smart tool was used on, decoded once for the prompts that follow; an
