@@ -107,8 +107,8 @@ def test_ray_local_starts_its_own_cluster_beside_a_running_one(survey, tmp_path,
     ray_cli = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--include-dashboard",
-                    "false", "--disable-usage-stats"], check=True, env=env,
-                   capture_output=True, timeout=120)
+                    "false", "--disable-usage-stats", "--node-ip-address", "127.0.0.1"],
+                   check=True, env=env, capture_output=True, timeout=120)
     try:
         common = ["prelabel", "--images", str(survey["root"]), "--model",
                   str(survey["model"]), "--device", "cpu", "--threads", "1",
