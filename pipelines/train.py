@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from backend.detection.checkpoint import load_weights
+from backend.detection.checkpoint import load_weights, predictor_state
 from backend.detection.config import DetectorConfig, bundled_config, dump_config, load_config
 from backend.detection.device import distributed_setup, resolve_device
 from backend.detection.model import GeneralizedRCNN
@@ -50,6 +50,7 @@ OPTION_KEYS = (
     "weight_decay",
     "momentum",
     "precision",
+    "object_crops",
 )
 
 
@@ -128,17 +129,19 @@ def _start_weights(
             fail(str(exc))
         load_weights(model, base.weights, for_inference=False)
         name = f"weights {base.source}" + (f" ({base.url})" if base.url else "")
-        return Link.to(_new_head(model, name, base.labels, labels), base.sha256,
+        return Link.to(_new_head(model, name, base.labels, labels, base.weights), base.sha256,
                        base.location, base.lineage or {})
     if deployed is not None:
         load_weights(model, deployed.weights, for_inference=False)
-        name = _new_head(model, f"deployed model {deployed.version}", deployed.labels, labels)
+        name = _new_head(model, f"deployed model {deployed.version}", deployed.labels, labels,
+                         deployed.weights)
         return Link.to(name, deployed_sha256, str(deployed.path.absolute()), deployed.metadata)
     if previous is None:
         init_from_scratch(model)
         return Link("random weights", None)
     load_weights(model, previous.weights, for_inference=False)
-    name = _new_head(model, "the last candidate (not deployed)", previous.labels, labels)
+    name = _new_head(model, "the last candidate (not deployed)", previous.labels, labels,
+                     previous.weights)
     return Link.to(name, file_sha256(previous.weights), _in_dvc_cache(out),
                    previous.metadata)
 
@@ -155,13 +158,15 @@ def _in_dvc_cache(out: Path) -> str:
 
 
 def _new_head(model: GeneralizedRCNN, name: str, theirs: list[str] | None,
-              ours: list[str]) -> str:
+              ours: list[str], weights: Path) -> str:
     """A start trained on other classes gets a new box predictor, as detectron2 fine-tunes
-    to new classes (one sized for another class count is re-initialised on loading)."""
+    to new classes, but one that starts from what the start's head knew of animals and
+    their boxes (`BoxPredictor.start_from_other_classes`), not from noise."""
     if theirs is None or theirs == ours:
         return name
-    model.roi_heads.box_predictor.reset_parameters()
-    return f"{name}, box predictor re-initialised for the new label set {theirs} -> {ours}"
+    kept = model.roi_heads.box_predictor.start_from_other_classes(predictor_state(weights))
+    how = "started from the mean of its classes" if kept else "re-initialised"
+    return f"{name}, box predictor {how} for the new label set {theirs} -> {ours}"
 
 
 def _already_trained(

@@ -1,7 +1,7 @@
 """A label-set change (a class added, renamed or reordered) never deploys an untrained or
-unchecked model by accident: training warm-starts from the deployed model with a fresh box
-predictor, both models are scored on the same val images by class name, and the gate asks a
-person before deploying."""
+unchecked model by accident: training warm-starts from the deployed model with a new box
+predictor started from what the deployed one's knew, both models are scored on the same val
+images by class name, and the gate asks a person before deploying."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _model() -> GeneralizedRCNN:
     return GeneralizedRCNN(load_config(fixture_dir(FIXTURE) / "config.yaml"))
 
 
-def test_a_new_label_set_warm_starts_from_the_deployed_model_with_a_fresh_predictor(tmp_path):
+def test_a_new_label_set_warm_starts_from_the_deployed_model_and_what_its_head_knew(tmp_path):
     registry = _registry(tmp_path)
     deployed = torch.load(registry.current().path / "model_final.pth", weights_only=True)
     deployed = deployed.get("model", deployed)
@@ -44,13 +44,23 @@ def test_a_new_label_set_warm_starts_from_the_deployed_model_with_a_fresh_predic
     assert link.start == "deployed model v0001" and link.sha256 == "d" * 64
     link = _start_weights(renamed, {}, ["Elephant", "BIRD", "zebra"], registry.current(),
                           "d" * 64, None, tmp_path)
-    assert "box predictor re-initialised" in link.start and "v0001" in link.start
+    assert "box predictor started from the mean of its classes" in link.start
+    assert "v0001" in link.start
     for name, value in renamed.state_dict().items():
-        kept = torch.equal(value, same.state_dict()[name])
-        if name.startswith("roi_heads.box_predictor."):
-            assert not kept or name.endswith("bias"), name  # fresh weights (biases start at 0)
-        else:
-            assert kept, name
+        if not name.startswith("roi_heads.box_predictor."):
+            assert torch.equal(value, same.state_dict()[name]), name
+    # each new class starts as the deployed model's classes on average (what it knows of an
+    # animal and its box), background as its background
+    old = {k.split("box_predictor.")[1]: v for k, v in deployed.items() if "box_predictor." in k}
+    head = renamed.roi_heads.box_predictor
+    for part in ("weight", "bias"):
+        scores = getattr(head.cls_score, part).detach()
+        torch.testing.assert_close(scores[:-1], old[f"cls_score.{part}"][:-1].float().mean(0)
+                                   .expand_as(scores[:-1]))
+        torch.testing.assert_close(scores[-1], old[f"cls_score.{part}"][-1].float())
+        deltas = getattr(head.bbox_pred, part).detach()
+        mean = old[f"bbox_pred.{part}"].float().reshape(-1, 4, *deltas.shape[1:]).mean(0)
+        torch.testing.assert_close(deltas, mean.repeat(3, *([1] * (deltas.dim() - 1))))
     # Nothing deployed yet (no model has saved annotators work): the last candidate goes on.
     fresh = _model()
     link = _start_weights(fresh, {}, LABELS, None, None, registry.current(), tmp_path)

@@ -16,9 +16,11 @@ from backend.detection.structures import Targets
 from backend.detection.tiling import TilingOptions
 from backend.detection.training import (
     Sample,
+    StepCrops,
     TrainOptions,
     init_from_scratch,
     make_optimizer,
+    objects_per_sample,
     random_crop,
     to_model_input,
     train,
@@ -140,6 +142,26 @@ def test_crop_of_an_unscaled_unflipped_image_moves_boxes_with_it():
         assert crop.image[y0:y1, x0:x1].min() == 255
 
 
+def test_object_crops_show_the_animals_of_a_mostly_empty_survey():
+    """A survey is mostly empty ground: crops placed around labelled animals show one every
+    time, where crops drawn anywhere in the frames rarely do; the share is as asked."""
+    scene = survey_scene(np.random.default_rng(0), 480, 640, 1)
+    ground = Sample(np.zeros((480, 640, 3), np.uint8), np.zeros((0, 4), np.float32),
+                    np.zeros(0, np.int64))
+    samples = [Sample(scene.image, scene.boxes, scene.classes)] + [ground] * 9
+
+    def holding_an_animal(share: float) -> float:
+        options = TrainOptions(iterations=200, batch_size=2, crop_size=160, object_crops=share)
+        crops = StepCrops(samples, options, [0, 1], 0, "BGR")
+        return float(np.mean([len(crops[n].target.boxes) > 0 for n in range(len(crops))]))
+
+    assert holding_an_animal(1.0) == 1.0
+    assert holding_an_animal(0.0) < 0.1
+    assert 0.4 < holding_an_animal(0.5) < 0.6
+    with pytest.raises(ValueError, match="object_crops"):
+        TrainOptions(object_crops=1.5)
+
+
 def test_a_whole_image_model_trains_on_whole_images_resized_as_at_inference():
     """A whole-image recipe: no crop, the image at DefaultPredictor's size (short side
     MIN_SIZE, long side at most MAX_SIZE), boxes scaled with it."""
@@ -238,6 +260,7 @@ def test_training_images_are_decoded_when_a_step_reads_them(tmp_path):
     np.testing.assert_array_equal(first.image, scene.image)
     np.testing.assert_array_equal(first.boxes, [[1, 2, 11, 22]])
     assert first.classes.tolist() == [1] and samples.boxes[1].shape == (0, 4)
+    assert objects_per_sample(samples).tolist() == [1, 0]  # gone.png is still not read
     with pytest.raises(ValueError, match=r"gone\.png: file not found"):
         samples[1]
 

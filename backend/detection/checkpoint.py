@@ -204,6 +204,13 @@ def _place_backbone(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[
     return placed
 
 
+def predictor_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's box predictor (`cls_score.*`, `bbox_pred.*`): what a head for other
+    classes starts from (`BoxPredictor.start_from_other_classes`); empty for a backbone."""
+    prefix = "roi_heads.box_predictor."
+    return {k[len(prefix):]: v for k, v in read_state_dict(path).items() if k.startswith(prefix)}
+
+
 def load_weights(model: nn.Module, path: str | Path, for_inference: bool) -> LoadReport:
     """Load `path` into `model`.
 

@@ -126,6 +126,33 @@ class BoxPredictor(nn.Module):
         nn.init.constant_(self.cls_score.bias, 0)
         nn.init.constant_(self.bbox_pred.bias, 0)
 
+    def start_from_other_classes(self, source: dict[str, torch.Tensor]) -> bool:
+        """Start this head for new classes from `source`, a head trained on others
+        (`cls_score.weight` ... `bbox_pred.bias`): every new class begins as the mean of the
+        source's classes, in its score and its box deltas, and background as the source's.
+        The first detections are then the source's animals, boxed as it boxes them, and
+        training only has to tell the new classes apart; a reset head forgets how to box,
+        and a few hundred steps on a new survey's few labels then give fragments of
+        animals. False (head reset) when the source's features differ in width."""
+        weight, deltas = source.get("cls_score.weight"), source.get("bbox_pred.weight")
+        if (weight is None or deltas is None
+                or weight.shape[1] != self.cls_score.in_features
+                or deltas.shape[1] != self.bbox_pred.in_features):
+            self.reset_parameters()
+            return False
+        width = self.bbox_pred.out_features // 4
+        with torch.no_grad():
+            for part, layer in (("weight", self.cls_score), ("bias", self.cls_score)):
+                value = source[f"cls_score.{part}"]
+                getattr(layer, part)[:-1] = value[:-1].mean(0)
+                getattr(layer, part)[-1] = value[-1]
+            for part in ("weight", "bias"):
+                value = source[f"bbox_pred.{part}"]
+                per_class = value.reshape(-1, 4, *value.shape[1:]).mean(0)
+                getattr(self.bbox_pred, part).copy_(
+                    per_class.repeat(width, *([1] * (value.dim() - 1))))
+        return True
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.flatten(x, start_dim=1)
         return self.cls_score(x), self.bbox_pred(x)

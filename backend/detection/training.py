@@ -52,18 +52,28 @@ class TrainOptions:
     scale_jitter: tuple[float, float] = (0.8, 1.25)
     colour_jitter: float = 0.2
     min_visible: float = 0.6  # a box cut by the crop is kept if this much of it remains
+    # share of crops placed around a labelled object, in an image holding one: a survey's
+    # frames are mostly empty ground, and crops drawn anywhere would rarely show an animal
+    object_crops: float = 0.0
     clip_grad_norm: float = 10.0
     precision: str = "auto"  # auto: fp16 AMP on CUDA, fp32 on CPU; or fp32, fp16, bf16
     seed: int = 0
     checkpoint_period: int = 0  # iterations between checkpoints; 0: only at the end
     workers: int = 2  # processes that decode and crop ahead of the model; 0: in this one
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.object_crops <= 1.0:
+            raise ValueError(f"train.object_crops is a share of the crops, between 0 and 1; "
+                             f"got {self.object_crops}")
 
-def random_crop(sample: Sample, rng: np.random.Generator, options: TrainOptions) -> Sample:
+
+def random_crop(sample: Sample, rng: np.random.Generator, options: TrainOptions,
+                around_object: bool = False) -> Sample:
     """A crop_size window (whole image if smaller; the whole image, resized, with
     `whole_image`) after scale jitter, maybe flipped, with brightness/contrast jitter;
     boxes clipped, mostly-cut ones dropped. The window is cut from the original and only
-    it is resized: a 6000 x 4000 frame is never resized whole for one 800 px crop."""
+    it is resized: a 6000 x 4000 frame is never resized whole for one 800 px crop.
+    `around_object`: the window holds one of the sample's boxes, drawn at random."""
     image, boxes = sample.image, sample.boxes.astype(np.float32)
     height, width = image.shape[:2]
     scale = float(rng.uniform(*options.scale_jitter))
@@ -72,7 +82,12 @@ def random_crop(sample: Sample, rng: np.random.Generator, options: TrainOptions)
     scaled_h, scaled_w = max(1, round(height * scale)), max(1, round(width * scale))
     crop_size = options.crop_size if options.whole_image is None else max(scaled_h, scaled_w)
     ch, cw = min(crop_size, scaled_h), min(crop_size, scaled_w)
-    y0, x0 = int(rng.integers(0, scaled_h - ch + 1)), int(rng.integers(0, scaled_w - cw + 1))
+    if around_object and len(boxes):
+        x0, y0 = _window_around(boxes[int(rng.integers(len(boxes)))] * scale, rng,
+                                (cw, ch), (scaled_w, scaled_h))
+    else:
+        y0 = int(rng.integers(0, scaled_h - ch + 1))
+        x0 = int(rng.integers(0, scaled_w - cw + 1))
     oy0, ox0 = int(y0 * height / scaled_h), int(x0 * width / scaled_w)
     oy1 = min(height, max(oy0 + 1, math.ceil((y0 + ch) * height / scaled_h)))
     ox1 = min(width, max(ox0 + 1, math.ceil((x0 + cw) * width / scaled_w)))
@@ -97,6 +112,27 @@ def random_crop(sample: Sample, rng: np.random.Generator, options: TrainOptions)
         bias = rng.uniform(-options.colour_jitter, options.colour_jitter) * 64
         image = np.clip(image.astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
     return Sample(np.ascontiguousarray(image), clipped, classes)
+
+
+def _window_around(box: np.ndarray, rng: np.random.Generator, window: tuple[int, int],
+                   image: tuple[int, int]) -> tuple[int, int]:
+    """A window's top-left corner (x, y), drawn uniformly among those holding `box` whole
+    (or, for a box larger than the window, among those inside it) and inside the image."""
+    corner = []
+    for start, end, size, total in zip(box[:2], box[2:], window, image, strict=True):
+        low, high = sorted((math.ceil(end) - size, math.floor(start)))
+        low, high = max(0, low), min(total - size, high)
+        corner.append(int(rng.integers(low, high + 1)) if low <= high
+                      else int(rng.integers(0, total - size + 1)))
+    return corner[0], corner[1]
+
+
+def objects_per_sample(samples: Sequence[Sample]) -> np.ndarray:
+    """Boxes per sample, read without decoding images where the samples keep their boxes
+    apart (pipelines' StreamedSamples)."""
+    boxes = getattr(samples, "boxes", None)
+    counts = [len(b) for b in (boxes if boxes is not None else (s.boxes for s in samples))]
+    return np.array(counts, int)
 
 
 def to_model_input(sample: Sample, input_format: str) -> tuple[torch.Tensor, Targets]:
@@ -159,6 +195,8 @@ class StepCrops(torch.utils.data.Dataset):
                  start: int, input_format: str) -> None:
         self.samples, self.options, self.positions = samples, options, positions
         self.start, self.input_format = start, input_format
+        self.holding = (np.flatnonzero(objects_per_sample(samples)) if options.object_crops
+                        else np.zeros(0, int))
 
     def __len__(self) -> int:
         return (self.options.iterations - self.start) * len(self.positions)
@@ -169,8 +207,13 @@ class StepCrops(torch.utils.data.Dataset):
         k = self.positions[n % len(self.positions)]
         pick = np.random.default_rng([options.seed, iteration]).integers(
             len(self.samples), size=options.batch_size)[k]
+        around = False
+        if len(self.holding):  # an object crop: its image and whether, from their own seeds
+            draw = np.random.default_rng([options.seed, iteration, k, 1])
+            around = bool(draw.random() < options.object_crops)
+            pick = self.holding[draw.integers(len(self.holding))] if around else pick
         crop = random_crop(self.samples[int(pick)],
-                           np.random.default_rng([options.seed, iteration, k]), options)
+                           np.random.default_rng([options.seed, iteration, k]), options, around)
         image, target = to_model_input(crop, self.input_format)
         target.seed = _seed(options.seed, iteration, k)
         return _Crop(iteration, image, target)
