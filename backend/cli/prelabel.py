@@ -65,10 +65,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           help="run on a Ray cluster (`auto`, ray://host:10001, or `local`)")
     prelabel.add_argument("--ray-workers", type=int, default=None,
                           help="model replicas on Ray (default: one per GPU, else 1)")
+    prelabel.add_argument("--shard", metavar="I/N",
+                          help="--images: do shard I (from 0) of N, for array jobs; `auto` "
+                          "reads AWS Batch's, SLURM's or (with TRIDENTLOOP_SHARDS) a "
+                          "Kubernetes Indexed Job's array index")
+    prelabel.add_argument("--merge-shards", action="store_true",
+                          help="--images: merge the finished shards' results into --output "
+                          "and write the exports")
     prelabel.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..prelabel.job import run_prelabel
+    from ..prelabel.shards import Shard
 
+    args.shard = None if args.shard is None else Shard.parse(args.shard)
     return run_prelabel(args, recipe_overrides(args))

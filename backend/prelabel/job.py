@@ -29,6 +29,7 @@ from ..counts import Counting
 from ..detection.device import run_settings
 from ..detection.structures import Detections
 from ..detection.tiling import TilingOptions
+from ..files import write_atomically
 from ..imagery.exports import Exports
 from ..imagery.images import PixelScaling
 from ..labelstudio.connect import open_project
@@ -41,6 +42,7 @@ from ..predict import detection_records
 from ..recipe import RecipeOverrides
 from ..registry import Registry
 from ..thresholds import ScoreThresholds
+from .shards import Shard, merge_results
 from .sinks import JsonLinesSink, PredictionImporter, read_results
 from .sources import FileLoader, Item, TaskLoader, image_files, project_tasks
 from .stream import ImageResult, detect_stream
@@ -162,7 +164,8 @@ class LabelStudioProject:
 
 
 class ResultFiles:
-    """JSON Lines (and optionally COCO) results for image files anywhere fsspec reaches."""
+    """JSON Lines (and optionally COCO) results for image files anywhere fsspec reaches; with
+    `args.shard`, this shard's images and results file (`--merge-shards` writes exports)."""
 
     def __init__(self, args: argparse.Namespace, version: str, labels: list[str] | None,
                  thresholds: ScoreThresholds, counting: Counting,
@@ -171,20 +174,23 @@ class ResultFiles:
             raise ValueError("--images needs --output FILE.jsonl (it is also the progress file)")
         self.pattern = args.images
         self.thresholds = thresholds
-        counting = counting.resolve(args.count_threshold, "--count-threshold")
-        if args.counts or args.megadetector:
-            log.info("prelabel: counting %s", counting.describe(labels))
-        self.exports = Exports(args.megadetector, args.counts, counting, args.geojson, args.coco,
-                               triage)
+        self.shard: Shard | None = args.shard
+        self.exports = _exports(args, labels, counting, triage)
+        if self.shard is not None and self.exports.wanted:
+            log.info("prelabel: shard %d of %d writes its results only; `--merge-shards` "
+                     "writes the exports once every shard is done", self.shard.index,
+                     self.shard.count)
         self.version = version
         self.labels = labels
-        self.sink = JsonLinesSink(args.output)
+        self.sink = JsonLinesSink(args.output if self.shard is None
+                                  else self.shard.path(args.output))
         self.load = FileLoader(
             args.max_pixels, PixelScaling(args.value_range, args.bands, args.nodata)
         )
 
     def todo(self) -> tuple[list[Item], int]:
-        files = image_files(self.pattern)
+        files = [f for f in image_files(self.pattern)
+                 if self.shard is None or self.shard.holds(f)]
         todo = [Item(f) for f in files if f not in self.sink.done]
         return todo, len(files) - len(todo)
 
@@ -207,8 +213,32 @@ class ResultFiles:
 
     def close(self) -> None:
         self.sink.close()
-        if self.exports.wanted:
+        if self.exports.wanted and self.shard is None:
             self.exports.write(read_results(self.sink.path), self.labels, self.version)
+
+
+def _exports(args: argparse.Namespace, labels: list[str] | None, counting: Counting,
+             triage: float | None) -> Exports:
+    counting = counting.resolve(args.count_threshold, "--count-threshold")
+    if args.counts or args.megadetector:
+        log.info("prelabel: counting %s", counting.describe(labels))
+    return Exports(args.megadetector, args.counts, counting, args.geojson, args.coco, triage)
+
+
+def merge_shards(args: argparse.Namespace) -> int:
+    """`--merge-shards`: the shards' results as one run's `--output`, and its exports."""
+    if args.images is None or args.output is None:
+        raise ValueError("--merge-shards goes with --images and --output, as the shards ran")
+    model, version = open_model(args)
+    records = merge_results(args.output, image_files(args.images))
+    write_atomically(args.output, "".join(json.dumps(r) + "\n" for r in records))
+    exports = _exports(args, model.labels, model.counting, model.triage_threshold)
+    if exports.wanted:
+        exports.write(records, model.labels, version)
+    failed = sum("error" in r for r in records)
+    print(f"prelabel --merge-shards: {len(records)} image(s) in {args.output}"
+          + (f", {failed} failed (their lines say why)" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
 
 
 def open_model(args: argparse.Namespace) -> tuple[ModelDir, str]:
@@ -221,6 +251,11 @@ def open_model(args: argparse.Namespace) -> tuple[ModelDir, str]:
 
 
 def run_prelabel(args: argparse.Namespace, recipe: RecipeOverrides) -> int:
+    if args.merge_shards:
+        return merge_shards(args)
+    if args.project is not None and args.shard is not None:
+        raise ValueError("--shard splits an --images survey; a project's tasks are shared "
+                         "by one job's workers (--workers, or --ray for several machines)")
     if args.project is not None and (args.megadetector or args.counts or args.geojson):
         raise ValueError("--megadetector, --counts and --geojson go with --images: a "
                          "project's predictions live in Label Studio")
@@ -324,7 +359,8 @@ def _record(
 
 def _default_report(args: argparse.Namespace) -> Path:
     if args.output is not None:
-        return args.output.with_name(args.output.stem + ".report.json")
+        output = args.output if args.shard is None else args.shard.path(args.output)
+        return output.with_name(output.stem + ".report.json")
     return Path(f"prelabel-project{args.project}.report.json")
 
 
