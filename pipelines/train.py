@@ -2,8 +2,8 @@
 
 Starts from, in order: the last checkpoint of an interrupted run of the same settings
 (resume), `train.base_weights` when set, the deployed model named by the `deployed` stage's
-snapshot (its box predictor re-initialised when the label set changed), else random
-weights. When the candidate already is this run's result (see `_already_trained`), it is
+snapshot (a new box predictor, started from its classes, when the label set changed), else
+random weights. When the candidate already is this run's result (see `_already_trained`), it is
 kept and nothing is trained. Checkpoints every `train.checkpoint_period` iterations; metrics
 and plots go to dvclive. Under `torchrun` (several processes, GPUs or nodes) it trains with
 DistributedDataParallel and the same params give the same model as one process.
