@@ -24,6 +24,7 @@ from label_studio_sdk import LabelStudio
 
 from backend.labelstudio.local import import_image
 from backend.labelstudio.results import rectangle_region
+from backend.ports import free_port
 from backend.registry import Registry
 from backend.synthetic import CLASSES, png_bytes, survey_scene
 from pipelines.deployed import snapshot
@@ -397,34 +398,34 @@ def test_init_from_another_loop_s_registry_trains_a_new_head(loop):
     assert (checkout / "models/candidate/labels.txt").read_text().split() == list(labels)
 
 
-def test_two_gloo_processes_train_the_same_model_as_one(loop, tmp_path):
-    """Two processes must train what one does, up to float rounding: summed in another
-    order, a gradient can flip a near-tied proposal in or out of the sampled ROIs (seen on
-    CI: 1e-4 of a weight apart). A real fault (gradients summed, not averaged; the wrong
-    shard of the data; a rank with its own seed) moves the weights as far as training does,
-    so each tensor's distance between the runs is measured against how far training moved
-    it from the weights both started from, and frozen tensors must not move at all."""
+def _train_one_and_distributed(loop, tmp_path: Path, torchrun: list[list[str]]
+                               ) -> tuple[dict, dict, dict]:
+    """The start, one process's weights and the weights of the torchrun commands run side
+    by side (the nodes of one job), 3 iterations from the deployed model each."""
     deployed = Registry(loop["dir"] / "models/registry").current().path / "model_final.pth"
-    start = torch.load(deployed, weights_only=True)["model"]
     common = {"iterations": 3, "batch_size": 2, "base_weights": str(deployed)}
-    one = _train_params(loop, tmp_path, "one", **common)
-    run([sys.executable, "-m", "pipelines.train"], loop["dir"], one)
-    two = _train_params(loop, tmp_path, "two", **common)
-    run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "pipelines.train",
-        ],
-        loop["dir"],
-        {**two, "OMP_NUM_THREADS": "1"},
-    )
-    single, ddp = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
+    run([sys.executable, "-m", "pipelines.train"], loop["dir"],
+        _train_params(loop, tmp_path, "one", **common))
+    env = {**_train_params(loop, tmp_path, "two", **common), "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args, "-m",
+                               "pipelines.train"], cwd=loop["dir"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for args in torchrun]
+    for node in nodes:
+        output = node.communicate(timeout=600)[0]
+        assert node.returncode == 0, output
     assert json.loads((tmp_path / "two/model/model.json").read_text())["processes"] == 2
+    start = torch.load(deployed, weights_only=True)["model"]
+    return start, _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
+
+
+def _assert_same_training(start: dict, single: dict, ddp: dict) -> None:
+    """Distributed training must train what one process does, up to float rounding: summed
+    in another order, a gradient can flip a near-tied proposal in or out of the sampled ROIs
+    (seen on CI: 1e-4 of a weight apart). A real fault (gradients summed, not averaged; the
+    wrong shard of the data; a rank with its own seed) moves the weights as far as training
+    does, so each tensor's distance between the runs is measured against how far training
+    moved it from the weights both started from, and frozen tensors must not move at all."""
     trained = set()
     for key, weight in single.items():
         moved = (weight - start[key]).double().norm()
@@ -435,6 +436,21 @@ def test_two_gloo_processes_train_the_same_model_as_one(loop, tmp_path):
             trained.add(key)
             assert apart <= 0.02 * moved, (key, float(apart / moved))  # 2e-4 at most, here
     assert {"roi_heads.box_predictor.cls_score.weight", "backbone.res4.0.conv1.weight"} <= trained
+
+
+def test_two_gloo_processes_train_the_same_model_as_one(loop, tmp_path):
+    _assert_same_training(*_train_one_and_distributed(
+        loop, tmp_path, [["--standalone", "--nproc_per_node=2"]]))
+
+
+def test_two_nodes_rendezvousing_over_tcp_train_the_same_model_as_one(loop, tmp_path):
+    """Two machines, one process each, as docs/loop.md runs them: torchrun on each node,
+    `--nnodes 2` with a c10d rendezvous at the first node's address (here 127.0.0.1, two
+    agents with their own process trees); a node's rank comes from the rendezvous."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    node = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={endpoint}", "--rdzv_id=tridentloop-test", "--max_restarts=0"]
+    _assert_same_training(*_train_one_and_distributed(loop, tmp_path, [node, node]))
 
 
 def test_export_with_no_accepted_labels_deploys_nothing(loop):
