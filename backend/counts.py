@@ -10,10 +10,13 @@ A survey with X detections at that threshold over n images is estimated at R * X
 variance n * s^2 + X^2 * var(R): s^2 the per-image variance of (true - R * counted) on val
 (what the new images add) and var(R) its delta-method variance (what the val sample leaves
 unknown). A class with fewer than `min_boxes` val animals, or in fewer than MIN_IMAGES (3)
-val images, takes the classes' pooled calibration; with less evidence than that, nothing is
-calibrated and counts say "uncalibrated". The interval assumes the survey's images are like
-val's; `metrics.json` reports how often it covered the truth on val folds it was not fitted
-on.
+val images, takes the classes' pooled calibration for its estimate, but its interval runs
+from 0 to the upper bound of the survey's total: with no evidence of its own, the model may
+call its animals another class (the pooled ratio cannot see that: generated savanna surveys
+counted zebras as elephants), so only the total bounds it. With less evidence than that,
+nothing is calibrated and counts say "uncalibrated". The interval assumes the survey's
+images are like val's; `metrics.json` reports how often it covered the truth on val folds
+it was not fitted on.
 
 Triage: an image's "animals present" score is its best detection's score; the threshold
 keeps `recall` (0.95) of the val images that hold animals, with 90% confidence (so a val
@@ -93,14 +96,28 @@ def estimate(calibration: dict[str, Any], counted: int, images: int
     return mean, math.sqrt(max(variance, 0.0))
 
 
+def class_interval(calibration: dict[str, Any], counted: int, images: int,
+                   pooled: dict[str, Any] | None, counted_all: int
+                   ) -> tuple[float, float, float]:
+    """(estimate, low, high) of one class on a survey: its calibration's 95% interval, or for
+    a class counted by the pooled calibration, 0 to the survey total's upper bound
+    (`counted_all`: detections of every class at the pooled threshold)."""
+    mean, sd = estimate(calibration, counted, images)
+    low, high = interval(mean, sd)
+    if calibration.get("source") == "pooled" and pooled is not None:
+        low, high = 0.0, max(high, interval(*estimate(pooled, counted_all, images))[1])
+    return mean, low, high
+
+
 @dataclass(frozen=True)
 class Counting:
     """How a model's detections become counts: per class the threshold a detection needs to
     count and, when calibrated, the estimate with its interval."""
 
     by_class: tuple[dict[str, Any] | None, ...]  # a calibration per class id, or None
-    fallback: float  # the threshold of classes without one
+    fallback: float  # the threshold of classes without one: the pooled calibration's
     source: str
+    pooled: dict[str, Any] | None = None  # the pooled calibration
 
     @classmethod
     def uniform(cls, threshold: float, source: str) -> Counting:
@@ -117,7 +134,8 @@ class Counting:
         pooled = stored.get("pooled")
         fallback = DEFAULT_COUNT_THRESHOLD if pooled is None else float(pooled["threshold"])
         return cls(tuple(per_class.get(name) for name in labels or ()), fallback,
-                   "the model's count calibration (ratio estimator, chosen on validation)")
+                   "the model's count calibration (ratio estimator, chosen on validation)",
+                   pooled)
 
     def resolve(self, override: float | None, source: str) -> Counting:
         return self if override is None else Counting.uniform(override, source)
@@ -133,13 +151,22 @@ class Counting:
         cal = self.calibration(class_id)
         if cal is None:
             return f"detections >= {self.of(class_id):g}, uncalibrated"
+        bound = ("; interval 0 to the survey total's upper bound (no evidence of its own)"
+                 if cal["source"] == "pooled" else "")
         return (f"ratio {cal['ratio']:.3f} at {cal['threshold']:g} "
-                f"({cal['source']}, {cal['val_true']} val animals)")
+                f"({cal['source']}, {cal['val_true']} val animals){bound}")
 
     def estimate(self, class_id: int, counted: int, images: int
                  ) -> tuple[float, float] | None:
         cal = self.calibration(class_id)
         return None if cal is None else estimate(cal, counted, images)
+
+    def bounds(self, class_id: int, counted: int, images: int, counted_all: int
+               ) -> tuple[float, float, float] | None:
+        """`class_interval` by this class's calibration; None when uncalibrated."""
+        cal = self.calibration(class_id)
+        return (None if cal is None
+                else class_interval(cal, counted, images, self.pooled, counted_all))
 
     def describe(self, labels: Sequence[str] | None = None) -> str:
         if not self.by_class:
@@ -199,16 +226,18 @@ def choose_triage(scored: Scored, recall: float = 0.95, folds: int = 5) -> dict[
         "image_recall": round(held_out[2] / held_out[3], 4) if held_out[3] else None}}
 
 
-def class_count(scored: Scored, cls: int, calibration: dict[str, Any] | None
-                ) -> dict[str, Any]:
-    """One class's count on these images by its calibration: the true count, and (when
-    calibrated) the detections counted, the estimate and its 95% interval, unrounded."""
+def class_count(scored: Scored, cls: int, calibrations: dict[str, Any]) -> dict[str, Any]:
+    """One class's count on these images by `calibrations` (as `calibrate_counts` makes
+    them): the true count, and (when calibrated) the detections counted, the estimate and
+    its 95% interval, unrounded."""
     true = int((scored.truth_cls == cls).sum())
+    calibration = calibrations["per_class"].get(scored.names[cls])
     if calibration is None:
         return {"count_true": true, "estimate": None}
     counted = int(((scored.cls == cls) & (scored.score >= calibration["threshold"])).sum())
-    mean, sd = estimate(calibration, counted, scored.images)
-    low, high = interval(mean, sd)
+    pooled = calibrations["pooled"]
+    counted_all = 0 if pooled is None else int((scored.score >= pooled["threshold"]).sum())
+    mean, low, high = class_interval(calibration, counted, scored.images, pooled, counted_all)
     return {"count_true": true, "counted": counted, "estimate": mean, "low": low,
             "high": high, "covered": low <= true <= high}
 
@@ -226,7 +255,7 @@ def count_figures(scored: Scored, calibration: dict[str, Any]) -> dict[str, Any]
     rows = {}
     for c, name in enumerate(scored.names):
         cal = calibration["per_class"].get(name)
-        row = class_count(scored, c, cal)
+        row = class_count(scored, c, calibration)
         rows[name] = row if cal is None else {
             "count_true": row["count_true"], "counted": row["counted"],
             **{k: round(row[k], 2) for k in ("estimate", "low", "high")},
@@ -242,9 +271,8 @@ def _coverage(scored: Scored, min_boxes: int, folds: int = 5) -> dict[str, Any]:
     for _, fit, held in cross_folds(scored, folds):
         calibration = calibrate_counts(fit, min_boxes)
         for c, name in enumerate(scored.names):
-            cal = calibration["per_class"].get(name)
-            if cal is not None:
+            if calibration["per_class"].get(name) is not None:
                 trials += 1
-                covered += class_count(held, c, cal)["covered"]
+                covered += class_count(held, c, calibration)["covered"]
     return {"covered": covered, "trials": trials,
             "share": round(covered / trials, 4) if trials else None}

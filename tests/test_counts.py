@@ -97,6 +97,30 @@ def test_a_rare_class_is_counted_by_the_pooled_calibration():
     assert calibration["per_class"]["bird"]["ratio"] == calibration["pooled"]["ratio"]
 
 
+def test_a_class_without_evidence_that_the_model_calls_another_is_still_covered():
+    """Few val zebras, and the model calls zebras elephants (as the savanna model does): the
+    pooled ratio gives the zebras of a new survey an estimate of 0, so their interval runs to
+    the survey total's upper bound instead of a width fitted to other classes."""
+    def called_elephants(scored: Scored, zebras: int) -> Scored:
+        truth = np.zeros(len(scored.truth_cls), int)
+        truth[:zebras] = 1  # the first herds are zebras, every detection says elephant
+        return Scored(scored.image, np.zeros(len(scored.cls), int), scored.score,
+                      scored.overlap, scored.truth_image, truth, scored.images,
+                      ("elephant", "zebra"))
+
+    rng = np.random.default_rng(5)
+    val = called_elephants(_survey(rng, 300), zebras=4)
+    calibration = calibrate_counts(val, min_boxes=10)
+    assert calibration["per_class"]["zebra"]["source"] == "pooled"
+    new = called_elephants(_survey(rng, 200), zebras=40)
+    zebra = count_figures(new, calibration)["per_class"]["zebra"]
+    assert zebra["estimate"] == 0 and zebra["low"] == 0 and zebra["high"] >= 40
+    counting = Counting.of_model({"count_calibration": calibration}, ["elephant", "zebra"])
+    everything = int((new.score >= counting.fallback).sum())
+    assert counting.bounds(1, 0, new.images, everything)[2] >= 40
+    assert "no evidence of its own" in counting.method(1)
+
+
 def test_an_uncalibrated_model_says_so_and_counts_from_one_half():
     counting = Counting.of_model({}, ["zebra"])
     assert counting.of(0) == 0.5 and counting.estimate(0, 3, 10) is None

@@ -57,7 +57,7 @@ def _seed(bench: CountBench, seed: int, predictor: Any, model: ModelDir) -> dict
     calibration = counts.calibrate_counts(val, settings.min_boxes)
     row: dict[str, Any] = {"seed": seed, "counts": {}}
     for c, name in enumerate(names):
-        count = counts.class_count(new, c, calibration["per_class"][name])
+        count = counts.class_count(new, c, calibration)
         row["counts"][name] = {"true": count["count_true"], **(
             {"estimate": None} if count["estimate"] is None else
             {**{k: round(count[k], 1) for k in ("estimate", "low", "high")},

@@ -41,7 +41,7 @@ def table(
     flag = [] if triage is None else ["likely_empty"]
     rows: list[list[Any]] = [["image", *names, "total", *flag]]
     totals = [0] * len(names)
-    read = 0
+    read = counted_all = 0  # counted_all: detections at the pooled threshold, every class
     for record in records:
         if "error" in record:  # listed, so no image goes missing from the survey
             rows.append([record["image"], *[""] * len(names), "", *[""] * len(flag)])
@@ -52,11 +52,12 @@ def table(
             if detection["score"] >= counting.of(detection["class_id"]):
                 counts[detection["class_id"]] += 1
         totals = [t + c for t, c in zip(totals, counts, strict=True)]
+        counted_all += sum(d["score"] >= counting.fallback for d in record["detections"])
         best = max((d["score"] for d in record["detections"]), default=0.0)
         empty = [] if triage is None else ["yes" if best < triage else "no"]
         rows.append([record["image"], *counts, sum(counts), *empty])
     rows.append([TOTAL, *totals, sum(totals)])
-    rows += _estimates(totals, read, counting)
+    rows += _estimates(totals, read, counting, counted_all)
     return [row + [""] * (len(rows[0]) - len(row)) for row in rows]
 
 
@@ -71,24 +72,21 @@ def survey_estimate(totals: Sequence[int], images: int, counting: Counting
     return found, (sum(m for m, _ in known), math.sqrt(sum(s * s for _, s in known)))
 
 
-def _estimates(totals: list[int], images: int, counting: Counting) -> list[list[Any]]:
+def _estimates(totals: list[int], images: int, counting: Counting, counted_all: int
+               ) -> list[list[Any]]:
     """count_estimate / count_low / count_high / method rows (only `method` when no class is
-    calibrated)."""
-    found, survey = survey_estimate(totals, images, counting)
+    calibrated); the survey's total from the classes' estimates."""
+    _, survey = survey_estimate(totals, images, counting)
     if survey is None:
         return [["method", *[counting.method(c) for c in range(len(totals))], ""]]
-    means = [None if f is None else f[0] for f in found]
-    sds = [None if f is None else f[1] for f in found]
-    total, total_sd = survey
+    found = [counting.bounds(c, int(n), images, counted_all) for c, n in enumerate(totals)]
+    total = (survey[0], *interval(*survey))
 
-    def row(name: str, pick) -> list[Any]:
-        cells = ["" if m is None else round(pick(m, s), 1) for m, s in zip(means, sds,
-                                                                          strict=True)]
-        return [name, *cells, round(pick(total, total_sd), 1)]
+    def row(name: str, at: int) -> list[Any]:
+        cells = ["" if f is None else round(f[at], 1) for f in found]
+        return [name, *cells, round(total[at], 1)]
 
-    return [row("count_estimate", lambda m, s: m),
-            row("count_low", lambda m, s: interval(m, s)[0]),
-            row("count_high", lambda m, s: interval(m, s)[1]),
+    return [row("count_estimate", 0), row("count_low", 1), row("count_high", 2),
             ["method", *[counting.method(c) for c in range(len(totals))], ""]]
 
 

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 class Counting(Protocol):
     """How detections become a survey's counts (backend.counts.Counting): the score a
     detection of a class needs to count, the one number for formats that hold one, and the
-    calibrated estimate (mean, standard deviation) where there is one."""
+    calibrated estimate (mean, standard deviation) and 95% bounds where there is one."""
 
     fallback: float
 
@@ -20,6 +20,9 @@ class Counting(Protocol):
 
     def estimate(self, class_id: int, counted: int, images: int
                  ) -> tuple[float, float] | None: ...
+
+    def bounds(self, class_id: int, counted: int, images: int, counted_all: int
+               ) -> tuple[float, float, float] | None: ...
 
 
 def class_names(labels: list[str] | None, records: Sequence[dict[str, Any]]) -> list[str]:
