@@ -32,6 +32,12 @@ are exactly those below the display threshold.
   and all branches' detections (same class, IoU >= 0.5): 0 when the two views agree box for
   box, 1 when they share nothing.
 
+- `likely-animals`: not a doubt but how many animals the image likely holds, whatever their
+  class: E = sum(s) over the model's boxes (the expected count, were scores calibrated),
+  as E / (E + 1). On a survey that is mostly empty ground, the frames with animals are the
+  scarce ones a person must see first; a model trained on other species (last season's,
+  the zoo's) can rank a new survey's pool by it before anything is labelled.
+
 Every score lies in [0, 1]: Label Studio silently drops a prediction scored above 1.
 """
 
@@ -49,9 +55,10 @@ from .detection.structures import Detections
 from .thresholds import ScoreThresholds
 
 HALF = ScoreThresholds.uniform(0.5, "error-rate's default")
-Method = Literal["error-rate", "top-doubt", "least-confidence", "entropy", "disagreement"]
+Method = Literal["error-rate", "top-doubt", "least-confidence", "entropy", "disagreement",
+                 "likely-animals"]
 METHODS: tuple[Method, ...] = (
-    "error-rate", "top-doubt", "least-confidence", "entropy", "disagreement"
+    "error-rate", "top-doubt", "least-confidence", "entropy", "disagreement", "likely-animals"
 )
 DEFAULT: Method = "error-rate"
 TOP_K = 10
@@ -77,6 +84,11 @@ def least_confidence(det: Detections) -> float:
 def top_doubt(det: Detections, k: int = TOP_K) -> float:
     doubts = _doubt(det).double()
     return float(doubts.topk(min(k, len(doubts))).values.sum() / k)
+
+
+def likely_animals(det: Detections) -> float:
+    expected = float(det.scores.double().sum())
+    return expected / (expected + 1)
 
 
 def entropy(det: Detections) -> float:
@@ -119,6 +131,8 @@ def score(method: Method, detections: Sequence[Detections],
         return entropy(detections[0])
     if method == "disagreement":
         return disagreement(detections[0], detections[1])
+    if method == "likely-animals":
+        return likely_animals(detections[0])
     raise ValueError(f"unknown uncertainty method {method!r}; choose from {METHODS}")
 
 

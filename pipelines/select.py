@@ -12,8 +12,12 @@ first models rarely beat drawing, and the gate rightly holds them back) the pool
 by the model the next training starts from, the last candidate, tagged
 `candidate-<its weights' SHA-256 prefix>`; its predictions carry the uncertainty and no
 boxes (`prelabel --rank-only`): they order the pool, annotators are shown nothing the gate
-held back. With no model at all (nothing trained yet) the
-batch is a spread sample: every group in turn, a fixed pseudo-random order within each.
+held back. Before anything is trained, the model training will start from
+(`train.base_weights`: last season's, another project's) ranks the pool by the animals it
+likely finds (`likely-animals`, whatever their class: its classes may not be this
+project's), tagged `start-<SHA-256 prefix>`, so a mostly empty survey's first batch holds
+the frames with animals. With no model at all the batch is a spread sample: every group in
+turn, a fixed pseudo-random order within each.
 A batch is never empty while unlabeled tasks exist; the console says how it was chosen.
 
 Writes `data/select/next.json` and, with `create_view`, a Data Manager tab in Label Studio
@@ -26,6 +30,7 @@ import hashlib
 import subprocess
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,7 @@ from backend.labelstudio.views import show_tasks
 from backend.model_dir import ModelDir, ModelDirError
 from backend.registry import Registry
 from backend.uncertainty import DEFAULT as DEFAULT_UNCERTAINTY
+from backend.weights import StartError, resolve_start
 
 from .coco import write_json
 from .params import fail, label_studio_target, load_params, open_label_studio
@@ -83,22 +89,55 @@ def spread_sample(tasks: list[dict[str, Any]], k: int, data_key: str, seed: int 
     return spread(pool, k, key="draw")
 
 
-def ranking_model(params: dict[str, Any]) -> tuple[str, list[str], str] | None:
-    """(version tag, prelabel's model arguments, what it is) of the model that ranks the
-    pool: the deployed one, else the last candidate, else None."""
+@dataclass(frozen=True)
+class Ranking:
+    """The model that ranks the pool: its predictions' version tag, prelabel's arguments to
+    run it, what it is (for the console) and the score it ranks by."""
+
+    version: str
+    model: list[str]
+    what: str
+    uncertainty: str
+
+
+def ranking_model(params: dict[str, Any]) -> Ranking | None:
+    """The deployed model, else the last candidate, else the model training will start
+    from (`train.base_weights`, when it is a model directory or registry), else None."""
+    doubt = params.get("select", {}).get("uncertainty", DEFAULT_UNCERTAINTY)
     registry = params["deploy"]["registry"]
     version = Registry(registry).current_name()
     if version is not None:
-        return version, ["--registry", registry], f"the deployed model {version}"
+        return Ranking(version, ["--registry", registry], f"the deployed model {version}",
+                       doubt)
     output = params.get("train", {}).get("output", "models/candidate")
     try:
         candidate = ModelDir.open(output)
     except ModelDirError:
-        return None
+        return _start_ranking(str(params.get("train", {}).get("base_weights") or ""))
     tag = f"candidate-{file_sha256(candidate.weights)[:12]}"
-    return tag, ["--model", output, "--model-version", tag, "--rank-only"], (
+    return Ranking(tag, ["--model", output, "--model-version", tag, "--rank-only"], (
         f"the last candidate {tag} (nothing is deployed yet: it orders the pool, its "
-        "predictions carry no boxes)")
+        "predictions carry no boxes)"), doubt)
+
+
+def _start_ranking(base_weights: str) -> Ranking | None:
+    """Before anything is trained: the start model, a detector that may know other species
+    (last season's, another project's), ranks by likely animals, the scarce frames of a
+    mostly empty survey first; its doubt is about classes this project may not have."""
+    if not base_weights or "://" in base_weights:
+        return None  # a bare checkpoint or a download: no model directory to run
+    try:
+        start = resolve_start(base_weights)
+    except StartError:
+        return None  # train will say what is wrong with it
+    if start.labels is None:
+        return None
+    tag = f"start-{start.sha256[:12]}"
+    return Ranking(tag, ["--model", str(start.weights.parent), "--model-version", tag,
+                         "--rank-only"],
+                   f"the start model {base_weights} ({tag}: nothing is trained yet; by the "
+                   "animals it likely finds in each image, whatever their class)",
+                   "likely-animals")
 
 
 def candidates(tasks: list[dict[str, Any]], version: str, data_key: str):
@@ -118,14 +157,13 @@ def candidates(tasks: list[dict[str, Any]], version: str, data_key: str):
     return found, missing
 
 
-def _prelabel(project: int, model: list[str], sp: dict[str, Any], report: Path) -> None:
+def _prelabel(project: int, ranking: Ranking, sp: dict[str, Any], report: Path) -> None:
     """Score the pool with the ranking model, run by its recipe, as `tridentloop prelabel`
     in its own process (pipelines never import the CLI). Unreadable images are reported
     (exit 1), not fatal."""
     done = subprocess.run(
         [sys.executable, "-m", "backend.cli", "prelabel", "--project", str(project),
-         *model, "--only-unlabeled",
-         "--uncertainty", sp.get("uncertainty", DEFAULT_UNCERTAINTY),
+         *ranking.model, "--only-unlabeled", "--uncertainty", ranking.uncertainty,
          "--device", sp.get("device", "auto"),
          "--report", str(report)],
         check=False,
@@ -152,13 +190,13 @@ def main() -> None:
         how = ("no model has been trained yet, so a spread sample: each folder in turn, a "
                "fixed pseudo-random order within it")
     else:
-        version, model, how = ranking
+        version = ranking.version
         found, missing = candidates(tasks, version, data_key)
         if missing and sp.get("prelabel_missing", True):
-            _prelabel(project, model, sp, report)
+            _prelabel(project, ranking, sp, report)
             found, missing = candidates(list_tasks(client, project), version, data_key)
         batch = spread(found, k)
-        how = f"ranked by {how}"
+        how = f"ranked by {ranking.what}"
     view = show_tasks(client, project, VIEW_TITLE, [c["id"] for c in batch],
                       ["-tasks:predictions_score"]) if (
         batch and sp.get("create_view", True)) else None

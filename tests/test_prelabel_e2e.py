@@ -22,8 +22,9 @@ from backend.labelstudio.label_config import parse_label_config
 from backend.labelstudio.local import import_image
 from backend.labelstudio.results import rectangle_results
 from backend.model_dir import ModelDir
+from backend.models import SAVANNA_V1
 from backend.registry import Registry
-from backend.synthetic import png_bytes, survey_scene
+from backend.synthetic import PoolSettings, label_config, png_bytes, survey_pool, survey_scene
 from backend.thresholds import ScoreThresholds
 from backend.uncertainty import entropy
 
@@ -177,6 +178,32 @@ def test_select_before_any_deploy_ranks_by_the_last_candidate(project, label_stu
     # the gate held it back: its predictions order the pool and show annotators no box
     assert all(p["result"] == [] for t in tasks.values() for p in t["predictions"]
                if p["model_version"] == tag)
+
+
+def test_select_before_anything_is_trained_ranks_by_the_start_models_likely_animals(
+        label_studio, tmp_path):
+    """A new survey of other species, mostly empty frames, nothing labelled or trained: the
+    start model (savanna-v1, whose classes this project lacks) ranks the pool by the animals
+    it likely finds, so the first batch holds the frames with herds, and shows no box."""
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    steppe = ls.projects.create(title="new survey", label_config=label_config(
+        ["saiga", "horse", "wolf"]))
+    rng = np.random.default_rng(4)
+    frames = {f"ground{i}.png": f for i, f in enumerate(survey_pool(
+        rng, 4, PoolSettings(empty_fraction=1.0, confusers=0.0)))}
+    frames |= {"herd0.png": survey_scene(rng, 480, 640, 6),
+               "herd1.png": survey_scene(rng, 480, 640, 6)}
+    for name, frame in frames.items():  # the empty frames first: a tie would pick them
+        import_image(label_studio, steppe.id, name, png_bytes(frame.image))
+    chosen, printed = _select(tmp_path, {"id": steppe.id}, label_studio,
+                              train={"output": str(tmp_path / "no-candidate"),
+                                     "base_weights": str(SAVANNA_V1)})
+    assert chosen["model_version"].startswith("start-") and "the start model" in printed
+    names = {t["id"]: t["image"].rsplit("-", 1)[-1] for t in chosen["tasks"]}
+    assert sorted(names.values()) == ["herd0.png", "herd1.png"]
+    tasks = ls.tasks.list(project=steppe.id, fields="all")
+    predictions = [p for t in tasks for p in t.predictions]
+    assert len(predictions) == 6 and all(p.result == [] for p in predictions)
 
 
 def test_prelabel_sorts_tasks_into_to_review_and_likely_empty_tabs(project, label_studio,

@@ -109,12 +109,13 @@ class LabelStudioProject:
         self.config = config
         mapping = read_mapping(args.label_mapping) if args.label_mapping else None
         usable = config.usable(labels, mapping)
-        if not usable:
+        if not usable and not args.rank_only:  # ranking writes no box: any model can rank
             raise ValueError(
                 f"project {self.project}: none of the model's classes {labels} matches a "
                 "label of its config; rename labels, add predicted_values or --label-mapping"
             )
-        self.data_key = usable[0][0].data_key  # one image per task: the first image's controls
+        # one image per task: the first image's controls
+        self.data_key = usable[0][0].data_key if usable else config.controls[0].data_key
         self.usable = [(c, m) for c, m in usable if c.data_key == self.data_key]
         media = MediaSettings(url, key, timeout=args.download_timeout,
                               cloud_schemes=frozenset(args.allow_cloud),
