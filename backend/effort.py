@@ -363,7 +363,12 @@ def cross_fitted(scored: Scored, settings: EffortSettings = EffortSettings()
                  ) -> dict[str, Any]:
     """The effort ratio annotators would see on images the thresholds were not chosen on:
     per fold of the val images, thresholds chosen on the others and scored on it; with the
-    95% interval over images. What the deploy gate decides on."""
+    95% interval over images. What the deploy gate decides on. When the thresholds chosen
+    on all of val offer nothing, nothing is left to flatter: annotators draw every box, a
+    ratio of exactly 1."""
+    chosen = choose_thresholds(scored, settings)["per_class"]
+    if all(t is None for t in chosen.values()):
+        return at_thresholds(scored, chosen, settings)
     cost = np.zeros(scored.images)
     truth = np.bincount(scored.truth_image, minlength=scored.images).astype(float)
     folds = 0

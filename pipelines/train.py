@@ -32,7 +32,7 @@ from backend.detection.training import TrainOptions, init_from_scratch, train
 from backend.files import file_sha256
 from backend.model_dir import ModelDir, ModelDirError, write_model_dir
 from backend.recipe import Recipe, describe, parse_recipe, recipe_json
-from backend.weights import StartError, resolve_start
+from backend.weights import Start, StartError, resolve_start
 
 from .coco import category_names, dataset_hash, read_coco
 from .dataset import StreamedSamples
@@ -118,15 +118,15 @@ def _start_weights(
     deployed: ModelDir | None, deployed_sha256: str | None, previous: ModelDir | None,
     out: Path,
 ) -> Link:
-    """Load the weights training starts from, and name them. Before any model is deployed
-    (none has yet saved annotators work), training goes on from the last candidate rather
-    than from scratch: the gate holds back what annotators see, not what the loop has
-    learnt."""
-    if params.get("base_weights"):
-        try:
-            base = resolve_start(str(params["base_weights"]))
-        except StartError as exc:
-            fail(str(exc))
+    """Load the weights training starts from, and name them. `train.base_weights` is where
+    the loop starts: once a model trained from it is deployed (or, before any deploy, the
+    last candidate), rounds go on from that model, so each adds its iterations to what the
+    loop has learnt instead of starting over (`train.each_round: restart` starts every round
+    from base_weights). Before any model is deployed (none has yet saved annotators work),
+    training goes on from the last candidate rather than from scratch: the gate holds back
+    what annotators see, not what the loop has learnt."""
+    base = _base_start(params)
+    if base is not None and not _goes_on(params, base, deployed, previous):
         load_weights(model, base.weights, for_inference=False)
         name = f"weights {base.source}" + (f" ({base.url})" if base.url else "")
         return Link.to(_new_head(model, name, base.labels, labels, base.weights), base.sha256,
@@ -144,6 +144,31 @@ def _start_weights(
                      previous.weights)
     return Link.to(name, file_sha256(previous.weights), _in_dvc_cache(out),
                    previous.metadata)
+
+
+def _base_start(params: dict[str, Any]) -> Start | None:
+    if not params.get("base_weights"):
+        return None
+    try:
+        return resolve_start(str(params["base_weights"]))
+    except StartError as exc:
+        fail(str(exc))
+
+
+def _goes_on(params: dict[str, Any], base: Start, deployed: ModelDir | None,
+             previous: ModelDir | None) -> bool:
+    """Whether this round goes on from the deployed model (else, with nothing deployed, the
+    last candidate) instead of base_weights: it must descend from base_weights (its lineage
+    names those weights), so changing base_weights starts the loop again from them."""
+    each_round = params.get("each_round", "continue")
+    if each_round not in ("continue", "restart"):
+        fail(f"train.each_round is continue or restart, not {each_round!r}")
+    latest = deployed if deployed is not None else previous
+    if each_round == "restart" or latest is None:
+        return False
+    lineage = latest.metadata
+    return base.sha256 in (lineage.get("start_sha256"),
+                           *(link.get("sha256") for link in lineage.get("chain", [])))
 
 
 def _in_dvc_cache(out: Path) -> str:

@@ -173,6 +173,20 @@ def test_effort_scored_out_of_sample_does_not_flatter_a_lucky_threshold():
     assert held["low"] <= fresh <= held["high"]
 
 
+def test_a_model_that_offers_nothing_costs_exactly_drawing_out_of_sample_too():
+    """Fifteen zebras found, but one image holds fifteen confident wrong boxes: on all of val
+    no threshold pays, so nothing is offered and annotators draw every box (a ratio of
+    exactly 1), though the folds without that image would have offered boxes."""
+    truth = {i: [("zebra", [10, 10, 20, 20])] for i in range(15)}
+    truth |= {i: [] for i in range(15, 20)}
+    records = [_record(i, 0, [10, 10, 20, 20], 0.9) for i in range(15)]
+    records += [_record(19, 0, [50 + 3 * k, 50, 2, 2], 0.95) for k in range(15)]
+    scored = score_coco(_coco(truth), records)
+    assert choose_thresholds(scored)["per_class"]["zebra"] is None
+    held = cross_fitted(scored)
+    assert (held["effort_ratio"], held["low"], held["high"]) == (1.0, 1.0, 1.0)
+
+
 def test_the_plotted_curve_and_the_matching_agree_at_every_threshold():
     """One greedy pass gives every threshold: matching only the boxes above a threshold
     anew gives the same kept count."""

@@ -1,12 +1,14 @@
 """A label-set change (a class added, renamed or reordered) never deploys an untrained or
 unchecked model by accident: training warm-starts from the deployed model with a new box
 predictor started from what the deployed one's knew, both models are scored on the same val
-images by class name, and the gate asks a person before deploying."""
+images by class name, and the gate asks a person before deploying. And where a round starts
+when the loop began from another model."""
 
 from __future__ import annotations
 
 import hashlib
 
+import pytest
 import torch
 
 from backend.detection.config import load_config
@@ -92,3 +94,36 @@ def test_both_models_are_scored_on_the_val_split_by_class_name(tmp_path):
     names = [LABELS[c] for c in raw.classes.tolist()]
     want = [{"zebra": 0, "Elephant": 1}[n] for n in names if n != "BIRD"]  # BIRD: not in val
     assert [r["category_id"] for r in ours] == want and len(want) < len(names)
+
+
+def _with_lineage(path, **lineage) -> ModelDir:
+    model = ModelDir.open(path)
+    model.update_metadata(lineage)
+    return ModelDir.open(path)
+
+
+def test_a_loop_started_from_last_seasons_model_goes_on_from_what_it_trained(tmp_path):
+    """`train.base_weights` is where the loop starts: once a model trained from it exists
+    (deployed, else the last candidate), rounds go on from that model and add to what the
+    loop learnt; `each_round: restart` starts every round from base_weights, and so does a
+    base_weights the loop's models do not descend from (the user changed it)."""
+    base = make_model_dir(tmp_path / "last-season", version="savanna")
+    base_sha = hashlib.sha256((base / "model_final.pth").read_bytes()).hexdigest()
+    params = {"base_weights": str(base)}
+    registry = _registry(tmp_path)
+    ours = _with_lineage(registry.current().path, start_sha256="c" * 64,
+                         chain=[{"sha256": "c" * 64}, {"sha256": base_sha}])
+    assert _start_weights(_model(), params, LABELS, ours, "d" * 64, None,
+                          tmp_path).start == "deployed model v0001"
+    assert _start_weights(_model(), {**params, "each_round": "restart"}, LABELS, ours,
+                          "d" * 64, None, tmp_path).start == f"weights {base}"
+    theirs = _with_lineage(registry.current().path, start_sha256="e" * 64, chain=[])
+    assert _start_weights(_model(), params, LABELS, theirs, "d" * 64, None,
+                          tmp_path).start == f"weights {base}"
+    candidate = _with_lineage(make_model_dir(tmp_path / "candidate", version="candidate"),
+                              start_sha256=base_sha)
+    assert _start_weights(_model(), params, LABELS, None, None, candidate,
+                          tmp_path).start == "the last candidate (not deployed)"
+    with pytest.raises(SystemExit, match="each_round is continue or restart"):
+        _start_weights(_model(), {**params, "each_round": "again"}, LABELS, ours, "d" * 64,
+                       None, tmp_path)

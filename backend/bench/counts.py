@@ -67,11 +67,26 @@ def _seed(bench: CountBench, seed: int, predictor: Any, model: ModelDir) -> dict
     fresh = effort.at_thresholds(new, chosen, settings)["effort_ratio"]
     row["effort"] = {"out_of_sample": held["effort_ratio"], "low": held["low"],
                      "high": held["high"], "fresh": fresh,
-                     "covered": held["low"] <= fresh <= held["high"]}
+                     "offered": any(t is not None for t in chosen.values()),
+                     # no val animals, or none new: no effort ratio to compare
+                     "covered": (held["low"] <= fresh <= held["high"]
+                                 if len(val.truth_cls) and len(new.truth_cls) else None)}
     triage = counts.triage_figures(new, counts.triage_threshold(val, 0.95))
     row["triage"] = {k: triage[k] for k in ("threshold", "skipped_share", "image_recall",
                                             "animals_in_skipped")}
     return row
+
+
+def _effort_coverage(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How often the out-of-sample interval held the fresh batch's effort ratio: over the
+    seeds with animals on both sides, and over those where the model offered boxes (the
+    others offer nothing, a ratio of exactly 1 on both)."""
+    defined = [r["effort"] for r in rows if r["effort"]["covered"] is not None]
+    offered = [e for e in defined if e["offered"]]
+    share = lambda es: round(float(np.mean([e["covered"] for e in es])), 3) if es else None  # noqa: E731
+    return {"effort_interval_holds_fresh": share(defined), "effort_seeds": len(defined),
+            "effort_seeds_offering": len(offered),
+            "effort_interval_holds_fresh_when_offering": share(offered)}
 
 
 def run_count_benchmark(bench: CountBench) -> Iterator[dict[str, Any]]:
@@ -94,8 +109,7 @@ def run_count_benchmark(bench: CountBench) -> Iterator[dict[str, Any]]:
                           if widths else None}
     recalls = [r["triage"]["image_recall"] for r in rows if r["triage"]["image_recall"] is not None]
     yield {"seeds": bench.seeds, "model": str(bench.model), "count_coverage": coverage,
-           "effort_interval_holds_fresh": round(float(np.mean(
-               [r["effort"]["covered"] for r in rows])), 3),
+           **_effort_coverage(rows),
            "triage_recall_mean": round(float(np.mean(recalls)), 3) if recalls else None,
            "triage_recall_min": min(recalls) if recalls else None,
            "triage_skipped_share_mean": round(float(np.mean(
