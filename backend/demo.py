@@ -6,9 +6,10 @@ savanna-v1, trained on another generated survey of the same species: `train.base
 Each round adds new images; once a model is deployed, our backend pre-labels them through
 Label Studio's "Retrieve predictions"; a scripted annotator keeps the pre-labels that match
 the generated ground truth, fixes the rest, and submits; then `dvc repro` exports the
-accepted labels, retrains from the start model on all of them, evaluates, and redeploys if
-the model is not worse for annotators and for AP. The backend hot-reloads each
-new version and offers boxes by the score thresholds `evaluate` chose for it on val.
+accepted labels, trains on all of them (going on from the loop's last model; the first
+round from the start model), evaluates, and redeploys if the model is not worse for
+annotators and for AP. The backend hot-reloads each new version and offers boxes by the
+score thresholds `evaluate` chose for it on val.
 
 Each round's batch also holds survey frames with nothing but look-alikes (rocks, termite
 mounds, bushes), as real surveys mostly do. What annotators feel is counted per round, by
