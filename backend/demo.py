@@ -65,6 +65,7 @@ from .synthetic import (
 MARKER = ".tridentloop-demo"
 IMAGE_SIZE = (480, 640)  # (h, w): six 320 px tiles
 SETTINGS = EffortSettings()  # the costs evaluate scores the loop by
+VAL_ANIMAL_FRAMES, VAL_EMPTY_FRAMES = 3, 1  # of each round's frames, pinned to val
 
 
 def review(predicted: list[dict[str, Any]], scene: Scene
@@ -141,6 +142,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 "train": {"iterations": args.iterations, "device": args.device,
                           "base_weights": str(SAVANNA_V1)},
                 "evaluate": {"device": args.device},
+                "split": {"val_percent": 0},  # val: the frames each round pins (below)
             },
             env,
         )
@@ -151,10 +153,11 @@ def run_demo(args: argparse.Namespace) -> int:
         for round_no in range(1, args.rounds + 1):
             names, empty = _import_round(rng, round_no, args.images_per_round, ls_server,
                                          project.id, scenes)
-            tasks = {
-                t.data["image"].rsplit("-", 1)[-1]: t.id for t in ls.tasks.list(project=project.id)
-            }
-            new_ids = [tasks[n] for n in names]
+            tasks = {t.data["image"].rsplit("-", 1)[-1]: t for t in ls.tasks.list(
+                project=project.id)}
+            new_ids = [tasks[n].id for n in names]
+            _pin_val(ls, [tasks[n] for n in names[:VAL_ANIMAL_FRAMES]]
+                     + [tasks[n] for n in names[args.images_per_round:][:VAL_EMPTY_FRAMES]])
             if backend_url is None and registry.current_name() is not None:
                 backend_url = _start_backend(
                     stack, registry, loop_dir, out, args, ls, project.id, ls_server
@@ -201,6 +204,14 @@ def _import_round(rng: np.random.Generator, round_no: int, animals: int, ls_serv
         import_image(ls_server, project, name, png_bytes(scenes[name].image))
         names.append(name)
     return names, empty
+
+
+def _pin_val(ls: LabelStudio, tasks: list[Any]) -> None:
+    """Pin these tasks to val (their data's `split` field), as a team holds out part of each
+    flight: the first round's val then holds the gate's 25 boxes, and its model can be
+    deployed and pre-label the second round."""
+    for task in tasks:
+        ls.tasks.update(id=str(task.id), data={**task.data, "split": "val"})
 
 
 def _label(ls: LabelStudio, work: list[tuple[Scene, int]]) -> Tally:
