@@ -65,7 +65,7 @@ from .synthetic import (
 MARKER = ".tridentloop-demo"
 IMAGE_SIZE = (480, 640)  # (h, w): six 320 px tiles
 SETTINGS = EffortSettings()  # the costs evaluate scores the loop by
-VAL_ANIMAL_FRAMES, VAL_EMPTY_FRAMES = 3, 1  # of each round's frames, pinned to val
+VAL_EMPTY_FRAMES = 1  # of each round's, pinned to val with 3 of every 8 animal frames
 
 
 def review(predicted: list[dict[str, Any]], scene: Scene
@@ -151,13 +151,14 @@ def run_demo(args: argparse.Namespace) -> int:
         backend_url = None
         scenes: dict[str, Scene] = {}
         for round_no in range(1, args.rounds + 1):
-            names, empty = _import_round(rng, round_no, args.images_per_round, ls_server,
-                                         project.id, scenes)
+            # the first batch twice as large, as a team labels one before any training
+            frames = args.images_per_round * (2 if round_no == 1 else 1)
+            names, empty = _import_round(rng, round_no, frames, ls_server, project.id, scenes)
             tasks = {t.data["image"].rsplit("-", 1)[-1]: t for t in ls.tasks.list(
                 project=project.id)}
             new_ids = [tasks[n].id for n in names]
-            _pin_val(ls, [tasks[n] for n in names[:VAL_ANIMAL_FRAMES]]
-                     + [tasks[n] for n in names[args.images_per_round:][:VAL_EMPTY_FRAMES]])
+            _pin_val(ls, [tasks[n] for i, n in enumerate(names[:frames]) if i % 8 < 3]
+                     + [tasks[n] for n in names[frames:][:VAL_EMPTY_FRAMES]])
             if backend_url is None and registry.current_name() is not None:
                 backend_url = _start_backend(
                     stack, registry, loop_dir, out, args, ls, project.id, ls_server
@@ -208,8 +209,9 @@ def _import_round(rng: np.random.Generator, round_no: int, animals: int, ls_serv
 
 def _pin_val(ls: LabelStudio, tasks: list[Any]) -> None:
     """Pin these tasks to val (their data's `split` field), as a team holds out part of each
-    flight: the first round's val then holds the gate's 25 boxes, and its model can be
-    deployed and pre-label the second round."""
+    flight: the first round's val then holds 60 boxes, enough for the gate and for each
+    fold of the cross-fitted effort figure to see `min_boxes` of a class, so its model can
+    be deployed and pre-label the second round."""
     for task in tasks:
         ls.tasks.update(id=str(task.id), data={**task.data, "split": "val"})
 
