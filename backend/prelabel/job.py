@@ -183,8 +183,7 @@ class ResultFiles:
                      self.shard.count)
         self.version = version
         self.labels = labels
-        self.sink = JsonLinesSink(args.output if self.shard is None
-                                  else self.shard.path(args.output))
+        self.sink = JsonLinesSink(_results_path(args))
         self.load = FileLoader(
             args.max_pixels, PixelScaling(args.value_range, args.bands, args.nodata)
         )
@@ -358,9 +357,14 @@ def _record(
     report.tiles += result.crops
 
 
+def _results_path(args: argparse.Namespace) -> Path:
+    """`--output`, or with `--shard` this shard's file beside it."""
+    return args.output if args.shard is None else args.shard.path(args.output)
+
+
 def _default_report(args: argparse.Namespace) -> Path:
     if args.output is not None:
-        output = args.output if args.shard is None else args.shard.path(args.output)
+        output = _results_path(args)
         return output.with_name(output.stem + ".report.json")
     return Path(f"prelabel-project{args.project}.report.json")
 

@@ -64,13 +64,17 @@ class Shard:
             "--shard INDEX/COUNT")
 
     def holds(self, key: str) -> bool:
-        digest = hashlib.sha256(key.encode()).digest()
-        return int.from_bytes(digest[:8], "big") % self.count == self.index
+        return owner(key, self.count) == self.index
 
     def path(self, output: Path) -> Path:
         """Where this shard writes what a single run writes to `output`."""
         return output.with_name(f"{output.stem}.shard-{self.index}-of-{self.count}"
                                 f"{output.suffix}")
+
+
+def owner(key: str, count: int) -> int:
+    """The shard of `count` an image (its path) belongs to."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % count
 
 
 def shard_files(output: Path) -> tuple[int, list[Path]]:
@@ -113,8 +117,7 @@ def merge_results(output: Path, images: Sequence[str]) -> list[dict[str, Any]]:
             by_image[record["image"]] = record
     not_done = [image for image in images if image not in by_image]
     if not_done:
-        owners = sorted({next(i for i in range(count) if Shard(i, count).holds(image))
-                         for image in not_done})
+        owners = sorted({owner(image, count) for image in not_done})
         raise ValueError(f"--merge-shards: {len(not_done)} image(s) not done yet (e.g. "
                          f"{not_done[0]}); rerun shard(s) {owners} of {count}")
     return [by_image[image] for image in images if image in by_image]
