@@ -39,7 +39,6 @@ import numpy as np
 from label_studio_sdk import LabelStudio
 from PIL import Image
 
-from .counts import TRIAGE_KEY
 from .effort import EffortSettings, Tally, match
 from .imagery.counts import interval, survey_estimate
 from .labelstudio.local import LocalLabelStudio, import_image, local_label_studio
@@ -304,13 +303,12 @@ def _survey_figures(registry: Registry, scenes: list[Scene], device: str) -> dic
     model = registry.current()
     predictor = model.predictor(device=device)
     counting = model.counting
-    triage = (model.metadata.get(TRIAGE_KEY) or {}).get("threshold")
+    triage = model.triage_threshold
     counted = np.zeros(len(model.labels or CLASSES), int)
     skipped = missed = 0
     for scene in scenes:
         det = predictor.detect(scene.image, model.recipe)
-        best = float(det.scores.max()) if len(det) else 0.0
-        if triage is not None and best < triage:
+        if triage is not None and det.best_score() < triage:
             skipped, missed = skipped + 1, missed + len(scene.boxes)
         for score, cls in zip(det.scores.tolist(), det.classes.tolist(), strict=True):
             counted[cls] += score >= counting.of(cls)

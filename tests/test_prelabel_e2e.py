@@ -206,31 +206,80 @@ def test_select_before_anything_is_trained_ranks_by_the_start_models_likely_anim
     assert len(predictions) == 6 and all(p.result == [] for p in predictions)
 
 
+def _triaged(project, path, cut: int) -> tuple[dict[str, float], float]:
+    """A copy of the project's model at `path` with a triage threshold between its `cut`-th
+    and next frame by best score; the frames' best scores and the threshold."""
+    import shutil
+
+    shutil.copytree(project["model"], path)
+    model = ModelDir.open(path)
+    predictor = model.predictor(device="cpu")
+    best = {name: predictor.detect(load_image(data), None).best_score()
+            for name, data in project["images"].items()}
+    ranked = sorted(best.values())
+    threshold = (ranked[cut - 1] + ranked[cut]) / 2  # `cut` frames under it
+    model.update_metadata({"version": path.name, "triage": {"threshold": threshold}})
+    return best, threshold
+
+
+def _tabs_shown(project) -> dict[str, set[int]]:
+    from backend.labelstudio.views import EMPTY_TAB, REVIEW_TAB
+
+    views = {v.data["title"]: v for v in project["ls"].views.list(project=project["id"])}
+    return {title: set(views[title].data["filters"]["items"][0]["value"])
+            for title in (EMPTY_TAB, REVIEW_TAB)}
+
+
+def _assert_sorted(project, best: dict[str, float], threshold: float, empty: int) -> None:
+    from backend.labelstudio.views import EMPTY_TAB, REVIEW_TAB
+
+    tasks, shown = _tasks(project), _tabs_shown(project)
+    assert shown[EMPTY_TAB] == {tasks[n]["id"] for n, b in best.items() if b < threshold}
+    assert shown[REVIEW_TAB] == {tasks[n]["id"] for n, b in best.items() if b >= threshold}
+    assert len(shown[EMPTY_TAB]) == empty
+
+
 def test_prelabel_sorts_tasks_into_to_review_and_likely_empty_tabs(project, label_studio,
                                                                    monkeypatch, tmp_path):
     """A model with a triage threshold: the frames whose best detection scores under it go
     to a "likely empty" Data Manager tab, the others to "to review"."""
-    import shutil
-
-    from backend.prelabel.job import EMPTY_TAB, REVIEW_TAB
-
-    model_path = tmp_path / "triaged"
-    shutil.copytree(project["model"], model_path)
-    model = ModelDir.open(model_path)
-    predictor = model.predictor(device="cpu")
-    best = {name: float(predictor.detect(load_image(data), None).scores.max())
-            for name, data in project["images"].items()}
-    ranked = sorted(best.values())
-    threshold = (ranked[0] + ranked[1]) / 2  # one frame under it
-    model.update_metadata({"version": "triaged", "triage": {"threshold": threshold}})
+    best, threshold = _triaged(project, tmp_path / "triaged", cut=1)
     monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
-    main(["prelabel", "--project", str(project["id"]), "--model", str(model_path),
+    main(["prelabel", "--project", str(project["id"]), "--model", str(tmp_path / "triaged"),
           "--device", "cpu", "--report", str(tmp_path / "r.json")])
-    tasks = _tasks(project)
-    views = {v.data["title"]: v for v in project["ls"].views.list(project=project["id"])}
-    shown = {title: set(views[title].data["filters"]["items"][0]["value"])
-             for title in (EMPTY_TAB, REVIEW_TAB)}
-    assert shown[EMPTY_TAB] == {tasks[n]["id"] for n, b in best.items() if b < threshold}
-    assert shown[REVIEW_TAB] == {tasks[n]["id"] for n, b in best.items() if b >= threshold}
-    assert len(shown[EMPTY_TAB]) == 1
+    _assert_sorted(project, best, threshold, empty=1)
+
+
+def test_served_predictions_sort_tasks_into_the_same_tabs(project, label_studio, tmp_path,
+                                                          caplog):
+    """`serve` with a triaged model: the tasks Label Studio asks it about move into the
+    tabs by the served model's verdict (here one frame more is likely empty than the
+    prelabel run before said), written when the backend flushes them; a flush Label Studio
+    refuses loses nothing, the next one writes it."""
+    from backend.media.fetch import MediaFetcher, MediaSettings
+    from backend.serving.backend import Backend, ServerSettings
+    from backend.serving.jobs import TrainingJobs
+    from backend.serving.model_source import ModelSource
+    from backend.serving.triage_tabs import TriageTabs
+
+    best, threshold = _triaged(project, tmp_path / "served", cut=2)
+    with FlakyProxy(label_studio.url, "/api/dm/views", failures=1000) as proxy:
+        tabs = TriageTabs(lambda: LabelStudio(base_url=proxy.url, api_key=label_studio.token),
+                          every_s=3600)
+        backend = Backend(
+            ModelSource(model_dir=tmp_path / "served", device="cpu", watch_seconds=3600),
+            MediaFetcher(MediaSettings(label_studio_url=label_studio.url,
+                                       api_key=label_studio.token,
+                                       cache_dir=tmp_path / "cache")),
+            TrainingJobs("true", tmp_path, tmp_path / "jobs"), ServerSettings(), triage=tabs)
+        tasks = _tasks(project)
+        answer = backend.predict({"tasks": [tasks[n] for n in best],
+                                  "label_config": ANIMAL_CONFIG,
+                                  "project": f"{project['id']}.1733400000"})
+        assert len(answer["results"]) == len(best)
+        tabs.flush()  # refused
+        assert proxy.refused >= 1 and "triage tabs of project" in caplog.text
+        proxy.failures = proxy.refused  # Label Studio is back
+        tabs.close()
+    _assert_sorted(project, best, threshold, empty=2)

@@ -52,6 +52,11 @@ class Detections:
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
 
+    def best_score(self) -> float:
+        """The image's "animals present" score, which triage compares with its threshold
+        (0 when nothing was detected at all)."""
+        return float(self.scores.max()) if len(self) else 0.0
+
     def select(self, index: torch.Tensor) -> Detections:
         return Detections(
             self.boxes[index], self.scores[index], self.classes[index], self.image_size

@@ -1,6 +1,6 @@
 """Data Manager tabs that show annotators a list of tasks: the next batch (`select`), the
-frames to review and those likely empty (`prelabel --project` with a triage threshold).
-One tab per title, updated in place on every run."""
+frames to review and those likely empty (`prelabel --project` and `serve`, with a model's
+triage threshold). One tab per title, updated in place on every run."""
 
 from __future__ import annotations
 
@@ -37,3 +37,20 @@ def show_tasks(client: Any, project: int, title: str, ids: list[int],
     if view is not None:
         return client.views.update(id=view.id, project=project, data=data).id
     return client.views.create(project=project, data=data).id
+
+
+REVIEW_TAB = "tridentloop: to review"
+EMPTY_TAB = "tridentloop: likely empty"
+
+
+def sort_into_tabs(client: Any, project: int, likely_empty: dict[int, bool]) -> tuple[int, int]:
+    """Verdicts (task id: likely empty?) laid over the triage tabs' earlier ones, so a task
+    a newer model judges otherwise changes tab; (likely empty, to review) task counts."""
+    empty = set(tab_task_ids(client, project, EMPTY_TAB))
+    review = set(tab_task_ids(client, project, REVIEW_TAB))
+    for task, is_empty in likely_empty.items():
+        (empty if is_empty else review).add(task)
+        (review if is_empty else empty).discard(task)
+    show_tasks(client, project, REVIEW_TAB, sorted(review))
+    show_tasks(client, project, EMPTY_TAB, sorted(empty))
+    return len(empty), len(review)

@@ -35,7 +35,7 @@ from ..imagery.images import PixelScaling
 from ..labelstudio.connect import open_project
 from ..labelstudio.label_config import parse_label_config, read_mapping
 from ..labelstudio.results import prediction, rectangle_results, validate
-from ..labelstudio.views import show_tasks, tab_task_ids
+from ..labelstudio.views import EMPTY_TAB, REVIEW_TAB, sort_into_tabs
 from ..media.fetch import MediaSettings
 from ..model_dir import ModelDir
 from ..predict import detection_records
@@ -82,10 +82,6 @@ class Report:
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), indent=1) + "\n")
-
-
-REVIEW_TAB = "tridentloop: to review"
-EMPTY_TAB = "tridentloop: likely empty"
 
 
 class LabelStudioProject:
@@ -142,8 +138,7 @@ class LabelStudioProject:
         assert item.task_id is not None
         self.importer.add(item.task_id, prediction(regions, self.version, score))
         if self.triage is not None:
-            best = float(det.scores.max()) if len(det) else 0.0
-            self.likely_empty[item.task_id] = best < self.triage
+            self.likely_empty[item.task_id] = det.best_score() < self.triage
 
     def close(self) -> None:
         self.importer.flush()
@@ -151,17 +146,10 @@ class LabelStudioProject:
             self._sort_into_tabs()
 
     def _sort_into_tabs(self) -> None:
-        """This run's verdicts laid over the tabs' earlier ones (a task can change tab)."""
-        empty = set(tab_task_ids(self.client, self.project, EMPTY_TAB))
-        review = set(tab_task_ids(self.client, self.project, REVIEW_TAB))
-        for task, is_empty in self.likely_empty.items():
-            (empty if is_empty else review).add(task)
-            (review if is_empty else empty).discard(task)
-        show_tasks(self.client, self.project, REVIEW_TAB, sorted(review))
-        show_tasks(self.client, self.project, EMPTY_TAB, sorted(empty))
+        empty, review = sort_into_tabs(self.client, self.project, self.likely_empty)
         log.info("prelabel: %d task(s) likely empty (best score under the triage threshold "
-                 "%.3g), %d to review: Data Manager tabs %r and %r", len(empty), self.triage,
-                 len(review), EMPTY_TAB, REVIEW_TAB)
+                 "%.3g), %d to review: Data Manager tabs %r and %r", empty, self.triage,
+                 review, EMPTY_TAB, REVIEW_TAB)
 
 
 class ResultFiles:

@@ -50,6 +50,7 @@ from .jobs import TrainingJobs
 from .model_source import LoadedModel, ModelSource
 from .recent import Recent
 from .request_run import Busy, RequestRun
+from .triage_tabs import TriageTabs
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,10 @@ class Backend:
         jobs: TrainingJobs,
         settings: ServerSettings,
         queue: InferenceQueue | None = None,
+        triage: TriageTabs | None = None,
     ) -> None:
         self.models = models
+        self.triage = triage  # None: no Label Studio API access to write the tabs with
         self.media = media
         self.jobs = jobs
         self.settings = settings
@@ -200,8 +203,8 @@ class Backend:
             return self._interactive(tasks, context, model, config, usable, deadline)
         thresholds = self._thresholds(model, state.score_threshold, project)
         run = RequestRun(self.fetchers, self.settings.tasks_in_flight_per_request, tasks,
-                         lambda t: self._predict_task(t, model, config, usable, thresholds,
-                                                      deadline))
+                         lambda t: self._predict_task(t, project, model, config, usable,
+                                                      thresholds, deadline))
         results = run.wait(deadline)
         if run.busy:
             raise self._queue_full()
@@ -219,6 +222,7 @@ class Backend:
     def _predict_task(
         self,
         task: Any,
+        project: str,
         model: LoadedModel,
         config: LabelConfig,
         usable: Usable,
@@ -242,6 +246,9 @@ class Backend:
             method = self.settings.uncertainty
             score = max(uncertainty.score(method, [det], thresholds)
                         for det, _, _ in detections.values())
+            if self.triage is not None and model.triage is not None and task_id is not None:
+                best = max(det.best_score() for det, _, _ in detections.values())
+                self.triage.note(project, task_id, best < model.triage)
             return prediction(regions, model.version, score)
         except QueueFull as exc:
             raise Busy from exc

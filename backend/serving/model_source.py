@@ -35,6 +35,7 @@ class LoadedModel:
     labels: list[str]
     tiling: TilingOptions | None  # None: each image whole
     thresholds: ScoreThresholds
+    triage: float | None  # frames whose best score is under it are likely empty
     path: Path  # the model directory, whose model.json may be re-calibrated in place
     metadata_stamp: tuple[int, int] | None
 
@@ -103,21 +104,23 @@ class ModelSource:
         log.info("serving model %s from %s; score thresholds %s", version, model_dir.path,
                  thresholds.describe(model_dir.labels))
         return LoadedModel(version, predictor, model_dir.labels, tiling, thresholds,
-                           model_dir.path, stamp)
+                           model_dir.triage_threshold, model_dir.path, stamp)
 
     def _recalibrated(self, model: LoadedModel) -> LoadedModel:
-        """The same weights with the thresholds of a model.json rewritten in place."""
+        """The same weights with the thresholds (score, triage) of a model.json rewritten in
+        place."""
         stamp = metadata_stamp(model.path)
         if stamp == model.metadata_stamp:
             return model
         try:
-            thresholds = ModelDir.open(model.path).thresholds
+            calibrated = ModelDir.open(model.path)
+            thresholds, triage = calibrated.thresholds, calibrated.triage_threshold
         except ValueError:
             log.exception("could not read %s; keeping its thresholds", model.path)
             return replace(model, metadata_stamp=stamp)
         log.info("model %s re-calibrated: score thresholds %s", model.version,
                  thresholds.describe(model.labels))
-        return replace(model, thresholds=thresholds, metadata_stamp=stamp)
+        return replace(model, thresholds=thresholds, triage=triage, metadata_stamp=stamp)
 
     def current(self) -> LoadedModel:
         """The model being served, without looking at the registry: never blocks, so the

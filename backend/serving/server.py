@@ -25,6 +25,7 @@ from .auth import BasicAuth, check_bind
 from .backend import Backend, HTTPError, ServerSettings
 from .jobs import TrainingJobs
 from .model_source import ModelSource
+from .triage_tabs import TriageTabs
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,11 @@ def build_backend(args: argparse.Namespace, recipe: RecipeOverrides) -> Backend:
         overrides=dict(args.opt),
         **run_settings(args),
     )
+    url, key = os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY")
     media = MediaFetcher(
         MediaSettings(
-            label_studio_url=os.environ.get("LABEL_STUDIO_URL"),
-            api_key=os.environ.get("LABEL_STUDIO_API_KEY"),
+            label_studio_url=url,
+            api_key=key,
             cache_dir=work / "cache",
             cache_max_bytes=int(args.cache_gb * 1024**3),
             timeout=args.download_timeout,
@@ -70,7 +72,21 @@ def build_backend(args: argparse.Namespace, recipe: RecipeOverrides) -> Backend:
         )
     except HTTPError as exc:
         raise ValueError(exc.message) from exc
-    return Backend(models, media, jobs, settings)
+    return Backend(models, media, jobs, settings, triage=_triage_tabs(url, key, models))
+
+
+def _triage_tabs(url: str | None, key: str | None, models: ModelSource) -> TriageTabs | None:
+    """Tabs sorting served tasks by the model's triage threshold, where the backend may
+    write to Label Studio."""
+    if url and key:
+        from label_studio_sdk import LabelStudio
+
+        return TriageTabs(lambda: LabelStudio(base_url=url, api_key=key))
+    if models.current().triage is not None:
+        log.info("the model has a triage threshold, but without LABEL_STUDIO_URL and "
+                 "LABEL_STUDIO_API_KEY the backend cannot sort tasks into the 'likely "
+                 "empty' and 'to review' tabs")
+    return None
 
 
 def run_server(args: argparse.Namespace, recipe: RecipeOverrides) -> int:
@@ -81,13 +97,17 @@ def run_server(args: argparse.Namespace, recipe: RecipeOverrides) -> int:
         args.port,
         backend.models.get().version,
     )
-    uvicorn.run(
-        create_app(backend),
-        host=args.host,
-        port=args.port,
-        log_level="info",
-        timeout_graceful_shutdown=5,
-    )
+    try:
+        uvicorn.run(
+            create_app(backend),
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        if backend.triage is not None:
+            backend.triage.close()  # the last verdicts into their tabs
     return 0
 
 
