@@ -1,12 +1,13 @@
 """`tridentloop prelabel --ray ADDRESS`: the same job spread over a Ray cluster.
 
-Ray Data streams the items through two stages: CPU tasks fetch and decode images, and a pool
-of actors, one model replica per GPU (or `--ray-workers` CPU replicas), tile and run them
-with the very engine of the single-process job (`detect_stream`), so each image gets the
-same detections either way. Results come back to this process, which saves them as they
-arrive. Ray retries the decode tasks of a worker that dies, and Ray Data restarts a lost
-replica and redoes its batches, so a lost node costs time, not images. Every node needs
-tridentloop installed, as on this machine.
+Ray Data streams the items to a pool of actors, one model replica per GPU (or `--ray-workers`
+CPU replicas, spread over the nodes), which tile and run them with the very engine of the
+single-process job (`detect_stream`), so each image gets the same detections either way.
+GPU replicas are fed by CPU tasks that fetch and decode; CPU replicas decode their own
+images, so no replica, restarted after a node is lost, can take the CPU decoding waits for.
+Results come back to this process, which saves them as they arrive. Ray Data restarts a
+lost replica and redoes its batches, so a lost node costs time, not images. Every node
+needs tridentloop installed, as on this machine.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from .sources import Item
 from .stream import ImageResult, detect_stream
 
 _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)  # Ray columns hold no None; "" is "no error"
-DECODE_CPUS = 0.5  # what one decode task reserves
+DECODE_CPUS = 0.5  # what one decode task (feeding GPU replicas) reserves
 STALL_S = 120.0  # no image finished for this long: say what the job waits for
 log = logging.getLogger(__name__)
 
 
 class _Decode:
-    """CPU stage: an item's image, or the reason it has none."""
+    """An item's image, or the reason it has none."""
 
     def __init__(self, load: Callable[[Item], np.ndarray], items: list[Item]) -> None:
         self.load, self.items = load, items
@@ -54,15 +55,20 @@ class _Replica:
     """One model on one device, fed decoded images by Ray Data."""
 
     def __init__(self, model: str, overrides: dict[str, str], settings: dict[str, Any],
-                 method: str, tiling: TilingOptions | None, threads: int | None) -> None:
+                 method: str, tiling: TilingOptions | None, threads: int | None,
+                 decode: _Decode | None) -> None:
         if threads:
             torch.set_num_threads(threads)
         predictor = ModelDir.open(model).predictor(overrides, **settings)
         self.predictors = [predictor, *uncertainty.counterparts(method, predictor)]
-        self.tiling = tiling
+        self.tiling, self.decode = tiling, decode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows = list(zip(batch["index"].tolist(), batch["image"], batch["error"], strict=True))
+        if self.decode is not None:  # a CPU replica: its own decoding
+            decoded = [self.decode({"index": i}) for i in batch["index"].tolist()]
+            batch = {k: [d[k] for d in decoded] for k in ("index", "image", "error")}
+        indices = [int(i) for i in batch["index"]]
+        rows = list(zip(indices, batch["image"], batch["error"], strict=True))
         images = {i: image for i, image, error in rows if not error}
         results = [ImageResult(i, error=error) for i, _, error in rows if error]
         results += detect_stream(list(images), images.__getitem__, self.predictors,
@@ -103,16 +109,19 @@ def _connect(address: str, replicas: int) -> bool:
 
 
 def check_room(replicas: int, gpus: int, cpus: float) -> None:
-    """Refuse CPU replicas that would leave decoding no CPU: each holds a whole CPU for the
-    job's length, and Ray would wait forever for a decode task to fit."""
-    if gpus or cpus >= replicas + DECODE_CPUS:
+    """Refuse more CPU replicas than the cluster has CPUs (each holds one for the job's
+    length: the rest would wait forever), or GPU replicas that leave their decode tasks no
+    CPU."""
+    if gpus and cpus >= DECODE_CPUS:
         return
-    fit = int(cpus - DECODE_CPUS)
-    advice = (f"use --ray-workers {fit} or add CPUs" if fit >= 1 else
-              f"a CPU-only job needs at least {1 + DECODE_CPUS:g} CPUs")
-    raise ValueError(f"--ray-workers {replicas} on a cluster of {cpus:g} CPUs leaves decoding "
-                     f"no CPU (each CPU replica holds 1 CPU, each decode task "
-                     f"{DECODE_CPUS:g}): {advice}")
+    if not gpus and cpus >= replicas:
+        return
+    if gpus:
+        raise ValueError(f"a cluster of {cpus:g} CPUs leaves the decode tasks feeding the GPU "
+                         f"replicas no CPU (each needs {DECODE_CPUS:g}): add a node with CPUs")
+    advice = f"use --ray-workers {int(cpus)} or add CPUs" if cpus >= 1 else "add CPUs"
+    raise ValueError(f"--ray-workers {replicas} on a cluster of {cpus:g} CPUs: each CPU "
+                     f"replica holds 1 CPU, the rest would wait forever; {advice}")
 
 
 class Watchdog:
@@ -143,8 +152,8 @@ class Watchdog:
 def _waiting_for() -> str:
     free, total = ray.available_resources(), ray.cluster_resources()
     return (f"the cluster has {free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPUs and "
-            f"{free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPUs free (a lost node? a "
-            "replica restarted on a node with no CPU left for decoding? `ray status`)")
+            f"{free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPUs free (a lost node whose "
+            "replica has nowhere to restart? `ray status`)")
 
 
 def ray_detect_stream(
@@ -164,7 +173,8 @@ def ray_detect_stream(
     try:
         check_room(replicas, gpus, resources.get("CPU", 0))
         ds = ray.data.from_items([{"index": i} for i in range(len(items))])
-        ds = ds.map(_Decode(load, items), num_cpus=DECODE_CPUS)
+        if gpus:
+            ds = ds.map(_Decode(load, items), num_cpus=DECODE_CPUS)
         ds = ds.map_batches(
             _Replica,
             fn_constructor_kwargs={
@@ -173,13 +183,15 @@ def ray_detect_stream(
                 "method": args.uncertainty, "tiling": tiling,
                 # The driver's thread count: CPU replicas then compute exactly what it would.
                 "threads": None if gpus else (args.threads or torch.get_num_threads()),
+                "decode": None if gpus else _Decode(load, items),
             },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=replicas),
             num_gpus=1 if gpus else 0,
             num_cpus=0 if gpus else 1,
             batch_format="numpy",
-        )  # Ray Data restarts a lost replica and retries its batches (max_restarts=-1)
+        )  # Ray Data spreads the replicas over the nodes (its default), restarts a lost one
+        # and retries its batches (max_restarts=-1)
         watchdog = Watchdog(_waiting_for)
         for row in ds.iter_rows():
             watchdog.beat()
