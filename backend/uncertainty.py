@@ -37,6 +37,11 @@ are exactly those below the display threshold.
   as E / (E + 1). On a survey that is mostly empty ground, the frames with animals are the
   scarce ones a person must see first; a model trained on other species (last season's,
   the zoo's) can rank a new survey's pool by it before anything is labelled.
+- `rare-animals`: likely animals with each box weighted by how rare its class is among the
+  boxes labelled so far (`class_weights`: inverse frequency, add-one smoothed, mean 1 over
+  the classes): E = sum(w_c * s) as E / (E + 1). A frame with one likely bird outranks one
+  with a likely zebra when the labelled set holds 2 birds and 90 zebras; with no counts
+  given every weight is 1 and it is `likely-animals`.
 
 Every score lies in [0, 1]: Label Studio silently drops a prediction scored above 1.
 """
@@ -44,7 +49,7 @@ Every score lies in [0, 1]: Label Studio silently drops a prediction scored abov
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -56,9 +61,10 @@ from .thresholds import ScoreThresholds
 
 HALF = ScoreThresholds.uniform(0.5, "error-rate's default")
 Method = Literal["error-rate", "top-doubt", "least-confidence", "entropy", "disagreement",
-                 "likely-animals"]
+                 "likely-animals", "rare-animals"]
 METHODS: tuple[Method, ...] = (
-    "error-rate", "top-doubt", "least-confidence", "entropy", "disagreement", "likely-animals"
+    "error-rate", "top-doubt", "least-confidence", "entropy", "disagreement", "likely-animals",
+    "rare-animals",
 )
 DEFAULT: Method = "error-rate"
 TOP_K = 10
@@ -86,9 +92,22 @@ def top_doubt(det: Detections, k: int = TOP_K) -> float:
     return float(doubts.topk(min(k, len(doubts))).values.sum() / k)
 
 
-def likely_animals(det: Detections) -> float:
-    expected = float(det.scores.double().sum())
+def likely_animals(det: Detections, weights: torch.Tensor | None = None) -> float:
+    """`weights` (per class) make it `rare-animals`."""
+    scores = det.scores.double()
+    if weights is not None:
+        scores = scores * weights.double()[det.classes]
+    expected = float(scores.sum())
     return expected / (expected + 1)
+
+
+def class_weights(labels: Sequence[str], labelled: Mapping[str, int]) -> torch.Tensor:
+    """Per class of the model, (N + C) / (C * (n_c + 1)) for n_c of the N labelled boxes
+    among C classes: the inverse of the class's smoothed share, 1 for every class when the
+    labelled set is balanced, largest for a class nobody has labelled yet."""
+    counts = torch.tensor([float(labelled.get(label, 0)) for label in labels],
+                          dtype=torch.float64)
+    return (counts.sum() + len(labels)) / (len(labels) * (counts + 1))
 
 
 def entropy(det: Detections) -> float:
@@ -117,10 +136,12 @@ def disagreement(a: Detections, b: Detections) -> float:
 
 
 def score(method: Method, detections: Sequence[Detections],
-          thresholds: ScoreThresholds | None = None) -> float:
+          thresholds: ScoreThresholds | None = None,
+          weights: torch.Tensor | None = None) -> float:
     """`detections[0]` is what the served model found; `disagreement` also needs
     `detections[1]`, the branch counterpart's view of the same image; `error-rate` counts
-    errors at the thresholds in force (0.5 if not given)."""
+    errors at the thresholds in force (0.5 if not given); `rare-animals` weighs classes by
+    `weights` (`class_weights`; none: all 1)."""
     if method == "error-rate":
         return error_rate(detections[0], thresholds)
     if method == "top-doubt":
@@ -133,6 +154,8 @@ def score(method: Method, detections: Sequence[Detections],
         return disagreement(detections[0], detections[1])
     if method == "likely-animals":
         return likely_animals(detections[0])
+    if method == "rare-animals":
+        return likely_animals(detections[0], weights)
     raise ValueError(f"unknown uncertainty method {method!r}; choose from {METHODS}")
 
 

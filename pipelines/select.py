@@ -19,6 +19,8 @@ project's), tagged `start-<SHA-256 prefix>`, so a mostly empty survey's first ba
 the frames with animals. With no model at all the batch is a spread sample: every group in
 turn, a fixed pseudo-random order within each.
 A batch is never empty while unlabeled tasks exist; the console says how it was chosen.
+With `uncertainty: rare-animals` the pool is scored with the boxes labelled so far per
+label (a task keeps the score of the counts it was scored with until the model changes).
 
 Writes `data/select/next.json` and, with `create_view`, a Data Manager tab in Label Studio
 filtered to the batch and sorted by uncertainty.
@@ -27,9 +29,10 @@ filtered to the batch and sorted by uncertainty.
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,13 +160,29 @@ def candidates(tasks: list[dict[str, Any]], version: str, data_key: str):
     return found, missing
 
 
-def _prelabel(project: int, ranking: Ranking, sp: dict[str, Any], report: Path) -> None:
+def labelled_boxes(tasks: list[dict[str, Any]]) -> dict[str, int]:
+    """Boxes per label in the tasks' annotations (cancelled ones left out): how rare each
+    class is in what the model learns from."""
+    counts: Counter[str] = Counter()
+    for task in tasks:
+        for annotation in task.get("annotations") or []:
+            if annotation.get("was_cancelled"):
+                continue
+            for region in annotation.get("result") or []:
+                counts.update((region.get("value") or {}).get("rectanglelabels") or [])
+    return dict(counts)
+
+
+def _prelabel(project: int, ranking: Ranking, sp: dict[str, Any], report: Path,
+              tasks: list[dict[str, Any]]) -> None:
     """Score the pool with the ranking model, run by its recipe, as `tridentloop prelabel`
     in its own process (pipelines never import the CLI). Unreadable images are reported
     (exit 1), not fatal."""
+    rarity = (["--labelled-boxes", json.dumps(labelled_boxes(tasks))]
+              if ranking.uncertainty == "rare-animals" else [])
     done = subprocess.run(
         [sys.executable, "-m", "backend.cli", "prelabel", "--project", str(project),
-         *ranking.model, "--only-unlabeled", "--uncertainty", ranking.uncertainty,
+         *ranking.model, "--only-unlabeled", "--uncertainty", ranking.uncertainty, *rarity,
          "--device", sp.get("device", "auto"),
          "--report", str(report)],
         check=False,
@@ -193,7 +212,7 @@ def main() -> None:
         version = ranking.version
         found, missing = candidates(tasks, version, data_key)
         if missing and sp.get("prelabel_missing", True):
-            _prelabel(project, ranking, sp, report)
+            _prelabel(project, ranking, sp, report, tasks)
             found, missing = candidates(list_tasks(client, project), version, data_key)
         batch = spread(found, k)
         how = f"ranked by {ranking.what}"

@@ -26,7 +26,14 @@ from backend.prelabel.sinks import read_results
 from backend.prelabel.sources import FileLoader, Item, image_files
 from backend.prelabel.stream import detect_stream
 from backend.synthetic import survey_scene
-from backend.uncertainty import counterparts, disagreement, entropy, least_confidence
+from backend.uncertainty import (
+    class_weights,
+    counterparts,
+    disagreement,
+    entropy,
+    least_confidence,
+    score,
+)
 
 from .conftest import D2_FIXTURES, REPO, assert_same_detections, expected_detections, fixture_dir
 
@@ -182,7 +189,8 @@ def _det(scores, boxes=None, classes=None) -> Detections:
     boxes = boxes if boxes is not None else [[10.0 * i, 0, 10.0 * i + 8, 8] for i in range(n)]
     return Detections(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                       torch.tensor(scores, dtype=torch.float32),
-                      torch.tensor(classes if classes is not None else [0] * n))
+                      torch.tensor(classes if classes is not None else [0] * n,
+                                   dtype=torch.int64))
 
 
 def test_uncertainty_is_highest_for_coin_flip_boxes_and_stays_within_0_and_1():
@@ -193,6 +201,61 @@ def test_uncertainty_is_highest_for_coin_flip_boxes_and_stays_within_0_and_1():
     assert entropy(_det([0.5, 0.5])) == pytest.approx(0.75)
     # Several doubtful boxes outrank one under entropy; least confidence cannot tell.
     assert entropy(_det([0.5, 0.6, 0.4])) > entropy(_det([0.5, 0.99, 0.99]))
+
+
+def test_rare_animals_put_the_frames_of_a_scarce_class_first():
+    """A pool whose answers are known: likely-animals puts the frames with animals before
+    the rock and the empty frame; weighted by the labelled boxes (2 birds, 90 zebras) the
+    frame with one likely bird comes before the frame of two likely zebras."""
+    labels = ["Elephant", "Zebra", "Bird"]
+    pool = {"empty": _det([]), "rock": _det([0.1]), "zebras": _det([0.7, 0.6], classes=[1, 1]),
+            "bird": _det([0.7], classes=[2])}
+
+    def ranked(method, weights=None) -> list[str]:
+        return sorted(pool, key=lambda name: -score(method, [pool[name]], None, weights))
+
+    labelled = class_weights(labels, {"Elephant": 60, "Zebra": 90, "Bird": 2})
+    assert ranked("likely-animals") == ["zebras", "bird", "rock", "empty"]
+    assert ranked("rare-animals", labelled) == ["bird", "zebras", "rock", "empty"]
+    assert ranked("rare-animals") == ranked("likely-animals")  # no counts: every weight 1
+    balanced = class_weights(labels, {"Elephant": 5, "Zebra": 5, "Bird": 5})
+    assert balanced.tolist() == pytest.approx([1.0, 1.0, 1.0])
+    assert all(0 <= score("rare-animals", [d], None, labelled) < 1 for d in pool.values())
+
+
+def test_select_counts_the_labelled_boxes_per_label_without_cancelled_annotations():
+    from pipelines.select import labelled_boxes
+
+    def annotation(*labels: str, cancelled: bool = False) -> dict:
+        return {"was_cancelled": cancelled, "result": [
+            {"type": "rectanglelabels", "value": {"rectanglelabels": [label]}}
+            for label in labels]}
+
+    tasks = [{"annotations": [annotation("Zebra", "Zebra", "Bird")]},
+             {"annotations": [annotation("Zebra"), annotation("Bird", cancelled=True)]},
+             {"annotations": []}]
+    assert labelled_boxes(tasks) == {"Zebra": 3, "Bird": 1}
+
+
+def test_prelabel_weighs_classes_by_the_labelled_boxes_it_is_given(survey, tmp_path, capsys):
+    """`--labelled-boxes`: each image's rare-animals score is its boxes' scores weighted by
+    their class's rarity among the counts given (the model's labels: Elephant, zebra,
+    BIRD)."""
+    labelled = {"Elephant": 500, "zebra": 40}
+    weights = class_weights(["Elephant", "zebra", "BIRD"], labelled).tolist()
+    out = tmp_path / "weighted.jsonl"
+    common = ["prelabel", "--images", str(survey["root"]), "--model", str(survey["model"]),
+              "--device", "cpu", "--tile-size", "320", "--uncertainty", "rare-animals"]
+    assert main([*common, "--output", str(out), "--labelled-boxes",
+                 json.dumps(labelled)]) == 1  # the broken file
+    records = [r for r in read_results(out) if "error" not in r]
+    assert len(records) == 4 and any(r["detections"] for r in records)
+    for record in records:
+        expected = sum(d["score"] * weights[d["class_id"]] for d in record["detections"])
+        assert record["uncertainty"] == pytest.approx(expected / (expected + 1), rel=1e-4)
+    with pytest.raises(SystemExit):
+        main([*common, "--output", str(out), "--labelled-boxes", '["zebra"]'])
+    assert "expected an object of label names and box counts" in capsys.readouterr().err
 
 
 def test_disagreement_is_zero_for_agreeing_views_and_one_for_disjoint():

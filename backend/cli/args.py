@@ -4,6 +4,7 @@ overrides, raster pixels and the survey exports."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ..recipe import RecipeOverrides
@@ -85,6 +86,20 @@ def recipe_overrides(args: argparse.Namespace) -> RecipeOverrides:
         full_image_pass=args.full_image_pass,
         batch_size=args.batch_size,
     )
+
+
+def label_counts(text: str) -> dict[str, int]:
+    """A JSON object of label names and box counts, as `select` passes them."""
+    try:
+        counts = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({exc})") from None
+    if not isinstance(counts, dict) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts.values()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected an object of label names and box counts, e.g. "
+            '\'{"Zebra": 90, "Bird": 2}\'')
+    return counts
 
 
 def key_value(pair: str) -> tuple[str, str]:

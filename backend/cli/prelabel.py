@@ -11,6 +11,7 @@ from ..uncertainty import METHODS
 from .args import (
     add_export_args,
     add_run_args,
+    label_counts,
     recipe_overrides,
 )
 
@@ -38,6 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           help="run report (default: beside --output, or in the current dir)")
     prelabel.add_argument("--uncertainty", default=DEFAULT_UNCERTAINTY, choices=METHODS,
                           help="the prediction score annotators sort by (default: %(default)s)")
+    prelabel.add_argument("--labelled-boxes", type=label_counts, default=None,
+                          metavar="JSON",
+                          help="rare-animals: boxes labelled so far per label, e.g. "
+                          '\'{"Zebra": 90, "Bird": 2}\' (select passes them)')
     prelabel.add_argument("--score-threshold", type=float, default=None,
                           help="--project: one threshold for every class instead of the "
                           "model's (chosen on validation; 0.5 for a model without)")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from .. import uncertainty
@@ -260,6 +261,8 @@ def run_prelabel(args: argparse.Namespace, recipe: RecipeOverrides) -> int:
     if args.limit is not None:
         items = items[: args.limit]
     report = Report(version, args.uncertainty, len(items) + already, already)
+    weights = (uncertainty.class_weights(labels, args.labelled_boxes)
+               if args.labelled_boxes is not None else None)
     report_path = args.report or _default_report(args)
     print(f"prelabel: {len(items)} image(s) to do, {already} already done, model {version}",
           file=sys.stderr)
@@ -270,7 +273,7 @@ def run_prelabel(args: argparse.Namespace, recipe: RecipeOverrides) -> int:
     tiles.started = started
     try:
         for result in results:
-            _record(result, destination, report, args.uncertainty)
+            _record(result, destination, report, args.uncertainty, weights)
             progress.update()
             tiles.show()
     except KeyboardInterrupt:
@@ -331,15 +334,14 @@ def _results(
     )
 
 
-def _record(
-    result: ImageResult[Item], destination: Destination, report: Report, method: str
-) -> None:
+def _record(result: ImageResult[Item], destination: Destination, report: Report,
+            method: uncertainty.Method, weights: torch.Tensor | None) -> None:
     if result.error is not None:
         report.failed.append({"image": result.item.uri, "task": result.item.task_id,
                               "error": result.error})
         destination.fail(result.item, result.error)
         return
-    score = uncertainty.score(method, result.detections, destination.thresholds)
+    score = uncertainty.score(method, result.detections, destination.thresholds, weights)
     destination.save(result.item, result.detections[0], result.height, result.width, score)
     report.done += 1
     report.tiles += result.crops
