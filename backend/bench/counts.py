@@ -77,6 +77,18 @@ def _seed(bench: CountBench, seed: int, predictor: Any, model: ModelDir) -> dict
     return row
 
 
+def seed_interval(values: list[float], draws: int = 2000) -> dict[str, float] | None:
+    """The mean over seeds with a 95% bootstrap interval (percentiles of resampled means):
+    a figure from a few seeds carries its spread."""
+    if not values:
+        return None
+    data = np.asarray(values, float)
+    means = np.random.default_rng(0).choice(data, (draws, len(data))).mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": round(float(data.mean()), 3), "low": round(float(low), 3),
+            "high": round(float(high), 3), "seeds": len(data)}
+
+
 def _effort_coverage(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """How often the out-of-sample interval held the fresh batch's effort ratio: over the
     seeds with animals on both sides, and over those where the model offered boxes (the
@@ -108,12 +120,18 @@ def run_count_benchmark(bench: CountBench) -> Iterator[dict[str, Any]]:
                           "mean_width_over_true": round(float(np.mean(widths)), 2)
                           if widths else None}
     recalls = [r["triage"]["image_recall"] for r in rows if r["triage"]["image_recall"] is not None]
+    triaged = [r["triage"] for r in rows if r["triage"]["threshold"] is not None]
     yield {"seeds": bench.seeds, "model": str(bench.model), "count_coverage": coverage,
            **_effort_coverage(rows),
            "triage_recall_mean": round(float(np.mean(recalls)), 3) if recalls else None,
            "triage_recall_min": min(recalls) if recalls else None,
            "triage_skipped_share_mean": round(float(np.mean(
                [r["triage"]["skipped_share"] for r in rows])), 3),
+           # Over the seeds whose val held enough frames with animals to set a threshold:
+           "triage_seeds": len(triaged),
+           "triage_when_set": {key: seed_interval([t[key] for t in triaged if t[key] is not None])
+                               for key in ("skipped_share", "image_recall",
+                                           "animals_in_skipped")},
            "val_frames": bench.val_frames, "survey_frames": bench.survey_frames,
            "empty_fraction": bench.empty_fraction,
            "seconds": round(time.perf_counter() - started, 1)}

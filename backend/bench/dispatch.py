@@ -50,7 +50,8 @@ def _counts(args: argparse.Namespace) -> Records:
 
     return run_count_benchmark(CountBench(
         **({"model": args.model_dir} if args.model_dir else {}), seeds=args.seeds,
-        device=_cpu_unless_told(args)))
+        val_frames=args.val_frames, survey_frames=args.survey_frames,
+        empty_fraction=args.empty_fraction, device=_cpu_unless_told(args)))
 
 
 def _pretrain_source(args: argparse.Namespace) -> Records:

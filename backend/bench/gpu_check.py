@@ -14,7 +14,9 @@ short keeps it:
 4. the survey batch job on generated 6000x4000 frames (54 tiles each) vs the bare engine;
 5. torch.compile (opt-in) against the default, for TridentNet-Fast and R50-FPN;
 6. training: full-size TridentNet R50-C4 with AMP beside torchvision's training step;
-7. with `--matrix`, every case at bf16 / fp16 / fp32 and batches 1, 4, 8, 16.
+7. the live backend with full-size TridentNet-Fast at bf16: its overhead over the engine,
+   smart-tool latency (p95) idle and beside a batch load, fairness with hanging URLs;
+8. with `--matrix`, every case at bf16 / fp16 / fp32 and batches 1, 4, 8, 16.
 Without CUDA it fails at once, loudly: a check that skips would pass where nothing ran.
 """
 
@@ -39,10 +41,12 @@ import torchvision
 from ..detection.device import device_name, resolve_device
 from .engine import CASES, EngineBench, SurveySettings, run_engine_benchmark
 from .prelabel import PrelabelBench, run_prelabel_benchmark
+from .serve import ServeBench, run_serve_benchmark
 from .training import TrainingBench, run_training_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("tests", "engine", "before", "prelabel", "compiled", "training", "matrix")
+SECTIONS = ("tests", "engine", "before", "prelabel", "compiled", "training", "serve",
+            "matrix")
 
 
 class Report:
@@ -175,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             "training": lambda: report.extend(
                 "training", run_training_benchmark(TrainingBench(device="cuda"))
             ),
+            "serve": lambda: report.extend("serve", run_serve_benchmark(ServeBench(
+                config=FAST, device="cuda", precision="bf16"))),
             "matrix": lambda: _matrix(report, args.repeats),
         }
         assert set(sections) == set(SECTIONS)

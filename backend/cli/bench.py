@@ -75,6 +75,13 @@ def _add_jobs(bench: argparse.ArgumentParser) -> None:
                       help="count intervals, effort and triage on new generated surveys, "
                       "over seeds (coverage)")
     bench.add_argument("--seeds", type=int, default=20, help="--counts: surveys")
+    bench.add_argument("--val-frames", type=int, default=30,
+                       help="--counts: labelled frames per survey the figures are fitted on "
+                       "(triage needs 32 with animals)")
+    bench.add_argument("--survey-frames", type=int, default=30,
+                       help="--counts: new frames per survey the figures are tested on")
+    bench.add_argument("--empty-fraction", type=float, default=0.92,
+                       help="--counts: share of empty tiles in the generated surveys")
     bench.add_argument("--model-dir", type=Path, help="--counts: the model (default: the "
                        "shipped savanna source model)")
     jobs.add_argument("--pretrain-source", type=Path, metavar="DIR",
