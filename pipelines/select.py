@@ -21,6 +21,10 @@ turn, a fixed pseudo-random order within each.
 A batch is never empty while unlabeled tasks exist; the console says how it was chosen.
 With `uncertainty: rare-animals` the pool is scored with the boxes labelled so far per
 label (a task keeps the score of the counts it was scored with until the model changes).
+With `diversity: embeddings` the batch is spread by what the ranking model sees instead of
+by folder: the `pool_factor` × k highest scored are embedded (`Predictor.embed`), and each
+next pick is the one whose score times its distance to the picks so far is largest, so a
+batch is not k views of one herd however the images are filed.
 
 Writes `data/select/next.json` and, with `create_view`, a Data Manager tab in Label Studio
 filtered to the batch and sorted by uncertainty.
@@ -37,10 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from backend.files import file_sha256
 from backend.labelstudio.tasks import is_labeled, list_tasks
 from backend.labelstudio.views import show_tasks
+from backend.media.fetch import MediaSettings
 from backend.model_dir import ModelDir, ModelDirError
+from backend.prelabel.sources import Item, TaskLoader
 from backend.registry import Registry
 from backend.uncertainty import DEFAULT as DEFAULT_UNCERTAINTY
 from backend.weights import StartError, resolve_start
@@ -92,15 +100,37 @@ def spread_sample(tasks: list[dict[str, Any]], k: int, data_key: str, seed: int 
     return spread(pool, k, key="draw")
 
 
+def diverse(candidates: list[dict[str, Any]], embeddings: torch.Tensor, k: int
+            ) -> list[dict[str, Any]]:
+    """`k` of the candidates (rows of `embeddings`, one per candidate): the highest
+    scored first, then each time the largest score x distance to the nearest pick, the
+    distance (1 - cosine) / 2 of embeddings centred on the candidates' mean (what they all
+    share, the ground, says nothing about which differ)."""
+    if not candidates:
+        return []
+    centred = torch.nn.functional.normalize(embeddings - embeddings.mean(0), dim=1)
+    scores = torch.tensor([c["uncertainty"] for c in candidates], dtype=torch.float32)
+    nearest = torch.full((len(candidates),), 1.0)
+    chosen: list[int] = []
+    for _ in range(min(k, len(candidates))):
+        value = (scores + 1e-3) * nearest  # +1e-3: unscored candidates still spread
+        value[chosen] = -1.0
+        pick = int(value.argmax())
+        chosen.append(pick)
+        nearest = torch.minimum(nearest, (1 - centred @ centred[pick]) / 2)
+    return [candidates[i] for i in chosen]
+
+
 @dataclass(frozen=True)
 class Ranking:
     """The model that ranks the pool: its predictions' version tag, prelabel's arguments to
-    run it, what it is (for the console) and the score it ranks by."""
+    run it, what it is (for the console), the score it ranks by and its directory."""
 
     version: str
     model: list[str]
     what: str
     uncertainty: str
+    model_dir: Path
 
 
 def ranking_model(params: dict[str, Any]) -> Ranking | None:
@@ -111,7 +141,7 @@ def ranking_model(params: dict[str, Any]) -> Ranking | None:
     version = Registry(registry).current_name()
     if version is not None:
         return Ranking(version, ["--registry", registry], f"the deployed model {version}",
-                       doubt)
+                       doubt, Registry(registry).versions_dir / version)
     output = params.get("train", {}).get("output", "models/candidate")
     try:
         candidate = ModelDir.open(output)
@@ -120,7 +150,7 @@ def ranking_model(params: dict[str, Any]) -> Ranking | None:
     tag = f"candidate-{file_sha256(candidate.weights)[:12]}"
     return Ranking(tag, ["--model", output, "--model-version", tag, "--rank-only"], (
         f"the last candidate {tag} (nothing is deployed yet: it orders the pool, its "
-        "predictions carry no boxes)"), doubt)
+        "predictions carry no boxes)"), doubt, Path(output))
 
 
 def _start_ranking(base_weights: str) -> Ranking | None:
@@ -140,7 +170,7 @@ def _start_ranking(base_weights: str) -> Ranking | None:
                          "--rank-only"],
                    f"the start model {base_weights} ({tag}: nothing is trained yet; by the "
                    "animals it likely finds in each image, whatever their class)",
-                   "likely-animals")
+                   "likely-animals", start.weights.parent)
 
 
 def candidates(tasks: list[dict[str, Any]], version: str, data_key: str):
@@ -173,6 +203,34 @@ def labelled_boxes(tasks: list[dict[str, Any]]) -> dict[str, int]:
     return dict(counts)
 
 
+def embedded(ranking: Ranking, candidates: list[dict[str, Any]], media: MediaSettings,
+             device: str) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """The candidates whose images could be read, with the ranking model's embeddings."""
+    predictor = ModelDir.open(ranking.model_dir).predictor(device=device)
+    load = TaskLoader(media)
+    kept, vectors = [], []
+    for candidate in candidates:
+        try:
+            image = load(Item(candidate["image"], candidate["id"]))
+        except Exception as exc:  # its place goes to another: the batch is not held up
+            print(f"select: task {candidate['id']} left out of the spread: {exc}")
+            continue
+        kept.append(candidate)
+        vectors.append(predictor.embed(image))
+    return kept, torch.stack(vectors) if vectors else torch.zeros(0, 1)
+
+
+def _batch(found: list[dict[str, Any]], k: int, ranking: Ranking, sp: dict[str, Any],
+           media: MediaSettings) -> list[dict[str, Any]]:
+    """The top `k`, spread by folder or (`diversity: embeddings`) by the model's view."""
+    if sp.get("diversity", "folders") == "folders":
+        return spread(found, k)
+    pool = sorted(found, key=lambda c: (-c["uncertainty"], c["id"]))
+    pool = pool[: max(k, int(sp.get("pool_factor", 4)) * k)]
+    kept, vectors = embedded(ranking, pool, media, sp.get("device", "auto"))
+    return diverse(kept, vectors, k)
+
+
 def _prelabel(project: int, ranking: Ranking, sp: dict[str, Any], report: Path,
               tasks: list[dict[str, Any]]) -> None:
     """Score the pool with the ranking model, run by its recipe, as `tridentloop prelabel`
@@ -202,6 +260,8 @@ def main() -> None:
     client, opened = open_label_studio(url, api_key, project, "select", params)
     data_key = parse_label_config(opened.label_config).controls[0].data_key
     k = int(sp.get("k", 20))
+    if sp.get("diversity", "folders") not in ("folders", "embeddings"):
+        fail(f"select.diversity {sp['diversity']!r}: choose folders or embeddings")
     ranking = ranking_model(params)
     tasks = list_tasks(client, project)
     if ranking is None:
@@ -214,8 +274,8 @@ def main() -> None:
         if missing and sp.get("prelabel_missing", True):
             _prelabel(project, ranking, sp, report, tasks)
             found, missing = candidates(list_tasks(client, project), version, data_key)
-        batch = spread(found, k)
-        how = f"ranked by {ranking.what}"
+        batch = _batch(found, k, ranking, sp, MediaSettings(url, api_key))
+        how = f"ranked by {ranking.what}, spread by {sp.get('diversity', 'folders')}"
     view = show_tasks(client, project, VIEW_TITLE, [c["id"] for c in batch],
                       ["-tasks:predictions_score"]) if (
         batch and sp.get("create_view", True)) else None

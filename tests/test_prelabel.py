@@ -306,6 +306,23 @@ def test_outages_are_retried_with_back_off_and_other_errors_are_not():
         with_retry(lambda: {}["missing"], "import", sleep=waits.append)
 
 
+def test_diversity_takes_one_image_per_cluster_before_a_second_of_any():
+    """Three clusters of embeddings (three near-copies of one herd, two of another, one
+    lone frame), the copies scored highest: a batch of three takes one of each, where
+    ranking alone (all in one folder) would take the three copies."""
+    from pipelines.select import diverse, spread
+
+    rng = np.random.default_rng(0)
+    centres = torch.eye(8)[:3] * 4
+    members = [0, 0, 0, 1, 1, 2]
+    vectors = centres[members] + 0.05 * torch.from_numpy(rng.normal(size=(6, 8))).float()
+    pool = [{"id": i, "uncertainty": u, "group": "flight1"}
+            for i, u in enumerate([0.9, 0.89, 0.88, 0.5, 0.49, 0.3])]
+    assert [c["id"] for c in spread(pool, 3)] == [0, 1, 2]
+    assert [c["id"] for c in diverse(pool, vectors, 3)] == [0, 3, 5]
+    assert len(diverse(pool, vectors, 10)) == 6 and diverse([], torch.zeros(0, 8), 3) == []
+
+
 def test_selection_takes_the_most_uncertain_spread_across_folders():
     from pipelines.select import group_of, spread
 

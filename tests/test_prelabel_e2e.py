@@ -206,6 +206,36 @@ def test_select_before_anything_is_trained_ranks_by_the_start_models_likely_anim
     assert len(predictions) == 6 and all(p.result == [] for p in predictions)
 
 
+def test_select_spread_by_embeddings_takes_one_view_of_a_herd(label_studio, tmp_path):
+    """Two views of one big herd (the frame and its mirror image) outscore a small herd;
+    all frames share one upload folder. Spread by folder the batch of two is both views;
+    by the start model's embeddings it is one view and the other herd."""
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    steppe = ls.projects.create(title="two views", label_config=label_config(["saiga"]))
+    rng = np.random.default_rng(5)
+    big = survey_scene(rng, 480, 640, 12).image
+    frames = {"big.png": big, "big-mirror.png": np.ascontiguousarray(big[:, ::-1]),
+              "small.png": survey_scene(rng, 480, 640, 3).image}
+    frames |= {f"ground{i}.png": f.image for i, f in enumerate(survey_pool(
+        rng, 2, PoolSettings(empty_fraction=1.0, confusers=0.0)))}
+    for name, image in frames.items():
+        import_image(label_studio, steppe.id, name, png_bytes(image))
+    train = {"output": str(tmp_path / "no-candidate"), "base_weights": str(SAVANNA_V1)}
+
+    def chosen(diversity: str) -> list[str]:
+        (tmp_path / diversity).mkdir()
+        picked, printed = _select(tmp_path / diversity, {"id": steppe.id}, label_studio,
+                                  train=train, select={
+                                      "k": 2, "create_view": False, "output": "next.json",
+                                      "device": "cpu", "diversity": diversity})
+        assert f"spread by {diversity}" in printed
+        return sorted(t["image"].rsplit("-", 1)[-1] for t in picked["tasks"])
+
+    assert chosen("folders") == ["big.png", "mirror.png"]
+    by_model = chosen("embeddings")
+    assert "small.png" in by_model and len(by_model) == 2
+
+
 def _triaged(project, path, cut: int) -> tuple[dict[str, float], float]:
     """A copy of the project's model at `path` with a triage threshold between its `cut`-th
     and next frame by best score; the frames' best scores and the threshold."""

@@ -99,6 +99,18 @@ class GeneralizedRCNN(nn.Module):
         batch = self.preprocess(images)
         return self.detect(batch).split(batch.sizes)
 
+    def embed(self, batch: ImageBatch) -> torch.Tensor:
+        """(N, C) unit vectors: each image's deepest feature map the box heads read, averaged
+        over its real pixels (not the padding) and over TridentNet's branches. Images the
+        model sees alike lie close, whatever they hold: what selection spreads a batch by."""
+        level = self.cfg.roi_heads.in_features[-1]
+        features = self.backbone(batch.tensor)[level].float()
+        stride = self.backbone.strides[level]
+        pooled = torch.stack([
+            features[i::len(batch.sizes)][:, :, : -(-h // stride), : -(-w // stride)]
+            .mean(dim=(0, 2, 3)) for i, (h, w) in enumerate(batch.sizes)])
+        return torch.nn.functional.normalize(pooled, dim=1)
+
     def detect(self, batch: ImageBatch) -> BatchDetections:
         """Detections of a padded batch, in its (resized) pixels, grouped by image."""
         features = self.backbone(batch.tensor)

@@ -138,6 +138,10 @@ class Predictor:
             return self(image)
         return predict_tiled(self.predict, image, tiling, self.preferred_batch)
 
+    def embed(self, image: np.ndarray) -> torch.Tensor:
+        """The whole image at the model's test size as one unit vector (`model.embed`)."""
+        return _embed_prepared(self, self.prepare(image))
+
     def predict(self, images: Sequence[np.ndarray]) -> list[Detections]:
         return self.predict_prepared([self.prepare(im) for im in images])
 
@@ -156,6 +160,17 @@ class Predictor:
             batch = self.model.preprocess(tensors, options.memory_format)
             found = self.model.detect(batch)
         return to_original_sizes(found, batch.sizes, [p.original_size for p in prepared])
+
+
+@torch.inference_mode()
+def _embed_prepared(predictor: Predictor, prepared: PreparedImage) -> torch.Tensor:
+    options = predictor.options
+    tensor = options.to_device(prepared.tensor).permute(2, 0, 1)
+    if predictor.cfg.input_format == "BGR":
+        tensor = tensor.flip(0)
+    with options.autocast():
+        batch = predictor.model.preprocess([tensor], options.memory_format)
+        return predictor.model.embed(batch)[0].float().cpu()
 
 
 def to_original_sizes(
