@@ -347,28 +347,33 @@ def cross_folds(scored: Scored, folds: int) -> Iterator[tuple[np.ndarray, Scored
 
 
 def ratio_interval(cost: np.ndarray, truth: np.ndarray, settings: EffortSettings,
-                   resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+                   resamples: int = 1000, seed: int = 0, batch: int | None = None
+                   ) -> tuple[float, float]:
     """95% percentile interval of sum(cost) / (draw_cost * sum(truth)) over images drawn
-    with replacement."""
+    with replacement: `len(cost)` of them, an interval for the expected ratio; `batch` of
+    them, the range of the ratio on one batch of that many images like these, which a
+    small batch of few animals spreads much wider."""
     if len(cost) == 0:
         return 1.0, 1.0
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(cost), size=(resamples, len(cost)))
+    draws = rng.integers(0, len(cost), size=(resamples, batch or len(cost)))
     ratios = cost[draws].sum(1) / (settings.draw_cost * np.maximum(truth[draws].sum(1), 1))
     low, high = np.percentile(ratios, [2.5, 97.5])
     return round(float(low), 4), round(float(high), 4)
 
 
-def cross_fitted(scored: Scored, settings: EffortSettings = EffortSettings()
-                 ) -> dict[str, Any]:
+def cross_fitted(scored: Scored, settings: EffortSettings = EffortSettings(),
+                 batch: int | None = None) -> dict[str, Any]:
     """The effort ratio annotators would see on images the thresholds were not chosen on:
     per fold of the val images, thresholds chosen on the others and scored on it; with the
-    95% interval over images. What the deploy gate decides on. When the thresholds chosen
-    on all of val offer nothing, nothing is left to flatter: annotators draw every box, a
-    ratio of exactly 1."""
+    95% interval over images (and with `batch`, `batch_low`/`batch_high`: the range to
+    expect on one batch of that many images). What the deploy gate decides on. When the
+    thresholds chosen on all of val offer nothing, nothing is left to flatter: annotators
+    draw every box, a ratio of exactly 1."""
     chosen = choose_thresholds(scored, settings)["per_class"]
     if all(t is None for t in chosen.values()):
-        return at_thresholds(scored, chosen, settings)
+        return _ratio_figures(*per_image_costs(scored, chosen, settings), settings, folds=0,
+                              batch=batch)
     cost = np.zeros(scored.images)
     truth = np.bincount(scored.truth_image, minlength=scored.images).astype(float)
     folds = 0
@@ -376,7 +381,7 @@ def cross_fitted(scored: Scored, settings: EffortSettings = EffortSettings()
         chosen = choose_thresholds(fit, settings)["per_class"]
         cost[mask] = per_image_costs(held, chosen, settings)[0]
         folds += 1
-    return _ratio_figures(cost, truth, settings, folds=folds)
+    return _ratio_figures(cost, truth, settings, folds=folds, batch=batch)
 
 
 def at_thresholds(scored: Scored, per_class: dict[str, float | None],
@@ -387,9 +392,12 @@ def at_thresholds(scored: Scored, per_class: dict[str, float | None],
 
 
 def _ratio_figures(cost: np.ndarray, truth: np.ndarray, settings: EffortSettings,
-                   folds: int) -> dict[str, Any]:
+                   folds: int, batch: int | None = None) -> dict[str, Any]:
     low, high = ratio_interval(cost, truth, settings)
-    return {"effort_ratio": round(float(cost.sum() / (settings.draw_cost
+    spread = {} if batch is None else dict(zip(
+        ("batch_low", "batch_high"), ratio_interval(cost, truth, settings, batch=batch),
+        strict=True))
+    return {**spread,"effort_ratio": round(float(cost.sum() / (settings.draw_cost
                                                       * max(truth.sum(), 1))), 4),
             "low": low, "high": high, "corrections_per_image":
                 round(float(cost.sum()) / max(len(cost), 1), 3),

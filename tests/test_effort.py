@@ -173,6 +173,22 @@ def test_effort_scored_out_of_sample_does_not_flatter_a_lucky_threshold():
     assert held["low"] <= fresh <= held["high"]
 
 
+def test_the_batch_interval_holds_what_small_fresh_batches_show():
+    """The interval for the expected ratio is narrow with 200 val images; one batch of 10
+    images scatters far wider. The batch interval (images drawn 10 at a time) holds the
+    ratio of most 10-image batches; the interval of the mean holds few."""
+    settings = EffortSettings(confidence=0.5)
+    scored = score_coco(*_noise(0))
+    chosen = choose_thresholds(scored, settings)["per_class"]
+    held = cross_fitted(scored, settings, batch=10)
+    assert held["batch_low"] < held["low"] < held["high"] < held["batch_high"]
+    fresh = [at_thresholds(score_coco(*_noise(seed, 10)), chosen, settings)["effort_ratio"]
+             for seed in range(100, 140)]
+    in_batch = np.mean([held["batch_low"] <= f <= held["batch_high"] for f in fresh])
+    in_mean = np.mean([held["low"] <= f <= held["high"] for f in fresh])
+    assert in_batch >= 0.85 and in_mean <= 0.6
+
+
 def test_a_model_that_offers_nothing_costs_exactly_drawing_out_of_sample_too():
     """Fifteen zebras found, but one image holds fifteen confident wrong boxes: on all of val
     no threshold pays, so nothing is offered and annotators draw every box (a ratio of

@@ -63,14 +63,18 @@ def _seed(bench: CountBench, seed: int, predictor: Any, model: ModelDir) -> dict
             {**{k: round(count[k], 1) for k in ("estimate", "low", "high")},
              "covered": count["covered"]})}
     chosen = effort.choose_thresholds(val, settings)["per_class"]
-    held = effort.cross_fitted(val, settings)
+    held = effort.cross_fitted(val, settings, batch=bench.survey_frames)
     fresh = effort.at_thresholds(new, chosen, settings)["effort_ratio"]
     row["effort"] = {"out_of_sample": held["effort_ratio"], "low": held["low"],
                      "high": held["high"], "fresh": fresh,
                      "offered": any(t is not None for t in chosen.values()),
                      # no val animals, or none new: no effort ratio to compare
                      "covered": (held["low"] <= fresh <= held["high"]
-                                 if len(val.truth_cls) and len(new.truth_cls) else None)}
+                                 if len(val.truth_cls) and len(new.truth_cls) else None),
+                     # the range to expect on a batch of the new frames' size
+                     "batch_low": held["batch_low"], "batch_high": held["batch_high"],
+                     "batch_covered": (held["batch_low"] <= fresh <= held["batch_high"]
+                                       if len(val.truth_cls) and len(new.truth_cls) else None)}
     triage = counts.triage_figures(new, counts.triage_threshold(val, 0.95))
     row["triage"] = {k: triage[k] for k in ("threshold", "skipped_share", "image_recall",
                                             "animals_in_skipped")}
@@ -95,10 +99,15 @@ def _effort_coverage(rows: list[dict[str, Any]]) -> dict[str, Any]:
     others offer nothing, a ratio of exactly 1 on both)."""
     defined = [r["effort"] for r in rows if r["effort"]["covered"] is not None]
     offered = [e for e in defined if e["offered"]]
-    share = lambda es: round(float(np.mean([e["covered"] for e in es])), 3) if es else None  # noqa: E731
+
+    def share(es: list[dict[str, Any]], key: str = "covered") -> float | None:
+        return round(float(np.mean([e[key] for e in es])), 3) if es else None
+
     return {"effort_interval_holds_fresh": share(defined), "effort_seeds": len(defined),
             "effort_seeds_offering": len(offered),
-            "effort_interval_holds_fresh_when_offering": share(offered)}
+            "effort_interval_holds_fresh_when_offering": share(offered),
+            "effort_batch_interval_holds_fresh": share(defined, "batch_covered"),
+            "effort_batch_interval_holds_fresh_when_offering": share(offered, "batch_covered")}
 
 
 def run_count_benchmark(bench: CountBench) -> Iterator[dict[str, Any]]:
