@@ -372,8 +372,7 @@ def cross_fitted(scored: Scored, settings: EffortSettings = EffortSettings(),
     draw every box, a ratio of exactly 1."""
     chosen = choose_thresholds(scored, settings)["per_class"]
     if all(t is None for t in chosen.values()):
-        return _ratio_figures(*per_image_costs(scored, chosen, settings), settings, folds=0,
-                              batch=batch)
+        return at_thresholds(scored, chosen, settings, batch)
     cost = np.zeros(scored.images)
     truth = np.bincount(scored.truth_image, minlength=scored.images).astype(float)
     folds = 0
@@ -385,10 +384,12 @@ def cross_fitted(scored: Scored, settings: EffortSettings = EffortSettings(),
 
 
 def at_thresholds(scored: Scored, per_class: dict[str, float | None],
-                  settings: EffortSettings = EffortSettings()) -> dict[str, Any]:
+                  settings: EffortSettings = EffortSettings(), batch: int | None = None
+                  ) -> dict[str, Any]:
     """The effort ratio at fixed thresholds (a deployed model's, served as they are), with
-    the same interval as `cross_fitted`."""
-    return _ratio_figures(*per_image_costs(scored, per_class, settings), settings, folds=0)
+    the same intervals as `cross_fitted`."""
+    return _ratio_figures(*per_image_costs(scored, per_class, settings), settings, folds=0,
+                          batch=batch)
 
 
 def _ratio_figures(cost: np.ndarray, truth: np.ndarray, settings: EffortSettings,
@@ -397,8 +398,8 @@ def _ratio_figures(cost: np.ndarray, truth: np.ndarray, settings: EffortSettings
     spread = {} if batch is None else dict(zip(
         ("batch_low", "batch_high"), ratio_interval(cost, truth, settings, batch=batch),
         strict=True))
-    return {**spread,"effort_ratio": round(float(cost.sum() / (settings.draw_cost
-                                                      * max(truth.sum(), 1))), 4),
+    return {**spread, "effort_ratio": round(float(cost.sum() / (settings.draw_cost
+                                                       * max(truth.sum(), 1))), 4),
             "low": low, "high": high, "corrections_per_image":
                 round(float(cost.sum()) / max(len(cost), 1), 3),
             "ground_truth": int(truth.sum()), "images": len(cost), "folds": folds}

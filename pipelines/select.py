@@ -274,7 +274,7 @@ def main() -> None:
         if missing and sp.get("prelabel_missing", True):
             _prelabel(project, ranking, sp, report, tasks)
             found, missing = candidates(list_tasks(client, project), version, data_key)
-        batch = _batch(found, k, ranking, sp, MediaSettings(url, api_key))
+        batch = _batch(found, k, ranking, sp, MediaSettings(label_studio_url=url, api_key=api_key))
         how = f"ranked by {ranking.what}, spread by {sp.get('diversity', 'folders')}"
     view = show_tasks(client, project, VIEW_TITLE, [c["id"] for c in batch],
                       ["-tasks:predictions_score"]) if (

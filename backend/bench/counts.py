@@ -65,16 +65,16 @@ def _seed(bench: CountBench, seed: int, predictor: Any, model: ModelDir) -> dict
     chosen = effort.choose_thresholds(val, settings)["per_class"]
     held = effort.cross_fitted(val, settings, batch=bench.survey_frames)
     fresh = effort.at_thresholds(new, chosen, settings)["effort_ratio"]
+    # no val animals, or none new: no effort ratio to compare
+    comparable = bool(len(val.truth_cls) and len(new.truth_cls))
     row["effort"] = {"out_of_sample": held["effort_ratio"], "low": held["low"],
                      "high": held["high"], "fresh": fresh,
                      "offered": any(t is not None for t in chosen.values()),
-                     # no val animals, or none new: no effort ratio to compare
-                     "covered": (held["low"] <= fresh <= held["high"]
-                                 if len(val.truth_cls) and len(new.truth_cls) else None),
+                     "covered": held["low"] <= fresh <= held["high"] if comparable else None,
                      # the range to expect on a batch of the new frames' size
                      "batch_low": held["batch_low"], "batch_high": held["batch_high"],
                      "batch_covered": (held["batch_low"] <= fresh <= held["batch_high"]
-                                       if len(val.truth_cls) and len(new.truth_cls) else None)}
+                                       if comparable else None)}
     triage = counts.triage_figures(new, counts.triage_threshold(val, 0.95))
     row["triage"] = {k: triage[k] for k in ("threshold", "skipped_share", "image_recall",
                                             "animals_in_skipped")}

@@ -138,9 +138,20 @@ class Predictor:
             return self(image)
         return predict_tiled(self.predict, image, tiling, self.preferred_batch)
 
+    @torch.inference_mode()
     def embed(self, image: np.ndarray) -> torch.Tensor:
         """The whole image at the model's test size as one unit vector (`model.embed`)."""
-        return _embed_prepared(self, self.prepare(image))
+        with self.options.autocast():
+            batch = self.model.preprocess(self._on_device([self.prepare(image)]),
+                                          self.options.memory_format)
+            return self.model.embed(batch)[0].float().cpu()
+
+    def _on_device(self, prepared: Sequence[PreparedImage]) -> list[torch.Tensor]:
+        """Prepared images on the device, (C, H, W) in the model's channel order."""
+        tensors = [self.options.to_device(p.tensor).permute(2, 0, 1) for p in prepared]
+        if self.cfg.input_format == "BGR":
+            tensors = [t.flip(0) for t in tensors]
+        return tensors
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Detections]:
         return self.predict_prepared([self.prepare(im) for im in images])
@@ -153,24 +164,10 @@ class Predictor:
         if not prepared:
             return []
         options = self.options
-        tensors = [options.to_device(p.tensor).permute(2, 0, 1) for p in prepared]
-        if self.cfg.input_format == "BGR":
-            tensors = [t.flip(0) for t in tensors]
         with options.autocast():
-            batch = self.model.preprocess(tensors, options.memory_format)
+            batch = self.model.preprocess(self._on_device(prepared), options.memory_format)
             found = self.model.detect(batch)
         return to_original_sizes(found, batch.sizes, [p.original_size for p in prepared])
-
-
-@torch.inference_mode()
-def _embed_prepared(predictor: Predictor, prepared: PreparedImage) -> torch.Tensor:
-    options = predictor.options
-    tensor = options.to_device(prepared.tensor).permute(2, 0, 1)
-    if predictor.cfg.input_format == "BGR":
-        tensor = tensor.flip(0)
-    with options.autocast():
-        batch = predictor.model.preprocess([tensor], options.memory_format)
-        return predictor.model.embed(batch)[0].float().cpu()
 
 
 def to_original_sizes(

@@ -64,11 +64,12 @@ class _Replica:
         self.tiling, self.decode = tiling, decode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        indices = batch["index"].tolist()
         if self.decode is not None:  # a CPU replica: its own decoding
-            decoded = [self.decode({"index": i}) for i in batch["index"].tolist()]
-            batch = {k: [d[k] for d in decoded] for k in ("index", "image", "error")}
-        indices = [int(i) for i in batch["index"]]
-        rows = list(zip(indices, batch["image"], batch["error"], strict=True))
+            rows = [(d["index"], d["image"], d["error"])
+                    for d in (self.decode({"index": i}) for i in indices)]
+        else:
+            rows = list(zip(indices, batch["image"], batch["error"], strict=True))
         images = {i: image for i, image, error in rows if not error}
         results = [ImageResult(i, error=error) for i, _, error in rows if error]
         results += detect_stream(list(images), images.__getitem__, self.predictors,
@@ -112,13 +113,14 @@ def check_room(replicas: int, gpus: int, cpus: float) -> None:
     """Refuse more CPU replicas than the cluster has CPUs (each holds one for the job's
     length: the rest would wait forever), or GPU replicas that leave their decode tasks no
     CPU."""
-    if gpus and cpus >= DECODE_CPUS:
-        return
-    if not gpus and cpus >= replicas:
-        return
     if gpus:
-        raise ValueError(f"a cluster of {cpus:g} CPUs leaves the decode tasks feeding the GPU "
-                         f"replicas no CPU (each needs {DECODE_CPUS:g}): add a node with CPUs")
+        if cpus < DECODE_CPUS:
+            raise ValueError(f"a cluster of {cpus:g} CPUs leaves the decode tasks feeding the "
+                             f"GPU replicas no CPU (each needs {DECODE_CPUS:g}): add a node "
+                             "with CPUs")
+        return
+    if cpus >= replicas:
+        return
     advice = f"use --ray-workers {int(cpus)} or add CPUs" if cpus >= 1 else "add CPUs"
     raise ValueError(f"--ray-workers {replicas} on a cluster of {cpus:g} CPUs: each CPU "
                      f"replica holds 1 CPU, the rest would wait forever; {advice}")
