@@ -9,8 +9,9 @@ import json
 import pytest
 
 from backend.cli import main
-from backend.prelabel.shards import Shard
+from backend.prelabel.shards import Shard, shard_key
 from backend.prelabel.sinks import read_results
+from backend.prelabel.sources import image_files, listing_root
 
 
 def _rows(path) -> list[list[str]]:
@@ -95,3 +96,20 @@ def test_the_partition_is_stable_and_read_from_each_scheduler():
         Shard.parse("10/10")
     with pytest.raises(ValueError, match="INDEX/COUNT"):
         Shard.parse("3 of 10")
+
+
+def test_an_image_keeps_its_shard_wherever_a_worker_mounts_the_survey():
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    names = [f"flight{f}/img{i}.jpg" for f in range(2) for i in range(20)]
+    split = {}
+    for mount in ("memory://mnt/a/survey", "memory://data/survey"):
+        for name in names:
+            memory.pipe(f"{mount}/{name}", b"")
+        for pattern in (mount, f"{mount}/flight*/*.jpg"):
+            root = listing_root(pattern)
+            split[pattern] = [[shard_key(f, root) for f in image_files(pattern)
+                               if Shard(i, 3).holds(shard_key(f, root))] for i in range(3)]
+    assert all(s == split["memory://data/survey"] for s in split.values())
+    assert sorted(k for shard in split["memory://data/survey"] for k in shard) == sorted(names)

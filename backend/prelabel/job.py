@@ -43,9 +43,9 @@ from ..predict import detection_records
 from ..recipe import RecipeOverrides
 from ..registry import Registry
 from ..thresholds import ScoreThresholds
-from .shards import Shard, merge_results
+from .shards import Shard, merge_results, shard_key
 from .sinks import JsonLinesSink, PredictionImporter, read_results
-from .sources import FileLoader, Item, TaskLoader, image_files, project_tasks
+from .sources import FileLoader, Item, TaskLoader, image_files, listing_root, project_tasks
 from .stream import ImageResult, detect_stream
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,9 @@ class ResultFiles:
         )
 
     def todo(self) -> tuple[list[Item], int]:
+        root = listing_root(self.pattern)
         files = [f for f in image_files(self.pattern)
-                 if self.shard is None or self.shard.holds(f)]
+                 if self.shard is None or self.shard.holds(shard_key(f, root))]
         todo = [Item(f) for f in files if f not in self.sink.done]
         return todo, len(files) - len(todo)
 
@@ -219,7 +220,7 @@ def merge_shards(args: argparse.Namespace) -> int:
     if args.images is None or args.output is None:
         raise ValueError("--merge-shards goes with --images and --output, as the shards ran")
     model, version = open_model(args)
-    records = merge_results(args.output, image_files(args.images))
+    records = merge_results(args.output, image_files(args.images), listing_root(args.images))
     write_atomically(args.output, "".join(json.dumps(r) + "\n" for r in records))
     exports = _exports(args, model.labels, model.counting, model.triage_threshold)
     if exports.wanted:

@@ -2,9 +2,10 @@
 Batch array jobs, SLURM arrays, Kubernetes Indexed Jobs), then merged into what one run
 writes.
 
-An image belongs to shard `sha256(its path) mod N`: the partition needs no coordination,
-does not move when images are added to the folder or listed in another order, and spreads
-a survey's flights evenly. Each shard writes its own results file beside `--output`
+An image belongs to shard `sha256(its path under --images) mod N`: the partition needs no
+coordination, does not move when images are added to the folder or listed in another order
+or when each worker mounts the survey at another path, and spreads a survey's flights
+evenly. Each shard writes its own results file beside `--output`
 (`results.shard-3-of-10.jsonl`), its progress file as in a single run, so a retried array
 index resumes where it stopped. `--merge-shards` checks that every shard is there and that
 every image of the listing was done exactly once, then writes the results file and the
@@ -73,8 +74,14 @@ class Shard:
 
 
 def owner(key: str, count: int) -> int:
-    """The shard of `count` an image (its path) belongs to."""
+    """The shard of `count` an image (its `shard_key`) belongs to."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % count
+
+
+def shard_key(image: str, root: str) -> str:
+    """An image's path under the listing's root: the same on every worker, wherever it
+    mounts the survey (`/mnt/a/survey/f1/x.jpg` and `/data/survey/f1/x.jpg` are `f1/x.jpg`)."""
+    return image[len(root):].lstrip("/") if image.startswith(root) else image
 
 
 def shard_files(output: Path) -> tuple[int, list[Path]]:
@@ -103,7 +110,7 @@ def shard_files(output: Path) -> tuple[int, list[Path]]:
     return count, [found[(i, count)] for i in range(count)]
 
 
-def merge_results(output: Path, images: Sequence[str]) -> list[dict[str, Any]]:
+def merge_results(output: Path, images: Sequence[str], root: str) -> list[dict[str, Any]]:
     """Every shard's records, in listing order, each image exactly once: an error names the
     images a shard has not done (rerun its index) or did although another shard owns them."""
     count, files = shard_files(output)
@@ -111,13 +118,13 @@ def merge_results(output: Path, images: Sequence[str]) -> list[dict[str, Any]]:
     for index, path in enumerate(files):
         shard = Shard(index, count)
         for record in read_results(path):
-            if not shard.holds(record["image"]) or record["image"] in by_image:
+            if not shard.holds(shard_key(record["image"], root)) or record["image"] in by_image:
                 raise ValueError(f"--merge-shards: {path} holds {record['image']}, which "
                                  "belongs to another shard (files of another listing?)")
             by_image[record["image"]] = record
     not_done = [image for image in images if image not in by_image]
     if not_done:
-        owners = sorted({owner(image, count) for image in not_done})
+        owners = sorted({owner(shard_key(image, root), count) for image in not_done})
         raise ValueError(f"--merge-shards: {len(not_done)} image(s) not done yet (e.g. "
                          f"{not_done[0]}); rerun shard(s) {owners} of {count}")
     return [by_image[image] for image in images if image in by_image]

@@ -37,8 +37,24 @@ def image_files(pattern: str) -> list[str]:
         found = [path]
     else:
         raise FileNotFoundError(f"--images {pattern}: no such file, folder or glob match")
+    return sorted(_as_named(fs, p) for p in found)
+
+
+def listing_root(pattern: str) -> str:
+    """The folder `--images` names (for a glob, its fixed part; for one file, its folder), in
+    the form `image_files` gives: an image's path under it names the image wherever the
+    survey is mounted, which is what an array job partitions by."""
+    fs, path = fsspec.core.url_to_fs(pattern)
+    if not fs.isdir(path):
+        wildcard = min((path.index(ch) for ch in "*?[" if ch in path), default=len(path))
+        path = path[:wildcard].rsplit("/", 1)[0] if "/" in path[:wildcard] else ""
+    return _as_named(fs, path.rstrip("/"))
+
+
+def _as_named(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Local paths plain, others as URLs."""
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    return sorted(p if local else fs.unstrip_protocol(p) for p in found)
+    return path if local else fs.unstrip_protocol(path)
 
 
 class FileLoader:
