@@ -152,9 +152,18 @@ class PoolSettings:
     confusers: float = 2.0  # look-alikes per image, on average
 
 
-# Tiles (320 px, overlap 0.2, of a 640 x 480 frame) a herd touches on average, measured on
-# generated pools: what turns an empty-tile share into the share of frames with a herd.
-_TILES_PER_HERD = 3.0
+def _tiles_per_herd(settings: PoolSettings) -> float:
+    """The loop's 320 px tiles a herd touches on average, in a frame of this size: what turns
+    an empty-tile share into the share of frames with a herd. A herd reaches about 1.5 ×
+    `spread` from its centre; to a tenth (3.0 for a 640 × 480 frame, as measured on
+    generated pools; 1.0 for a frame that is one tile)."""
+    crops = _tile_plan(settings.height, settings.width).crops
+    reach = 1.5 * settings.spread
+    xs, ys = np.meshgrid(np.linspace(40, settings.width - 40, 200),
+                         np.linspace(40, settings.height - 40, 200))
+    touched = sum(((xs >= t.x0 - reach) & (xs < t.x1 + reach) & (ys >= t.y0 - reach)
+                   & (ys < t.y1 + reach)).mean() for t in crops)
+    return round(float(touched), 1)
 
 
 def survey_pool(rng: np.random.Generator, count: int, settings: PoolSettings = PoolSettings()
@@ -162,7 +171,7 @@ def survey_pool(rng: np.random.Generator, count: int, settings: PoolSettings = P
     """`count` survey frames; classes index the biome's species."""
     biome = BIOMES[settings.biome]
     tiles = len(_tile_plan(settings.height, settings.width).crops)
-    with_herd = min(1.0, (1 - settings.empty_fraction) * tiles / _TILES_PER_HERD)
+    with_herd = min(1.0, (1 - settings.empty_fraction) * tiles / _tiles_per_herd(settings))
     common, rare = settings.herd, (1, 3)
     mean_common, mean_rare = sum(common) / 2, sum(rare) / 2
     # herds of the rare species are this likely for it to be `rare_share` of the animals

@@ -24,6 +24,15 @@ def test_a_survey_pool_is_mostly_empty_tiles_with_animals_in_herds():
         assert (span < [400, 300]).all()
 
 
+def test_the_empty_share_holds_for_frames_of_any_size():
+    """A pool of single tiles (what an annotator opens when a survey is cut into tiles) is
+    as empty as asked, not emptier because a herd spans fewer of its tiles."""
+    for size, share, count in (((320, 320), 0.92, 300), ((320, 320), 0.8, 300),
+                               ((1000, 1500), 0.92, 40)):
+        pool = _pool("steppe", count, height=size[0], width=size[1], empty_fraction=share)
+        assert abs(empty_tile_share(pool) - share) < 0.03
+
+
 def test_the_rare_species_is_a_few_percent_of_the_animals():
     classes = np.concatenate([f.classes for f in _pool("steppe", 250)])
     rare = float((classes == len(BIOMES["steppe"].species) - 1).mean())
