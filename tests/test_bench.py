@@ -11,11 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from backend.bench.active_learning import (
-    ActiveLearningBench,
-    labels_saved,
-    run_active_learning_benchmark,
-)
 from backend.bench.engine import EngineBench, build_case, run_engine_benchmark
 from backend.bench.export import ExportBench, run_export_benchmark
 from backend.bench.prelabel import PrelabelBench, run_prelabel_benchmark
@@ -134,19 +129,3 @@ def test_training_memory_bench_measures_the_train_stage_with_its_workers():
     assert record["images"] == 5 and record["workers"] == 2
     assert record["peak_pss_mb"] > 100 and record["within_target"] == (
         record["peak_pss_mb"] < 4096)
-
-
-def test_labels_saved_is_what_random_selection_needs_beyond_active_learning():
-    active = [(8, 0.2), (16, 0.5)]
-    assert labels_saved(active, [(8, 0.2), (16, 0.3), (24, 0.5)]) == (33.3, True)
-    assert labels_saved(active, [(8, 0.2), (16, 0.4), (24, 0.6)]) == (20.0, True)  # 20 labels
-    assert labels_saved(active, [(8, 0.1), (16, 0.2)]) == (0.0, False)  # a lower bound
-    assert labels_saved(active, [(8, 0.3), (16, 0.6)]) == (-20.0, True)  # random won
-
-
-def test_active_learning_bench_prints_a_line_per_round_and_the_labels_saved():
-    *rounds, last = run_active_learning_benchmark(ActiveLearningBench(
-        pool=16, held_out=4, initial=4, per_round=4, rounds=2, iterations=2))
-    assert [(r["round"], r["labels"]) for r in rounds] == [(1, 4), (2, 8)]
-    assert all(0.0 <= r[k] <= 1.0 for r in rounds for k in ("ap50_active", "ap50_random"))
-    assert {"labels_saved_pct", "random_reached", "final_ap50_active"} <= set(last)

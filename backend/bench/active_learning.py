@@ -1,177 +1,413 @@
-"""`tridentloop bench --active-learning`: does labelling what the model doubts beat labelling
-at random? The loop is run twice on one generated pool, with the same seed, the same first
-labelled images and the same label budget per round: once choosing each next batch as the
-`select` stage does (its default uncertainty, spread across flights), once at random. Each
-round fine-tunes the previous round's model on everything labelled so far, as `dvc repro`
-does, and scores AP50 (pycocotools) on held-out scenes.
+"""`tridentloop bench --active-learning`: which way of choosing the next images to label pays
+on a survey as surveys are, and by how much, over seeds.
 
-The pool is a survey of flights: scenes of common species (elephants, zebras) with a rare
-one (birds, a few percent of the animals, in two flights out of eight), as real surveys are.
+Per seed a new generated survey cut into 320 px tiles (what an annotator opens): `pool`
+tiles to choose from and `held_out` tiles to score on, 92% of them empty, herds, a rare
+species, look-alikes, in flights of tiles. Every strategy starts as a new survey does: from
+last season's model (the shipped savanna-v1) with a new box predictor for the survey's
+species, nothing labelled. Each round a strategy picks `per_round` tiles, they are labelled
+(their exact ground truth), and the model is fine-tuned on everything labelled so far from
+the previous round's model, with the loop's own training settings (params.yaml `train`), as
+`dvc repro` does; then scored on the held-out tiles.
 
-Prints one JSON line per round (`round`, `labels`: images labelled, `ap50_active`,
-`ap50_random`) and a last one with `labels_saved_pct`: of the labels random selection needs
-to reach active learning's final AP50 (linearly interpolated between rounds), the share
-active learning did without. When random never reaches it within the budget, the figure is
-a lower bound (`random_reached: false`, counted as if random reached it at its last round);
-`fewer_labels_to_random_final_ap50_pct` then says how many fewer labels active learning
-needed to reach random selection's final AP50.
+Strategies, each as the `select` stage would choose (`uncertainty` score, `diversity`):
+`default` (the loop's params.yaml `select` settings), `random`, and each component alone:
+`likely-animals`, `error-rate` (doubt), `rare-animals` (likely animals weighted by their
+class's rarity among the boxes labelled so far), `embeddings` (spread by the model's view of
+the tiles, no score). Before anything is trained a scored strategy ranks by the start
+model's likely animals, as `select` does on a cold start.
+
+Per round, the mean over seeds and its 95% bootstrap interval of: held-out AP50, the rare
+species' held-out AP50, the annotator effort ratio on held-out tiles (thresholds chosen
+out of sample, as the deploy gate scores), animals per tile in the batch just labelled, and
+rare animals labelled so far. Headline, per strategy against random, each over seeds with
+its interval: the area under the AP50 curve; the tiles it needs to reach random's final
+AP50 and random's final effort ratio (the first crossing after which the curve stays there,
+so a curve that touches the target and falls back does not count); animals per tile in the
+first two batches, as a ratio to random's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from .. import uncertainty
-from ..detection.config import bundled_config, load_config
+from .. import effort, uncertainty
+from ..detection.checkpoint import load_weights, predictor_state
 from ..detection.model import GeneralizedRCNN
 from ..detection.predictor import Predictor
-from ..detection.training import Sample, TrainOptions, init_from_scratch, train
-from ..synthetic import CLASSES, coco_of, survey_scene
+from ..detection.structures import Detections
+from ..detection.training import Sample, train
+from ..model_dir import ModelDir
+from ..models import SAVANNA_V1
+from ..synthetic import BIOMES, PoolSettings, Scene, coco_of, survey_pool
+from .counts import seed_interval
 
-FLIGHTS = 8
-COMMON = (1.0, 1.0, 0.0)  # elephants and zebras only
-WITH_RARE = (1.0, 1.0, 0.35)  # birds too: the two flights where they live
-RARE_FLIGHTS = (2, 5)
+FLIGHTS = 8  # tiles are filed by flight, i mod 8: what `diversity: folders` spreads over
+STRATEGIES = ("default", "random", "likely-animals", "error-rate", "rare-animals",
+              "embeddings")
+COLD_START: uncertainty.Method = "likely-animals"  # select's rule before anything is trained
 
 
 @dataclass(frozen=True)
 class ActiveLearningBench:
-    pool: int = 240  # unlabelled scenes, in FLIGHTS flights
-    held_out: int = 60  # scenes AP50 is measured on
-    initial: int = 8  # labelled before round 1, the same for both
-    per_round: int = 8  # labelled after each round
-    rounds: int = 5
-    iterations: int = 80  # fine-tuning steps per round
-    size: int = 320
-    seed: int = 0
+    seeds: int = 5
+    strategies: tuple[str, ...] = STRATEGIES
+    biome: str = "steppe"
+    empty_fraction: float = 0.92
+    rare_share: float = 0.05
+    pool: int = 160  # tiles to choose from
+    held_out: int = 80  # tiles scored on
+    per_round: int = 16  # tiles labelled per round
+    rounds: int = 3
+    # fine-tuning steps per round: the loop's 150 (params.yaml) x 16 models x 5 seeds take
+    # ~3 h on 2 CPU cores; 40 fit the hour. On a GPU give --iterations 150
+    iterations: int | None = 40
+    start: Path = SAVANNA_V1
     device: str = "cpu"
+    jobs: int = 2  # processes, each a share of the CPU threads: small models use 2 threads
+    # poorly, two 1-thread processes train 1.65x as fast on 2 cores
+
+
+@dataclass(frozen=True)
+class Strategy:
+    score: uncertainty.Method | None  # None: no score (random draws; embeddings alone)
+    diversity: str  # folders, embeddings or none
+    pool_factor: int = 4
+
+
+def loop_params() -> dict[str, Any]:
+    """The settings a new loop project gets (`tridentloop init`)."""
+    import pipelines
+
+    return yaml.safe_load((Path(pipelines.__file__).parent / "loop/params.yaml").read_text())
+
+
+def strategy(name: str, select: dict[str, Any]) -> Strategy:
+    if name == "default":
+        return Strategy(select.get("uncertainty", uncertainty.DEFAULT),
+                        select.get("diversity", "folders"), int(select.get("pool_factor", 4)))
+    if name == "random":
+        return Strategy(None, "none")
+    if name == "embeddings":
+        return Strategy(None, "embeddings")
+    if name in uncertainty.METHODS:
+        return Strategy(name, "none")
+    raise ValueError(f"--strategies: unknown {name!r}; choose from {', '.join(STRATEGIES)}")
 
 
 @dataclass
-class _Scenes:
-    samples: list[Sample]
-    flights: list[int]
+class _Model:
+    """A model of one seed's run, what it found on the held-out tiles and, once asked, on
+    the pool."""
+
+    state: dict[str, torch.Tensor]
+    metrics: dict[str, float | None]
+    detections: list[Detections] | None = None
+    embeddings: torch.Tensor | None = None
 
 
-def _scenes(count: int, size: int, rng: np.random.Generator) -> _Scenes:
-    samples, flights = [], []
-    for i in range(count):
-        flight = i % FLIGHTS
-        scene = survey_scene(rng, size, size, int(rng.integers(3, 9)), CLASSES,
-                             WITH_RARE if flight in RARE_FLIGHTS else COMMON)
-        samples.append(Sample(scene.image, scene.boxes, scene.classes))
-        flights.append(flight)
-    return _Scenes(samples, flights)
+class _Survey:
+    """One seed: the tiles, the start model, and every model trained on them, keyed by the
+    batches it was trained on in order (strategies that chose the same batches share it)."""
+
+    def __init__(self, bench: ActiveLearningBench, seed: int) -> None:
+        self.bench, self.seed = bench, seed
+        self.names = BIOMES[bench.biome].species
+        tiles = survey_pool(np.random.default_rng(seed), bench.pool + bench.held_out,
+                            PoolSettings(biome=bench.biome, height=320, width=320,
+                                         empty_fraction=bench.empty_fraction,
+                                         rare_share=bench.rare_share))
+        self.pool, self.held = tiles[:bench.pool], tiles[bench.pool:]
+        self.coco = coco_of([(str(i), t.boxes, t.classes, t.image.shape[:2])
+                             for i, t in enumerate(self.held)], self.names)
+        params = loop_params()
+        self.select = params["select"]
+        start = ModelDir.open(bench.start)
+        self.config = start.config
+        self.options = _train_options(params, start, bench, seed)
+        model = GeneralizedRCNN(self.config)
+        load_weights(model, start.weights, for_inference=False)
+        if start.labels != list(self.names):  # a new survey's species: a new head
+            model.roi_heads.box_predictor.start_from_other_classes(
+                predictor_state(start.weights))
+        self.models: dict[tuple, _Model] = {(): self._scored(model)}
+
+    def _scored(self, model: GeneralizedRCNN) -> _Model:
+        predictor = Predictor(model, device=self.bench.device)
+        from pipelines.evaluate import coco_metrics, result_records
+
+        records = [r for i, tile in enumerate(self.held)
+                   for r in result_records(predictor(tile.image), i)]
+        summary = coco_metrics(self.coco, records)[0]
+        scored = effort.score_coco(self.coco, records)
+        rare = summary["per_class_ap"].get(self.names[-1])
+        return _Model({k: v.detach().clone() for k, v in model.state_dict().items()},
+                      {"ap50": summary["ap50"], "effort_ratio":
+                       effort.cross_fitted(scored)["effort_ratio"] if len(scored.truth_cls)
+                       else None,
+                       "rare_ap50": rare if any(a["category_id"] == len(self.names) - 1
+                                                for a in self.coco["annotations"]) else None})
+
+    def model(self, batches: tuple[tuple[int, ...], ...]) -> _Model:
+        """The model after labelling `batches` in turn: the one before it, fine-tuned on all
+        of them."""
+        if batches not in self.models:
+            net = GeneralizedRCNN(self.config)
+            net.load_state_dict(self.model(batches[:-1]).state)
+            labelled = [i for batch in batches for i in batch]
+            options = dataclasses.replace(self.options, seed=self.seed * 100 + len(batches))
+            train(net, [Sample(self.pool[i].image, self.pool[i].boxes, self.pool[i].classes)
+                        for i in labelled], options)
+            self.models[batches] = self._scored(net)
+        return self.models[batches]
+
+    def predictor(self, found: _Model) -> Predictor:
+        net = GeneralizedRCNN(self.config)
+        net.load_state_dict(found.state)
+        return Predictor(net, device=self.bench.device)
+
+    def pool_detections(self, found: _Model) -> list[Detections]:
+        if found.detections is None:
+            predictor = self.predictor(found)
+            found.detections = [predictor(tile.image) for tile in self.pool]
+        return found.detections
+
+    def pool_embeddings(self, found: _Model) -> torch.Tensor:
+        if found.embeddings is None:
+            predictor = self.predictor(found)
+            found.embeddings = torch.stack([predictor.embed(tile.image) for tile in self.pool])
+        return found.embeddings
 
 
-def _ap50(predictor: Predictor, held_out: _Scenes, coco: dict[str, Any]) -> float:
-    from pipelines.evaluate import coco_metrics, result_records
+def _train_options(params: dict[str, Any], start: ModelDir, bench: ActiveLearningBench,
+                   seed: int) -> Any:
+    """The train stage's settings, in this process (no loader workers)."""
+    from pipelines.train import train_options
 
-    records = [r for i, sample in enumerate(held_out.samples)
-               for r in result_records(predictor(sample.image), i)]
-    return coco_metrics(coco, records)[0]["ap50"]
-
-
-Chooser = Callable[[Predictor, list[int], int, np.random.Generator], list[int]]
-
-
-def by_doubt(pool: _Scenes) -> Chooser:
-    """What the `select` stage does: the default uncertainty per image, the batch taken
-    from the flights in turn (most doubtful flight first) so one confusing flight cannot
-    fill it."""
-    from pipelines.select import spread
-
-    def choose(predictor: Predictor, unlabelled: list[int], k: int,
-               _rng: np.random.Generator) -> list[int]:
-        scored = [{"id": i, "group": pool.flights[i], "uncertainty": uncertainty.score(
-                       uncertainty.DEFAULT, [predictor(pool.samples[i].image)])}
-                  for i in unlabelled]
-        return [c["id"] for c in spread(scored, k)]
-
-    return choose
+    options = train_options(params["train"], start.recipe, start.config)
+    return dataclasses.replace(options, workers=0, **(
+        {"iterations": bench.iterations} if bench.iterations is not None else {}))
 
 
-def at_random(_predictor: Predictor, unlabelled: list[int], k: int,
-              rng: np.random.Generator) -> list[int]:
-    return [int(i) for i in rng.choice(unlabelled, size=k, replace=False)]
+def choose(survey: _Survey, how: Strategy, batches: tuple[tuple[int, ...], ...],
+           rng: np.random.Generator) -> tuple[int, ...]:
+    """The next batch, as `select` would choose it with the model trained on `batches`."""
+    k = survey.bench.per_round
+    labelled = {i for batch in batches for i in batch}
+    unlabelled = [i for i in range(len(survey.pool)) if i not in labelled]
+    if how.score is None and how.diversity == "none":
+        return tuple(int(i) for i in rng.choice(unlabelled, size=k, replace=False))
+    from pipelines.select import diverse, spread
+
+    found = survey.model(batches)
+    candidates = [{"id": i, "group": i % FLIGHTS, "uncertainty": 0.0} for i in unlabelled]
+    if how.score is not None:
+        method = how.score if batches else COLD_START
+        detections = survey.pool_detections(found)
+        weights = uncertainty.class_weights(list(survey.names), _labelled_boxes(survey,
+                                                                              labelled))
+        for c in candidates:
+            c["uncertainty"] = uncertainty.score(method, [detections[c["id"]]],
+                                                 weights=weights)
+    if how.diversity == "folders":
+        return tuple(c["id"] for c in spread(candidates, k))
+    ranked = sorted(candidates, key=lambda c: (-c["uncertainty"], c["id"]))
+    if how.diversity == "none":
+        return tuple(c["id"] for c in ranked[:k])
+    if how.score is not None:
+        ranked = ranked[:how.pool_factor * k]
+    vectors = survey.pool_embeddings(found)[[c["id"] for c in ranked]]
+    return tuple(c["id"] for c in diverse(ranked, vectors, k))
 
 
-def _run(bench: ActiveLearningBench, pool: _Scenes, held_out: _Scenes, coco: dict[str, Any],
-         choose: Chooser, name: str) -> list[tuple[int, float]]:
-    """(images labelled, AP50) after each round."""
-    rng = np.random.default_rng(bench.seed)
-    labelled = [int(i) for i in rng.choice(len(pool.samples), bench.initial, replace=False)]
-    torch.manual_seed(bench.seed)
-    model = GeneralizedRCNN(load_config(bundled_config("tiny_tridentnet"))).to(bench.device)
-    init_from_scratch(model)
-    curve = []
+def _labelled_boxes(survey: _Survey, labelled: set[int]) -> dict[str, int]:
+    classes = [int(c) for i in labelled for c in survey.pool[i].classes]
+    return {name: classes.count(c) for c, name in enumerate(survey.names)}
+
+
+def run_strategy(survey: _Survey, name: str) -> list[dict[str, Any]]:
+    """One row per round: what was labelled and how the model then scores."""
+    how = strategy(name, survey.select)
+    rng = np.random.default_rng([survey.seed, 1])
+    batches: tuple[tuple[int, ...], ...] = ()
+    rows = []
+    for round_no in range(1, survey.bench.rounds + 1):
+        batch = choose(survey, how, batches, rng)
+        batches = (*batches, batch)
+        labelled = [survey.pool[i] for b in batches for i in b]
+        rows.append({"seed": survey.seed, "strategy": name, "round": round_no,
+                     "images": len(labelled), "boxes": _animals(labelled),
+                     "batch_animals_per_image": _animals([survey.pool[i] for i in batch])
+                     / len(batch),
+                     "rare_labelled": _animals(labelled, len(survey.names) - 1),
+                     **survey.model(batches).metrics})
+        print(f"active-learning: seed {survey.seed} {name} round {round_no}: "
+              f"{rows[-1]['images']} tiles, {rows[-1]['boxes']} animals labelled, "
+              f"AP50 {rows[-1]['ap50']:.3f}", file=sys.stderr, flush=True)
+    return rows
+
+
+def _animals(tiles: list[Scene], cls: int | None = None) -> int:
+    return int(sum(len(t.classes) if cls is None else int((t.classes == cls).sum())
+                   for t in tiles))
+
+
+def labels_to_reach(curve: list[tuple[float, float]], target: float,
+                    higher_is_better: bool = True) -> float | None:
+    """Images labelled when the curve reaches `target` for good: the first crossing after
+    which every later point stays at or beyond it, interpolated linearly from the point
+    before; None if the curve does not end there."""
+    sign = 1.0 if higher_is_better else -1.0
+    points = [(x, sign * y) for x, y in curve]
+    goal = sign * target
+    first = None
+    for i in range(len(points) - 1, -1, -1):
+        if points[i][1] < goal:
+            break
+        first = i
+    if first is None:
+        return None
+    if first == 0:
+        return points[0][0]
+    (x0, y0), (x1, y1) = points[first - 1], points[first]
+    return x0 + (goal - y0) / (y1 - y0) * (x1 - x0)
+
+
+def _curve(survey_start: dict[str, Any], rows: list[dict[str, Any]], key: str
+           ) -> list[tuple[float, float]]:
+    return [(0.0, survey_start[key]), *((r["images"], r[key]) for r in rows)]
+
+
+def _ratio_interval(num: list[float], den: list[float], draws: int = 2000
+                    ) -> dict[str, float] | None:
+    """mean(num) / mean(den) over seeds, with a 95% bootstrap interval resampling seeds."""
+    a, b = np.asarray(num, float), np.asarray(den, float)
+    if not len(a) or b.mean() == 0:
+        return None
+    picks = np.random.default_rng(0).integers(0, len(a), (draws, len(a)))
+    ratios = a[picks].mean(1) / np.maximum(b[picks].mean(1), 1e-9)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return {"mean": round(float(a.mean() / b.mean()), 2), "low": round(float(low), 2),
+            "high": round(float(high), 2), "seeds": len(a)}
+
+
+def _saving(curves: dict[int, list[tuple[float, float]]], randoms: dict[int, Any], key: str,
+            higher: bool) -> dict[str, Any]:
+    """% fewer tiles than random to reach random's final figure, per seed; a seed whose curve
+    does not end there counts as 0 (so the mean is an upper bound when `reached` < seeds)."""
+    savings, reached = [], 0
+    for seed, curve in curves.items():
+        final_x, final_y = randoms[seed][-1]
+        if final_y is None:
+            continue
+        needed = labels_to_reach([p for p in curve if p[1] is not None], final_y, higher)
+        reached += needed is not None
+        savings.append(0.0 if needed is None else 100.0 * (final_x - needed) / final_x)
+    return {"pct_fewer_tiles": seed_interval(savings), "seeds_reached": reached}
+
+
+def summarise(rows: list[dict[str, Any]], starts: dict[int, dict[str, Any]],
+              bench: ActiveLearningBench) -> dict[str, Any]:
+    by = {(r["strategy"], r["seed"]): [x for x in rows if x["strategy"] == r["strategy"]
+                                       and x["seed"] == r["seed"]] for r in rows}
+    names = list(dict.fromkeys(r["strategy"] for r in rows))
+    seeds = sorted(starts)
+    per_round = []
     for round_no in range(1, bench.rounds + 1):
-        options = TrainOptions(iterations=bench.iterations, batch_size=2, lr=0.01,
-                               warmup_iters=10 if round_no == 1 else 0, crop_size=bench.size,
-                               seed=bench.seed + round_no, workers=0)
-        train(model, [pool.samples[i] for i in labelled], options)
-        predictor = Predictor(model, device=bench.device)
-        curve.append((len(labelled), _ap50(predictor, held_out, coco)))
-        print(f"active-learning: {name} round {round_no}: {curve[-1][0]} images labelled, "
-              f"AP50 {curve[-1][1]:.3f}", file=sys.stderr, flush=True)
-        if round_no < bench.rounds:
-            unlabelled = sorted(set(range(len(pool.samples))) - set(labelled))
-            labelled += choose(predictor, unlabelled, bench.per_round, rng)
-    return curve
+        line: dict[str, Any] = {"round": round_no, "images": round_no * bench.per_round}
+        for name in names:
+            got = [r for r in rows if r["strategy"] == name and r["round"] == round_no]
+            line[name] = {key: seed_interval([r[key] for r in got if r[key] is not None])
+                          for key in ("ap50", "rare_ap50", "effort_ratio",
+                                      "batch_animals_per_image", "rare_labelled")}
+        per_round.append(line)
+    headline: dict[str, Any] = {}
+    if "random" in names:
+        randoms = {s: _curve(starts[s], by[("random", s)], "ap50") for s in seeds}
+        random_effort = {s: _curve(starts[s], by[("random", s)], "effort_ratio")
+                         for s in seeds}
+        first_two = {s: np.mean([r["batch_animals_per_image"] for r in by[("random", s)][:2]])
+                     for s in seeds}
+        for name in (n for n in names if n != "random"):
+            mine = {s: by[(name, s)] for s in seeds}
+            headline[name] = {
+                "aulc_ap50_minus_random": seed_interval(
+                    [np.mean([r["ap50"] for r in mine[s]])
+                     - np.mean([r["ap50"] for r in by[("random", s)]]) for s in seeds]),
+                "to_random_final_ap50": _saving(
+                    {s: _curve(starts[s], mine[s], "ap50") for s in seeds}, randoms, "ap50",
+                    True),
+                "to_random_final_effort": _saving(
+                    {s: _curve(starts[s], mine[s], "effort_ratio") for s in seeds},
+                    random_effort, "effort_ratio", False),
+                "animals_per_tile_first_two_batches_vs_random": _ratio_interval(
+                    [np.mean([r["batch_animals_per_image"] for r in mine[s][:2]])
+                     for s in seeds], [first_two[s] for s in seeds]),
+            }
+    return {"per_round": per_round, "headline": headline,
+            "start_model": {key: seed_interval([starts[s][key] for s in seeds
+                                                if starts[s][key] is not None])
+                            for key in ("ap50", "effort_ratio")}}
 
 
-def labels_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
-    """Images labelled when the curve first reaches `target` AP50, interpolated linearly
-    between rounds (from (0, 0) before the first); None if it never does."""
-    previous = (0, 0.0)
-    for count, ap50 in curve:
-        if ap50 >= target:
-            low_count, low_ap = previous
-            fraction = (target - low_ap) / (ap50 - low_ap) if ap50 > low_ap else 1.0
-            return low_count + fraction * (count - low_count)
-        previous = (count, ap50)
-    return None
+def _units(bench: ActiveLearningBench) -> list[tuple[int, tuple[str, ...]]]:
+    """Work run apart: per seed, the strategies whose first batch is the start model's top
+    likely animals (scored, no spread) together, as they share their first model; every
+    other strategy alone."""
+    select = loop_params()["select"]
+    hows = {n: strategy(n, select) for n in bench.strategies}
+    shared = tuple(n for n, h in hows.items() if h.score is not None and h.diversity == "none")
+    groups = ([shared] if shared else []) + [(n,) for n in hows if n not in shared]
+    # the longest first, so that the processes finish together
+    return [(seed, group) for group in groups for seed in range(bench.seeds)]
 
 
-def labels_saved(active: list[tuple[int, float]], random: list[tuple[int, float]]
-                 ) -> tuple[float, bool]:
-    """(% of random's labels that active learning did without to reach its final AP50,
-    whether random reached it at all within the budget)."""
-    labels, target = active[-1]
-    needed = labels_to_reach(random, target)
-    reached = needed is not None
-    needed = needed if needed is not None else float(random[-1][0])
-    return round(100.0 * (needed - labels) / needed, 1), reached
+def _run_unit(bench: ActiveLearningBench, seed: int, names: tuple[str, ...], threads: int
+              ) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+    if threads:
+        torch.set_num_threads(threads)
+    survey = _Survey(bench, seed)
+    rows = [row for name in names for row in run_strategy(survey, name)]
+    return seed, survey.models[()].metrics, rows
+
+
+def _results(bench: ActiveLearningBench) -> Iterator[tuple[int, dict[str, Any],
+                                                           list[dict[str, Any]]]]:
+    units = _units(bench)
+    if bench.jobs <= 1:
+        yield from (_run_unit(bench, seed, names, 0) for seed, names in units)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, torch.get_num_threads() // bench.jobs)
+    with ProcessPoolExecutor(bench.jobs, mp_context=multiprocessing.get_context("spawn")
+                             ) as pool:
+        futures = [pool.submit(_run_unit, bench, seed, names, threads)
+                   for seed, names in units]
+        yield from (f.result() for f in as_completed(futures))
 
 
 def run_active_learning_benchmark(bench: ActiveLearningBench) -> Iterator[dict]:
-    rng = np.random.default_rng(bench.seed)
-    pool = _scenes(bench.pool, bench.size, rng)
-    held_out = _scenes(bench.held_out, bench.size, rng)
-    coco = coco_of([(f"{i}.png", x.boxes, x.classes, x.image.shape[:2])
-                    for i, x in enumerate(held_out.samples)])
     started = time.perf_counter()
-    active = _run(bench, pool, held_out, coco, by_doubt(pool), "uncertainty")
-    random = _run(bench, pool, held_out, coco, at_random, "random")
-    for round_no, ((labels, ap_active), (_, ap_random)) in enumerate(
-            zip(active, random, strict=True), start=1):
-        yield {"round": round_no, "labels": labels, "ap50_active": ap_active,
-               "ap50_random": ap_random}
-    saved, reached = labels_saved(active, random)
-    # the other way round, always measurable: labels active learning needed to reach
-    # random selection's final AP50, against random's
-    active_needs = labels_to_reach(active, random[-1][1])
-    fewer = (None if active_needs is None
-             else round(100.0 * (random[-1][0] - active_needs) / random[-1][0], 1))
-    yield {"labels_saved_pct": saved, "random_reached": reached,
-           "fewer_labels_to_random_final_ap50_pct": fewer,
-           "final_ap50_active": active[-1][1], "final_ap50_random": random[-1][1],
-           "pool": bench.pool, "held_out": bench.held_out, "iterations_per_round":
-           bench.iterations, "seconds": round(time.perf_counter() - started, 1)}
+    rows, starts = [], {}
+    for seed, start, found in _results(bench):
+        starts[seed] = start
+        rows += found
+        yield from found
+    rows.sort(key=lambda r: (r["seed"], bench.strategies.index(r["strategy"]), r["round"]))
+    yield {**summarise(rows, starts, bench),
+           "settings": {k: str(v) if isinstance(v, Path) else v
+                        for k, v in dataclasses.asdict(bench).items()},
+           "default_strategy": dataclasses.asdict(strategy("default", loop_params()["select"])),
+           "seconds": round(time.perf_counter() - started, 1)}

@@ -42,14 +42,18 @@ def _serve(args: argparse.Namespace) -> Records:
 def _active_learning(args: argparse.Namespace) -> Records:
     from .active_learning import ActiveLearningBench, run_active_learning_benchmark
 
-    return run_active_learning_benchmark(ActiveLearningBench(device=_cpu_unless_told(args)))
+    return run_active_learning_benchmark(ActiveLearningBench(
+        seeds=args.seeds or 5, **({"strategies": tuple(args.strategies)} if args.strategies
+                                  else {}),
+        biome=args.biome, empty_fraction=args.empty_fraction, rare_share=args.rare_share,
+        device=_cpu_unless_told(args)))
 
 
 def _counts(args: argparse.Namespace) -> Records:
     from .counts import CountBench, run_count_benchmark
 
     return run_count_benchmark(CountBench(
-        **({"model": args.model_dir} if args.model_dir else {}), seeds=args.seeds,
+        **({"model": args.model_dir} if args.model_dir else {}), seeds=args.seeds or 20,
         val_frames=args.val_frames, survey_frames=args.survey_frames,
         empty_fraction=args.empty_fraction, device=_cpu_unless_told(args)))
 

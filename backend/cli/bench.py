@@ -70,18 +70,29 @@ def _add_jobs(bench: argparse.ArgumentParser) -> None:
         "--training", action="store_true", help="training images/s vs torchvision's"
     )
     jobs.add_argument("--active-learning", action="store_true",
-                      help="the loop choosing by uncertainty vs at random, same label budget")
+                      help="each way of choosing the next tiles to label (the loop's default, "
+                      "random, each component alone) on new generated surveys, over seeds")
+    bench.add_argument("--strategies", nargs="+", default=None,
+                       help="--active-learning: default random likely-animals error-rate "
+                       "rare-animals embeddings (default: all)")
+    bench.add_argument("--biome", default="steppe",
+                       help="--active-learning: the new survey's biome (steppe: other species "
+                       "than the start model's, so a new head; savanna: its own)")
+    bench.add_argument("--rare-share", type=float, default=0.05,
+                       help="--active-learning: the rare species' share of the animals")
     jobs.add_argument("--counts", action="store_true",
                       help="count intervals, effort and triage on new generated surveys, "
                       "over seeds (coverage)")
-    bench.add_argument("--seeds", type=int, default=20, help="--counts: surveys")
+    bench.add_argument("--seeds", type=int, default=None,
+                       help="generated surveys (--counts: 20, --active-learning: 5)")
     bench.add_argument("--val-frames", type=int, default=30,
                        help="--counts: labelled frames per survey the figures are fitted on "
                        "(triage needs 32 with animals)")
     bench.add_argument("--survey-frames", type=int, default=30,
                        help="--counts: new frames per survey the figures are tested on")
     bench.add_argument("--empty-fraction", type=float, default=0.92,
-                       help="--counts: share of empty tiles in the generated surveys")
+                       help="--counts, --active-learning: share of empty tiles in the generated "
+                       "surveys")
     bench.add_argument("--model-dir", type=Path, help="--counts: the model (default: the "
                        "shipped savanna source model)")
     jobs.add_argument("--pretrain-source", type=Path, metavar="DIR",
