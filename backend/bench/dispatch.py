@@ -58,6 +58,14 @@ def _counts(args: argparse.Namespace) -> Records:
         empty_fraction=args.empty_fraction, device=_cpu_unless_told(args)))
 
 
+def _uncertainty_check(args: argparse.Namespace) -> Records:
+    from .uncertainty_check import UncertaintyCheck, run_uncertainty_check
+
+    return run_uncertainty_check(UncertaintyCheck(
+        **({"model": args.model_dir} if args.model_dir else {}), seeds=args.seeds or 3,
+        empty_fraction=args.empty_fraction, device=_cpu_unless_told(args)))
+
+
 def _pretrain_source(args: argparse.Namespace) -> Records:
     from .source_model import run_source_model_build
 
@@ -112,7 +120,8 @@ def _engine(args: argparse.Namespace) -> Records:
 # option name -> the benchmark it selects (the CLI makes them mutually exclusive)
 JOBS: dict[str, Callable[[argparse.Namespace], Records]] = {
     "prelabel": _prelabel, "serve": _serve, "active_learning": _active_learning,
-    "counts": _counts, "pretrain_source": _pretrain_source,
+    "counts": _counts, "uncertainty_check": _uncertainty_check,
+    "pretrain_source": _pretrain_source,
     "training_memory": _training_memory, "export": _export, "raster": _raster,
     "training": _training,
 }

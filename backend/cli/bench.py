@@ -80,11 +80,15 @@ def _add_jobs(bench: argparse.ArgumentParser) -> None:
                        "than the start model's, so a new head; savanna: its own)")
     bench.add_argument("--rare-share", type=float, default=0.05,
                        help="--active-learning: the rare species' share of the animals")
+    jobs.add_argument("--uncertainty-check", action="store_true",
+                      help="each uncertainty score against the corrections annotators then "
+                      "make, on new generated surveys (Spearman, spread), over seeds")
     jobs.add_argument("--counts", action="store_true",
                       help="count intervals, effort and triage on new generated surveys, "
                       "over seeds (coverage)")
     bench.add_argument("--seeds", type=int, default=None,
-                       help="generated surveys (--counts: 20, --active-learning: 5)")
+                       help="generated surveys (--counts: 20, --active-learning: 5, "
+                       "--uncertainty-check: 3)")
     bench.add_argument("--val-frames", type=int, default=30,
                        help="--counts: labelled frames per survey the figures are fitted on "
                        "(triage needs 32 with animals)")
@@ -93,8 +97,8 @@ def _add_jobs(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--empty-fraction", type=float, default=0.92,
                        help="--counts, --active-learning: share of empty tiles in the generated "
                        "surveys")
-    bench.add_argument("--model-dir", type=Path, help="--counts: the model (default: the "
-                       "shipped savanna source model)")
+    bench.add_argument("--model-dir", type=Path, help="--counts, --uncertainty-check: the "
+                       "model (default: the shipped savanna source model)")
     jobs.add_argument("--pretrain-source", type=Path, metavar="DIR",
                       help="build last season's stand-in model (the shipped savanna-v1) into "
                       "DIR and say whether it reproduces the pinned SHA-256")
