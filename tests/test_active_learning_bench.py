@@ -8,6 +8,7 @@ import pytest
 
 from backend.bench.active_learning import (
     ActiveLearningBench,
+    fewer_tiles,
     labels_to_reach,
     run_active_learning_benchmark,
     strategy,
@@ -23,6 +24,19 @@ def test_labels_to_reach_counts_the_crossing_after_which_the_curve_stays():
     # effort: lower is better
     assert labels_to_reach([(0, 1.0), (10, 0.8), (20, 0.6)], 0.7,
                            higher_is_better=False) == pytest.approx(15)
+
+
+def test_fewer_tiles_compares_only_seeds_where_random_improved_on_the_start():
+    randoms = {0: [(0, 0.0), (16, 0.2), (32, 0.4)],
+               1: [(0, 0.1), (16, 0.0), (32, 0.1)],  # random ends where it started
+               2: [(0, 0.0), (16, 0.1), (32, 0.2)]}
+    mine = {0: [(0, 0.0), (16, 0.4), (32, 0.5)], 1: [(0, 0.1), (16, 0.1), (32, 0.1)],
+            2: [(0, 0.0), (16, 0.1), (32, 0.1)]}  # seed 2: never reaches 0.2
+    found = fewer_tiles(mine, randoms, higher=True)
+    assert (found["seeds_compared"], found["seeds_reached"]) == (2, 1)
+    assert found["pct_fewer_tiles"]["mean"] == 25.0  # (50 + 0) / 2
+    effort = fewer_tiles({0: [(0, 1.0), (16, 0.6)]}, {0: [(0, 1.0), (16, 1.0)]}, higher=False)
+    assert effort["seeds_compared"] == 0 and effort["pct_fewer_tiles"] is None
 
 
 def test_the_default_strategy_is_the_loops_select_settings():

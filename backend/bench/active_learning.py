@@ -301,19 +301,22 @@ def _ratio_interval(num: list[float], den: list[float], draws: int = 2000
             "high": round(float(high), 2), "seeds": len(a)}
 
 
-def _saving(curves: dict[int, list[tuple[float, float]]], randoms: dict[int, Any], key: str,
-            higher: bool) -> dict[str, Any]:
-    """% fewer tiles than random to reach random's final figure, per seed; a seed whose curve
-    does not end there counts as 0 (so the mean is an upper bound when `reached` < seeds)."""
+def fewer_tiles(curves: dict[int, list[tuple[float, float]]],
+                randoms: dict[int, list[tuple[float, float]]], higher: bool) -> dict[str, Any]:
+    """% fewer tiles than random to reach random's final figure, per seed. Only the seeds
+    where random ended beyond the start model's figure are compared: otherwise any curve
+    "reaches" it with no labels at all. A compared seed whose curve does not end there counts
+    as 0 (so the mean is an upper bound when `seeds_reached` < `seeds_compared`)."""
     savings, reached = [], 0
     for seed, curve in curves.items():
-        final_x, final_y = randoms[seed][-1]
-        if final_y is None:
+        (_, start), (final_x, final_y) = randoms[seed][0], randoms[seed][-1]
+        if None in (start, final_y) or (final_y - start) * (1 if higher else -1) <= 0:
             continue
         needed = labels_to_reach([p for p in curve if p[1] is not None], final_y, higher)
         reached += needed is not None
         savings.append(0.0 if needed is None else 100.0 * (final_x - needed) / final_x)
-    return {"pct_fewer_tiles": seed_interval(savings), "seeds_reached": reached}
+    return {"pct_fewer_tiles": seed_interval(savings), "seeds_compared": len(savings),
+            "seeds_reached": reached}
 
 
 def summarise(rows: list[dict[str, Any]], starts: dict[int, dict[str, Any]],
@@ -344,12 +347,11 @@ def summarise(rows: list[dict[str, Any]], starts: dict[int, dict[str, Any]],
                 "aulc_ap50_minus_random": seed_interval(
                     [np.mean([r["ap50"] for r in mine[s]])
                      - np.mean([r["ap50"] for r in by[("random", s)]]) for s in seeds]),
-                "to_random_final_ap50": _saving(
-                    {s: _curve(starts[s], mine[s], "ap50") for s in seeds}, randoms, "ap50",
-                    True),
-                "to_random_final_effort": _saving(
+                "to_random_final_ap50": fewer_tiles(
+                    {s: _curve(starts[s], mine[s], "ap50") for s in seeds}, randoms, True),
+                "to_random_final_effort": fewer_tiles(
                     {s: _curve(starts[s], mine[s], "effort_ratio") for s in seeds},
-                    random_effort, "effort_ratio", False),
+                    random_effort, False),
                 "animals_per_tile_first_two_batches_vs_random": _ratio_interval(
                     [np.mean([r["batch_animals_per_image"] for r in mine[s][:2]])
                      for s in seeds], [first_two[s] for s in seeds]),
