@@ -63,6 +63,8 @@ def test_the_bench_runs_every_strategy_over_seeds_and_reports_intervals():
         assert first[(seed, "likely-animals")]["ap50"] == first[(seed, "error-rate")]["ap50"]
         assert (first[(seed, "likely-animals")]["batch_animals_per_image"]
                 > first[(seed, "random")]["batch_animals_per_image"])
+    last = {(r["seed"], r["strategy"]): r for r in rows if r["round"] == 2}
+    assert all(0 <= r["pool_animals_labelled"] <= 1 for r in last.values())
     head = summary["headline"]["likely-animals"]
     assert head["animals_per_tile_first_two_batches_vs_random"]["mean"] > 1
     assert set(head) == {"aulc_ap50_minus_random", "to_random_final_ap50",

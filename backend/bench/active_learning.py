@@ -19,12 +19,13 @@ model's likely animals, as `select` does on a cold start.
 
 Per round, the mean over seeds and its 95% bootstrap interval of: held-out AP50, the rare
 species' held-out AP50, the annotator effort ratio on held-out tiles (thresholds chosen
-out of sample, as the deploy gate scores), animals per tile in the batch just labelled, and
-rare animals labelled so far. Headline, per strategy against random, each over seeds with
-its interval: the area under the AP50 curve; the tiles it needs to reach random's final
-AP50 and random's final effort ratio (the first crossing after which the curve stays there,
-so a curve that touches the target and falls back does not count); animals per tile in the
-first two batches, as a ratio to random's.
+out of sample, as the deploy gate scores), animals per tile in the batch just labelled, the
+share of the pool's animals labelled so far, and rare animals labelled so far. Headline,
+per strategy against random, each over seeds with its interval: the area under the AP50
+curve; the tiles it needs to reach random's final AP50 and random's final effort ratio (the
+first crossing after which the curve stays there, so a curve that touches the target and
+falls back does not count); animals per tile in the first two batches, as a ratio to
+random's.
 """
 
 from __future__ import annotations
@@ -247,6 +248,8 @@ def run_strategy(survey: _Survey, name: str) -> list[dict[str, Any]]:
         labelled = [survey.pool[i] for b in batches for i in b]
         rows.append({"seed": survey.seed, "strategy": name, "round": round_no,
                      "images": len(labelled), "boxes": _animals(labelled),
+                     "pool_animals_labelled": round(_animals(labelled)
+                                                    / max(_animals(survey.pool), 1), 3),
                      "batch_animals_per_image": _animals([survey.pool[i] for i in batch])
                      / len(batch),
                      "rare_labelled": _animals(labelled, len(survey.names) - 1),
@@ -332,7 +335,8 @@ def summarise(rows: list[dict[str, Any]], starts: dict[int, dict[str, Any]],
             got = [r for r in rows if r["strategy"] == name and r["round"] == round_no]
             line[name] = {key: seed_interval([r[key] for r in got if r[key] is not None])
                           for key in ("ap50", "rare_ap50", "effort_ratio",
-                                      "batch_animals_per_image", "rare_labelled")}
+                                      "batch_animals_per_image", "pool_animals_labelled",
+                                      "rare_labelled")}
         per_round.append(line)
     headline: dict[str, Any] = {}
     if "random" in names:
