@@ -46,7 +46,7 @@ def _active_learning(args: argparse.Namespace) -> Records:
         seeds=args.seeds or 5, **({"strategies": tuple(args.strategies)} if args.strategies
                                   else {}),
         biome=args.biome, empty_fraction=args.empty_fraction, rare_share=args.rare_share,
-        device=_cpu_unless_told(args)))
+        iterations=args.iterations, device=_cpu_unless_told(args)))
 
 
 def _counts(args: argparse.Namespace) -> Records:
