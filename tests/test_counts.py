@@ -165,3 +165,19 @@ def test_val_without_animals_calibrates_nothing():
     assert choose_triage(empty)["threshold"] is None
     counting = Counting.of_model({"count_calibration": calibrate_counts(empty)}, ["zebra"])
     assert counting.estimate(0, 1, 3) is None and counting.of(0) == 0.5
+
+
+def test_the_count_bench_scores_the_shipped_model_on_new_surveys_per_seed():
+    """`bench --counts`: per seed the counts, the effort interval and triage on frames the
+    figures were not fitted on, then how often each held, with intervals over the seeds."""
+    from backend.bench.counts import CountBench, run_count_benchmark
+
+    *seeds, summary = run_count_benchmark(CountBench(seeds=2, val_frames=8, survey_frames=6,
+                                                     empty_fraction=0.7))
+    assert [s["seed"] for s in seeds] == [0, 1]
+    for seed in seeds:
+        assert set(seed["counts"]) == {"elephant", "zebra", "bird"}
+        truth = sum(c["true"] for c in seed["counts"].values())
+        assert truth > 0 and seed["effort"]["out_of_sample"] >= 0
+    assert any(c["estimate"] is not None for s in seeds for c in s["counts"].values())
+    assert summary["seeds"] == 2 and set(summary["count_coverage"]) == set(seeds[0]["counts"])

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import counts, effort
+from ..detection.structures import Detections
 from ..model_dir import ModelDir
 from ..models import SAVANNA_V1
 from ..synthetic import BIOMES, PoolSettings, Scene, coco_of, survey_pool
@@ -35,15 +36,17 @@ class CountBench:
     device: str = "cpu"
 
 
-def _scored(predictor: Any, model: ModelDir, frames: list[Scene], names: tuple[str, ...],
-            settings: effort.EffortSettings) -> effort.Scored:
-    coco = coco_of([(str(i), f.boxes, f.classes, f.image.shape[:2])
-                    for i, f in enumerate(frames)], names)
+def scored_frames(predictor: Any, model: ModelDir, frames: list[Scene],
+                  names: tuple[str, ...], settings: effort.EffortSettings | None = None
+                  ) -> tuple[list[Detections], effort.Scored]:
+    """Each frame's detections, run by the model's recipe, and them matched to the truth."""
     from pipelines.evaluate import result_records
 
-    records = [r for i, frame in enumerate(frames)
-               for r in result_records(predictor.detect(frame.image, model.recipe), i)]
-    return effort.score_coco(coco, records, settings)
+    found = [predictor.detect(frame.image, model.recipe) for frame in frames]
+    coco = coco_of([(str(i), f.boxes, f.classes, f.image.shape[:2])
+                    for i, f in enumerate(frames)], names)
+    records = [r for i, det in enumerate(found) for r in result_records(det, i)]
+    return found, effort.score_coco(coco, records, settings or effort.EffortSettings())
 
 
 def _seed(bench: CountBench, seed: int, predictor: Any, model: ModelDir) -> dict[str, Any]:
@@ -51,9 +54,10 @@ def _seed(bench: CountBench, seed: int, predictor: Any, model: ModelDir) -> dict
     settings = effort.EffortSettings()
     rng = np.random.default_rng(1000 + seed)
     pool = PoolSettings(biome=bench.biome, empty_fraction=bench.empty_fraction)
-    val = _scored(predictor, model, survey_pool(rng, bench.val_frames, pool), names, settings)
-    new = _scored(predictor, model, survey_pool(rng, bench.survey_frames, pool), names,
-                  settings)
+    val = scored_frames(predictor, model, survey_pool(rng, bench.val_frames, pool), names,
+                        settings)[1]
+    new = scored_frames(predictor, model, survey_pool(rng, bench.survey_frames, pool), names,
+                        settings)[1]
     calibration = counts.calibrate_counts(val, settings.min_boxes)
     row: dict[str, Any] = {"seed": seed, "counts": {}}
     for c, name in enumerate(names):

@@ -24,12 +24,11 @@ from typing import Any
 import numpy as np
 
 from .. import effort, uncertainty
-from ..detection.structures import Detections
 from ..model_dir import ModelDir
 from ..models import SAVANNA_V1
-from ..synthetic import BIOMES, PoolSettings, Scene, coco_of, survey_pool
+from ..synthetic import BIOMES, PoolSettings, Scene, survey_pool
 from ..thresholds import ScoreThresholds
-from .counts import seed_interval
+from .counts import scored_frames, seed_interval
 
 CHECKED: tuple[uncertainty.Method, ...] = (
     "error-rate", "top-doubt", "least-confidence", "entropy", "likely-animals")
@@ -62,28 +61,17 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return (np.bincount(group, ranks) / np.bincount(group))[group]
 
 
-def _run(predictor: Any, model: ModelDir, frames: list[Scene], names: tuple[str, ...]
-         ) -> tuple[list[Detections], effort.Scored]:
-    from pipelines.evaluate import result_records
-
-    found = [predictor.detect(f.image, model.recipe) for f in frames]
-    coco = coco_of([(str(i), f.boxes, f.classes, f.image.shape[:2])
-                    for i, f in enumerate(frames)], names)
-    records = [r for i, det in enumerate(found) for r in result_records(det, i)]
-    return found, effort.score_coco(coco, records)
-
-
 def _seed(check: UncertaintyCheck, seed: int, predictor: Any, model: ModelDir
           ) -> dict[str, Any]:
     names = BIOMES[check.biome].species
     rng = np.random.default_rng(2000 + seed)
     pool = PoolSettings(biome=check.biome, empty_fraction=check.empty_fraction)
-    _, val = _run(predictor, model, survey_pool(rng, check.val_frames, pool), names)
+    _, val = scored_frames(predictor, model, survey_pool(rng, check.val_frames, pool), names)
     per_class = effort.choose_thresholds(val)["per_class"]
     served = ScoreThresholds(tuple(per_class.get(n) for n in names), None,
                              "chosen on val for annotator effort")
     frames = survey_pool(rng, check.frames, pool)
-    found, scored = _run(predictor, model, frames, names)
+    found, scored = scored_frames(predictor, model, frames, names)
     corrections, truth = effort.per_image_costs(scored, per_class, effort.EffortSettings())
     realised = corrections / (truth + 1)
     row: dict[str, Any] = {"seed": seed, "thresholds": per_class, "methods": {}}
