@@ -71,7 +71,7 @@ class ActiveLearningBench:
     per_round: int = 16  # tiles labelled per round
     rounds: int = 3
     # fine-tuning steps per round: the loop's 150 (params.yaml) x 16 models x 5 seeds take
-    # ~3 h on 2 CPU cores; 40 fit the hour. On a GPU give --iterations 150
+    # ~2 h on 2 CPU cores (estimated); 40 fit the hour. On a GPU give --iterations 150
     iterations: int | None = 40
     start: Path = SAVANNA_V1
     device: str = "cpu"

@@ -82,7 +82,7 @@ def _add_jobs(bench: argparse.ArgumentParser) -> None:
                        help="--active-learning: the rare species' share of the animals")
     bench.add_argument("--iterations", type=int, default=40,
                        help="--active-learning: fine-tuning steps per round (the loop's own "
-                       "is params.yaml's 150: ~3 h on 2 CPU cores, for a GPU)")
+                       "is params.yaml's 150: ~2 h on 2 CPU cores, for a GPU)")
     jobs.add_argument("--uncertainty-check", action="store_true",
                       help="each uncertainty score against the corrections annotators then "
                       "make, on new generated surveys (Spearman, spread), over seeds")
