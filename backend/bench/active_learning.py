@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,11 +132,12 @@ class _Survey:
         self.pool, self.held = tiles[:bench.pool], tiles[bench.pool:]
         self.coco = coco_of([(str(i), t.boxes, t.classes, t.image.shape[:2])
                              for i, t in enumerate(self.held)], self.names)
+        self.held_rare = _animals(self.held, len(self.names) - 1) > 0
         params = loop_params()
         self.select = params["select"]
         start = ModelDir.open(bench.start)
         self.config = start.config
-        self.options = _train_options(params, start, bench, seed)
+        self.options = _train_options(params, start, bench)
         model = GeneralizedRCNN(self.config)
         load_weights(model, start.weights, for_inference=False)
         if start.labels != list(self.names):  # a new survey's species: a new head
@@ -156,8 +158,7 @@ class _Survey:
                       {"ap50": summary["ap50"], "effort_ratio":
                        effort.cross_fitted(scored)["effort_ratio"] if len(scored.truth_cls)
                        else None,
-                       "rare_ap50": rare if any(a["category_id"] == len(self.names) - 1
-                                                for a in self.coco["annotations"]) else None})
+                       "rare_ap50": rare if self.held_rare else None})
 
     def model(self, batches: tuple[tuple[int, ...], ...]) -> _Model:
         """The model after labelling `batches` in turn: the one before it, fine-tuned on all
@@ -190,8 +191,8 @@ class _Survey:
         return found.embeddings
 
 
-def _train_options(params: dict[str, Any], start: ModelDir, bench: ActiveLearningBench,
-                   seed: int) -> Any:
+def _train_options(params: dict[str, Any], start: ModelDir, bench: ActiveLearningBench
+                   ) -> Any:
     """The train stage's settings, in this process (no loader workers)."""
     from pipelines.train import train_options
 
@@ -324,8 +325,9 @@ def fewer_tiles(curves: dict[int, list[tuple[float, float]]],
 
 def summarise(rows: list[dict[str, Any]], starts: dict[int, dict[str, Any]],
               bench: ActiveLearningBench) -> dict[str, Any]:
-    by = {(r["strategy"], r["seed"]): [x for x in rows if x["strategy"] == r["strategy"]
-                                       and x["seed"] == r["seed"]] for r in rows}
+    by: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:  # rows come sorted by round
+        by[(r["strategy"], r["seed"])].append(r)
     names = list(dict.fromkeys(r["strategy"] for r in rows))
     seeds = sorted(starts)
     per_round = []
