@@ -63,6 +63,7 @@ COLD_START: uncertainty.Method = "likely-animals"  # select's rule before anythi
 @dataclass(frozen=True)
 class ActiveLearningBench:
     seeds: int = 5
+    first_seed: int = 0  # another run's surveys: seeds first_seed .. first_seed + seeds - 1
     strategies: tuple[str, ...] = STRATEGIES
     biome: str = "steppe"
     empty_fraction: float = 0.92
@@ -377,7 +378,8 @@ def _units(bench: ActiveLearningBench) -> list[tuple[int, tuple[str, ...]]]:
     shared = tuple(n for n, h in hows.items() if h.score is not None and h.diversity == "none")
     groups = ([shared] if shared else []) + [(n,) for n in hows if n not in shared]
     # the longest first, so that the processes finish together
-    return [(seed, group) for group in groups for seed in range(bench.seeds)]
+    seeds = range(bench.first_seed, bench.first_seed + bench.seeds)
+    return [(seed, group) for group in groups for seed in seeds]
 
 
 def _run_unit(bench: ActiveLearningBench, seed: int, names: tuple[str, ...], threads: int

@@ -43,8 +43,8 @@ def _active_learning(args: argparse.Namespace) -> Records:
     from .active_learning import ActiveLearningBench, run_active_learning_benchmark
 
     return run_active_learning_benchmark(ActiveLearningBench(
-        seeds=args.seeds or 5, **({"strategies": tuple(args.strategies)} if args.strategies
-                                  else {}),
+        seeds=args.seeds or 5, first_seed=args.first_seed,
+        **({"strategies": tuple(args.strategies)} if args.strategies else {}),
         biome=args.biome, empty_fraction=args.empty_fraction, rare_share=args.rare_share,
         iterations=args.iterations, device=_cpu_unless_told(args)))
 

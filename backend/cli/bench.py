@@ -92,6 +92,9 @@ def _add_jobs(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--seeds", type=int, default=None,
                        help="generated surveys (--counts: 20, --active-learning: 5, "
                        "--uncertainty-check: 3)")
+    bench.add_argument("--first-seed", type=int, default=0,
+                       help="--active-learning: the first seed (another run's surveys: e.g. "
+                       "--first-seed 100)")
     bench.add_argument("--val-frames", type=int, default=30,
                        help="--counts: labelled frames per survey the figures are fitted on "
                        "(triage needs 32 with animals)")
