@@ -18,6 +18,7 @@ CPU: fp16 98-99%, bf16 86-92%).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,6 +116,38 @@ def test_prelabel_stream_batches_across_images_on_cuda():
     for result in results:
         alone = predictor(images[result.item])
         assert twin_fraction(alone, result.detections[0], min_score=0.0) >= 0.9
+
+
+def test_jpegs_decoded_by_nvjpeg_give_the_cpu_paths_pixels_and_detections(tmp_path):
+    """`--decode device`: nvJPEG's pixels close to PIL's (another inverse DCT and chroma
+    upsampling), upright per EXIF, and the batch job's detections twins of the CPU-decoded run."""
+    from PIL import Image
+
+    from backend.imagery.device_jpeg import decode_on_device
+    from backend.imagery.images import load_image
+    from backend.prelabel.sources import FileLoader, Item
+
+    rng = np.random.default_rng(4)
+    for i in range(6):
+        image = Image.fromarray(survey_scene(rng, 1200, 1800, 30).image)
+        exif = image.getexif()
+        exif[0x0112] = (1, 6, 3, 8, 2, 1)[i]
+        image.save(tmp_path / f"frame{i}.jpg", quality=90, exif=exif)
+    items = [Item(str(p)) for p in sorted(tmp_path.glob("*.jpg"))]
+    for item in items:
+        data = Path(item.uri).read_bytes()
+        decoded = decode_on_device(data, torch.device("cuda"), 10**8, item.uri)
+        assert isinstance(decoded, torch.Tensor) and decoded.is_cuda
+        difference = (decoded.cpu().int() - torch.from_numpy(load_image(data)).int()).abs()
+        # chroma upsampling may differ at sharp colour edges: the mean, not the maximum
+        assert difference.float().mean() < 1.5, f"{item.uri}: {difference.float().mean()}"
+    predictor = _on_cuda(FAST, precision="bf16", batch_size=8)
+    tiling = TilingOptions(tile_size=800, overlap=0.15)
+    runs = [{r.item.uri: r.detections[0] for r in detect_stream(items, loader, [predictor],
+                                                                tiling, workers=4)}
+            for loader in (FileLoader(), FileLoader(jpeg_device=torch.device("cuda")))]
+    for uri, on_cpu in runs[0].items():
+        assert twin_fraction(on_cpu, runs[1][uri], min_score=0.3) >= 0.9
 
 
 def test_server_queue_batches_concurrent_requests_on_cuda(fixture_image):

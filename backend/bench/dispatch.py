@@ -24,7 +24,7 @@ def _prelabel(args: argparse.Namespace) -> Records:
         height=height, width=width, tile_size=args.tile_size,
         overlap=args.tile_overlap, device=args.device, precision=args.precision,
         batch_size=args.batch_sizes[0] if args.batch_sizes else None,
-        ray=args.prelabel_ray,
+        ray=args.prelabel_ray, decodes=tuple(args.prelabel_decode),
     ))
 
 

@@ -11,7 +11,8 @@ short keeps it:
    and what the TridentNet-Fast rate means for a 100,000-image survey;
 3. with `--before DIR` (a copy of an earlier tree), that engine on the same card, same
    settings, in its own process: the before/after of a change;
-4. the survey batch job on generated 6000x4000 frames (54 tiles each) vs the bare engine;
+4. the survey batch job on generated 6000x4000 frames (54 tiles each) vs the bare engine,
+   its JPEGs decoded by the CPU workers and by nvJPEG (`--decode device`) side by side;
 5. torch.compile (opt-in) against the default, for TridentNet-Fast and R50-FPN;
 6. training: full-size TridentNet R50-C4 with AMP beside torchvision's training step;
 7. the live backend with full-size TridentNet-Fast at bf16: its overhead over the engine,
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             "before": lambda: _before(report, args.before, args.repeats),
             "prelabel": lambda: report.extend("prelabel", run_prelabel_benchmark(PrelabelBench(
                 images=16, device="cuda", precision="bf16", batch_size=16, workers=8,
+                decodes=("cpu", "device"),
             ))),
             "compiled": lambda: report.extend("compiled", run_engine_benchmark(EngineBench(
                 cases=(FAST, FPN), precisions=("bf16",), batch_sizes=(16,),

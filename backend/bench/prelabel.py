@@ -2,7 +2,8 @@
 included, against the bare engine on the same images already decoded (target: the job
 within 80% of the engine). Images are generated drone frames, 6000x4000 JPEGs by default,
 cut into 54 tiles of 800 px (15% overlap). The job runs as users run it, in a process of
-its own (`python -m backend.cli prelabel`), optionally on a local Ray instance too.
+its own (`python -m backend.cli prelabel`), once per `--decode` asked (JPEGs decoded by the
+CPU workers, or on the device), optionally on a local Ray instance too.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class PrelabelBench:
     batch_size: int | None = None
     workers: int = 4
     ray: bool = False  # also run the job on a local Ray instance, 1 and 2 replicas
+    # where the one-process job decodes its JPEGs (`prelabel --decode`), each a run of its own
+    decodes: tuple[str, ...] = ("cpu",)
 
 
 def _survey(root: Path, bench: PrelabelBench) -> list[Path]:
@@ -91,17 +94,20 @@ def run_prelabel_benchmark(bench: PrelabelBench) -> Iterator[dict]:
         yield {"case": "prelabel", "runner": "engine", **common,
                "tiles_per_s": round(engine_rate, 2), "ratio_vs_engine": 1.0}
         del predictor
-        runs = [("single", None), *([("ray", 1), ("ray", 2)] if bench.ray else [])]
-        for runner, replicas in runs:
-            report = _run_job(root, model.path, bench, replicas, f"{runner}{replicas or ''}")
+        runs = [*(("single", None, d) for d in bench.decodes),
+                *([("ray", 1, "cpu"), ("ray", 2, "cpu")] if bench.ray else [])]
+        for runner, replicas, decode in runs:
+            report = _run_job(root, model.path, bench, replicas, decode,
+                              f"{runner}{replicas or ''}-{decode}")
             rate = report["tiles"] / report["seconds"]
-            yield {"case": "prelabel", "runner": runner, "replicas": replicas or 1, **common,
-                   "seconds": report["seconds"], "failed": len(report["failed"]),
-                   "tiles_per_s": round(rate, 2), "ratio_vs_engine": round(rate / engine_rate, 3)}
+            yield {"case": "prelabel", "runner": runner, "replicas": replicas or 1,
+                   "decode": decode, **common, "seconds": report["seconds"],
+                   "failed": len(report["failed"]), "tiles_per_s": round(rate, 2),
+                   "ratio_vs_engine": round(rate / engine_rate, 3)}
 
 
 def _run_job(
-    root: Path, model: Path, bench: PrelabelBench, replicas: int | None, name: str
+    root: Path, model: Path, bench: PrelabelBench, replicas: int | None, decode: str, name: str
 ) -> dict:
     out = root / f"{name}.jsonl"
     command = [
@@ -109,7 +115,7 @@ def _run_job(
         "--model", str(model), "--output", str(out), "--device", bench.device,
         "--precision", bench.precision, "--tile-size", str(bench.tile_size),
         "--tile-overlap", str(bench.overlap), "--workers", str(bench.workers),
-        "--threads", str(torch.get_num_threads()),
+        "--threads", str(torch.get_num_threads()), "--decode", decode,
     ]
     if bench.batch_size:
         command += ["--batch-size", str(bench.batch_size)]

@@ -124,6 +124,9 @@ def _add_jobs(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--survey-bench-images", type=int, default=8, help="images (--prelabel)")
     bench.add_argument("--image-size", type=int, nargs=2, default=[6000, 4000],
                        metavar=("WIDTH", "HEIGHT"), help="generated frames (--prelabel)")
+    bench.add_argument("--prelabel-decode", nargs="+", choices=["cpu", "device"],
+                       default=["cpu"], help="--prelabel: where the job decodes its JPEGs, "
+                       "a run each (prelabel --decode)")
     bench.add_argument("--prelabel-ray", action="store_true",
                        help="--prelabel: also on a local Ray instance with 1 and 2 replicas")
     bench.add_argument("--requests", type=int, default=16, help="concurrent requests (--serve)")

@@ -50,6 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           help='--project: JSON {"model class": "Label Studio label"}')
     prelabel.add_argument("--workers", type=int, default=4,
                           help="CPU threads that fetch, decode and tile images")
+    prelabel.add_argument("--decode", choices=["cpu", "device"], default="cpu",
+                          help="where JPEGs are decoded: cpu (PIL, in --workers threads) or "
+                          "device (nvJPEG on the model's GPU: the CPU side then moves "
+                          "compressed bytes, not pixels; other formats stay on the CPU)")
     prelabel.add_argument("--chunk", type=int, default=100,
                           help="--project: predictions per import request")
     prelabel.add_argument("--retry-for", type=float, default=600.0,

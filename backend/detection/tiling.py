@@ -22,6 +22,7 @@ import torch
 from .boxes import box_area
 from .structures import Detections
 
+Pixels = np.ndarray | torch.Tensor  # (H, W, 3): decoded on the CPU, or on the device
 MergeMode = Literal["nms", "greedy"]
 Metric = Literal["iou", "ios"]
 
@@ -133,8 +134,9 @@ class TilePlan:
         return merged
 
 
-def crop(image: np.ndarray, tile: Tile) -> np.ndarray:
-    """A view, not a copy: a 20,000 px mosaic is never duplicated tile by tile."""
+def crop(image: Pixels, tile: Tile) -> Pixels:
+    """A view, not a copy: a 20,000 px mosaic is never duplicated tile by tile (nor an
+    image decoded on the device)."""
     return image[tile.y0 : tile.y1, tile.x0 : tile.x1]
 
 

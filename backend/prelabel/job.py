@@ -21,18 +21,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from .. import uncertainty
 from ..counts import Counting
-from ..detection.device import run_settings
+from ..detection.device import resolve_device, run_settings
 from ..detection.structures import Detections
-from ..detection.tiling import TilingOptions
+from ..detection.tiling import Pixels, TilingOptions
 from ..files import write_atomically
 from ..imagery.exports import Exports
 from ..imagery.images import PixelScaling
+from ..imagery.raster import WindowedRaster
 from ..labelstudio.connect import open_project
 from ..labelstudio.label_config import parse_label_config, read_mapping
 from ..labelstudio.results import prediction, rectangle_results, validate
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 class Destination(Protocol):
     """One mode of the job: what is left to do, how an item loads, where a result goes."""
 
-    load: Callable[[Item], np.ndarray]
+    load: Callable[[Item], Pixels | WindowedRaster]
     thresholds: ScoreThresholds  # what annotators are offered; error-rate counts by them
 
     def todo(self) -> tuple[list[Item], int]: ...
@@ -117,7 +117,7 @@ class LabelStudioProject:
         media = MediaSettings(url, key, timeout=args.download_timeout,
                               cloud_schemes=frozenset(args.allow_cloud),
                               allow_private_urls=args.allow_private_urls)
-        self.load = TaskLoader(media, args.max_pixels)
+        self.load = TaskLoader(media, args.max_pixels, _jpeg_device(args))
         self.importer = PredictionImporter(self.client, self.project, args.chunk, args.retry_for)
         self.triage = triage
         self.likely_empty: dict[int, bool] = {}
@@ -174,7 +174,8 @@ class ResultFiles:
         self.labels = labels
         self.sink = JsonLinesSink(_results_path(args))
         self.load = FileLoader(
-            args.max_pixels, PixelScaling(args.value_range, args.bands, args.nodata)
+            args.max_pixels, PixelScaling(args.value_range, args.bands, args.nodata),
+            _jpeg_device(args),
         )
 
     def todo(self) -> tuple[list[Item], int]:
@@ -205,6 +206,19 @@ class ResultFiles:
         self.sink.close()
         if self.exports.wanted and self.shard is None:
             self.exports.write(read_results(self.sink.path), self.labels, self.version)
+
+
+def _jpeg_device(args: argparse.Namespace) -> torch.device | None:
+    """`--decode device`: JPEGs decoded on the model's device; refused where it cannot hold."""
+    if args.decode != "device":
+        return None
+    if args.ray is not None:
+        raise ValueError("--decode device is for a one-process job; with --ray, decode tasks "
+                         "run on the cluster's CPUs: leave --decode out")
+    if args.exact:
+        raise ValueError("--exact decodes as detectron2 does (PIL, bit for bit); "
+                         "--decode device uses nvJPEG: give one or the other")
+    return resolve_device(args.device)
 
 
 def _exports(args: argparse.Namespace, labels: list[str] | None, counting: Counting,

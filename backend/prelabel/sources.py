@@ -9,14 +9,17 @@ from functools import cached_property
 from typing import Any
 
 import fsspec
-import numpy as np
+import torch
 
+from ..detection.tiling import Pixels
+from ..imagery.device_jpeg import decode_on_device, is_jpeg
 from ..imagery.images import DEFAULT_MAX_PIXELS, DEFAULT_SCALING, PixelScaling, load_image
 from ..imagery.raster import WindowedRaster, open_image
 from ..labelstudio.tasks import is_labeled, list_tasks
 from ..media.fetch import MediaFetcher, MediaSettings
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+IMAGE_SUFFIXES = (*JPEG_SUFFIXES, ".png", ".tif", ".tiff", ".bmp", ".webp")
 
 
 @dataclass(frozen=True)
@@ -58,19 +61,25 @@ def _as_named(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 class FileLoader:
-    """Reads image files through fsspec, so buckets work like folders."""
+    """Reads image files through fsspec, so buckets work like folders. With `jpeg_device`,
+    JPEGs are decoded on that device (`--decode device`), everything else as before."""
 
     def __init__(
-        self, max_pixels: int = DEFAULT_MAX_PIXELS, scaling: PixelScaling = DEFAULT_SCALING
+        self, max_pixels: int = DEFAULT_MAX_PIXELS, scaling: PixelScaling = DEFAULT_SCALING,
+        jpeg_device: torch.device | None = None,
     ) -> None:
         self.max_pixels = max_pixels
         self.scaling = scaling
+        self.jpeg_device = jpeg_device
 
-    def __call__(self, item: Item) -> np.ndarray | WindowedRaster:
-        if "://" not in item.uri:  # a local tiled TIFF is read window by window
-            return open_image(item.uri, self.max_pixels, self.scaling)
+    def __call__(self, item: Item) -> Pixels | WindowedRaster:
+        local = "://" not in item.uri
+        if local and not (self.jpeg_device and item.uri.lower().endswith(JPEG_SUFFIXES)):
+            return open_image(item.uri, self.max_pixels, self.scaling)  # tiled TIFFs by window
         with fsspec.open(item.uri, "rb") as f:
             data = f.read()
+        if self.jpeg_device is not None and is_jpeg(data):
+            return decode_on_device(data, self.jpeg_device, self.max_pixels, item.uri)
         return load_image(data, max_pixels=self.max_pixels, name=item.uri, scaling=self.scaling)
 
 
@@ -78,16 +87,20 @@ class TaskLoader:
     """Reads a task's image wherever Label Studio says it lives (the backend's media layer).
     The fetcher is made on first use, so a loader can be shipped to Ray workers."""
 
-    def __init__(self, media: MediaSettings, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, media: MediaSettings, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 jpeg_device: torch.device | None = None) -> None:
         self.settings = media
         self.max_pixels = max_pixels
+        self.jpeg_device = jpeg_device
 
     @cached_property
     def media(self) -> MediaFetcher:
         return MediaFetcher(self.settings)
 
-    def __call__(self, item: Item) -> np.ndarray:
+    def __call__(self, item: Item) -> Pixels:
         data = self.media.fetch(item.uri, item.task_id)
+        if self.jpeg_device is not None and is_jpeg(data):
+            return decode_on_device(data, self.jpeg_device, self.max_pixels, item.uri)
         return load_image(data, max_pixels=self.max_pixels, name=item.uri)
 
 

@@ -2,7 +2,8 @@
 
 Three kinds of threads, so that the device never waits:
 - CPU workers fetch and decode each image, cut it into the crops of its `TilePlan` and
-  prepare them (channel order, resize, uint8 tensor, pinned where the device wants it);
+  prepare them (channel order, resize, uint8 tensor, pinned where the device wants it); a
+  JPEG the loader decodes on the device (`--decode device`) is cut there instead;
 - one device thread runs batches of prepared crops. Crops of one shape share a batch
   whichever image they come from, so single-tile camera-trap photos run in full batches
   too; a batch is run when full, or at once when no crop is waiting (never held back);
