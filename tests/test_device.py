@@ -253,3 +253,37 @@ def test_the_exact_mode_on_cuda_turns_tf32_off():
         assert not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_compiled_modes_find_what_eager_finds_and_graph_only_the_backbone(monkeypatch,
+                                                                          tmp_path):
+    """`--cuda-graphs` (torch.compile's reduce-overhead mode) compiles the fixed-shape backbone
+    in that mode and the box head, whose shapes vary, in the default one; on the CPU the same
+    compiled code runs without graphs. An unknown mode is refused, naming the modes."""
+    from backend.bench.workload import conditioned_model_dir
+
+    modes: list[str | None] = []
+    compile_ = torch.compile
+
+    def recording(model, **options):
+        modes.append(options.get("mode"))
+        return compile_(model, **options)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    model = conditioned_model_dir(tmp_path / "tiny", "tiny_tridentnet")
+    rng = np.random.default_rng(2)
+    tiles = [np.ascontiguousarray(rng.integers(0, 255, (320, 320, 3), np.uint8))
+             for _ in range(2)]
+    eager = model.predictor(device="cpu", batch_size=2).predict(tiles)
+    compiled = model.predictor(device="cpu", batch_size=2, compile="reduce-overhead")
+    assert modes == ["reduce-overhead", "default"]
+    for got, expected in zip(compiled.predict(tiles), eager, strict=True):
+        assert len(expected) and twin_fraction(expected, got, min_score=0.0) >= 0.95
+    with pytest.raises(ValueError, match=r"compile mode 'max-speed' is not one of"):
+        DeviceOptions.create("cpu", compile="max-speed")
+    from backend.cli.main import build_parser
+
+    for flags, mode in (([], None), (["--compile"], "default"),
+                        (["--cuda-graphs"], "reduce-overhead")):
+        args = build_parser().parse_args(["predict", *flags, "frame.jpg", "--model", "m"])
+        assert args.compile == mode and args.images == ["frame.jpg"]

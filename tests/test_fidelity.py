@@ -62,7 +62,7 @@ def test_a_model_asks_for_the_exact_mode_and_clashing_settings_are_refused(tmp_p
     assert (options.exact, options.fold_norms, options.channels_last, options.roi_align) == (
         True, False, False, "torchvision")
     with pytest.raises(ValueError, match="drop --precision bf16, --compile"):
-        ModelDir.open(model.path).predictor(device="cpu", precision="bf16", compile=True)
+        ModelDir.open(model.path).predictor(device="cpu", precision="bf16", compile="default")
 
 
 def test_console_script_writes_the_json_lines_contract(tmp_path):

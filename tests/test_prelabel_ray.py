@@ -71,7 +71,7 @@ def test_a_lost_ray_worker_s_images_are_redone(survey, tmp_path):
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     args = argparse.Namespace(ray="local", ray_workers=1, device="cpu", precision="fp32",
-                              channels_last=None, compile=False, exact=False, opt=[],
+                              channels_last=None, compile=None, exact=False, opt=[],
                               uncertainty="least-confidence", threads=1)
     items = [Item(f) for f in image_files(str(survey["root"])) if f.endswith(".png")]
     results = list(ray_detect_stream(args, ModelDir.open(survey["model"]), TilingOptions(320),

@@ -9,7 +9,8 @@ interleaved): `default`, `torchvision-nms` (torchvision's batched NMS instead of
 `torchvision-roi-align` (one call of torchvision's ROIAlign instead of the Triton kernel on
 CUDA, or of the ROIs shared among threads on the CPU),
 `folded`/`unfolded` (frozen norms folded into the convolutions or not), `compiled`
-(torch.compile, opt-in), `exact` (every optimisation that changes rounding off: the
+(torch.compile, opt-in), `graphs` (compiled with the backbone replayed as a CUDA Graph:
+`--cuda-graphs`), `exact` (every optimisation that changes rounding off: the
 `--exact` mode). Each line of a variant also gives its ratio to the first variant.
 """
 
@@ -55,7 +56,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "torchvision-roi-align": {"roi_align": "torchvision"},
     "folded": {"fold_norms": True},
     "unfolded": {"fold_norms": False},
-    "compiled": {"compile": True},
+    "compiled": {"compile": "default"},
+    "graphs": {"compile": "reduce-overhead"},
     "exact": {"exact": True, "channels_last": False, "fold_norms": False,
               "roi_align": "torchvision"},
 }

@@ -13,7 +13,8 @@ short keeps it:
    settings, in its own process: the before/after of a change;
 4. the survey batch job on generated 6000x4000 frames (54 tiles each) vs the bare engine,
    its JPEGs decoded by the CPU workers and by nvJPEG (`--decode device`) side by side;
-5. torch.compile (opt-in) against the default, for TridentNet-Fast and R50-FPN;
+5. torch.compile (opt-in) against the default, for TridentNet-Fast and R50-FPN, also with
+   the backbone replayed as a CUDA Graph (`--cuda-graphs`);
 6. training: full-size TridentNet R50-C4 with AMP beside torchvision's training step;
 7. the live backend with full-size TridentNet-Fast at bf16: its overhead over the engine,
    smart-tool latency (p95) idle and beside a batch load, fairness with hanging URLs;
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             "compiled": lambda: report.extend("compiled", run_engine_benchmark(EngineBench(
                 cases=(FAST, FPN), precisions=("bf16",), batch_sizes=(16,),
                 repeats=args.repeats, device="cuda", baseline=False,
-                variants=("default", "compiled"),
+                variants=("default", "compiled", "graphs"),
             ))),
             "training": lambda: report.extend(
                 "training", run_training_benchmark(TrainingBench(device="cuda"))

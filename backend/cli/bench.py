@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--variants", nargs="+", default=["default"],
                        help="engine settings timed side by side: default, torchvision-nms, "
-                       "torchvision-roi-align, folded, unfolded, compiled, exact")
+                       "torchvision-roi-align, folded, unfolded, compiled, graphs, exact")
     bench.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,

@@ -18,6 +18,9 @@ from . import roi_align as triton_roi_align
 from .boxes import NMS_METHODS
 
 ROI_ALIGN_METHODS = ("torchvision", "threads", "triton")
+# torch.compile's modes for the backbone: reduce-overhead replays it as a CUDA Graph (one
+# launch for a batch's hundreds of kernels; the box head, whose shapes vary, stays default)
+COMPILE_MODES = ("default", "reduce-overhead")
 
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None,
@@ -63,7 +66,8 @@ class DeviceOptions:
     nms: str = "exact"  # one greedy NMS per batch in tensor ops; or "torchvision"
     roi_align: str = "torchvision"  # or "threads" (CPU), "triton" (C4 heads): roi_align.py
     fold_norms: bool = True  # frozen batch norms folded into their convolutions (fp32)
-    compile: bool = False  # torch.compile the backbone and the box head (opt-in)
+    # torch.compile the backbone and the box head (opt-in): a mode of COMPILE_MODES
+    compile: str | None = None
     exact: bool = False  # every optimisation that changes rounding off (see `create`)
 
     def __post_init__(self) -> None:
@@ -77,6 +81,8 @@ class DeviceOptions:
             raise ValueError(f"NMS method {self.nms!r} is not one of {NMS_METHODS}")
         if self.roi_align not in ROI_ALIGN_METHODS:
             raise ValueError(f"ROIAlign {self.roi_align!r} is not one of {ROI_ALIGN_METHODS}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile mode {self.compile!r} is not one of {COMPILE_MODES}")
         if self.roi_align == "triton" and not triton_roi_align.available():
             raise ValueError("ROIAlign 'triton' needs the triton package (pip install triton)")
 
@@ -92,7 +98,7 @@ class DeviceOptions:
         nms: str = "exact",
         roi_align: str | None = None,
         fold_norms: bool | None = None,
-        compile: bool = False,
+        compile: str | None = None,
         exact: bool = False,
     ) -> DeviceOptions:
         """Defaults measured per device: NHWC everywhere (on CPU, with the frozen norms
@@ -182,14 +188,14 @@ def run_settings(args: Any) -> dict[str, Any]:
 
 
 def _check_exact(precision: str, channels_last: bool | None, roi_align: str | None,
-                 fold_norms: bool | None, compile: bool) -> None:
+                 fold_norms: bool | None, compile: str | None) -> None:
     """Refuse a setting `exact` would have to ignore, naming it."""
     clashes = [name for name, clash in (
         (f"--precision {precision}", precision != "fp32"),
         ("--channels-last", channels_last is True),
         (f"roi_align {roi_align}", roi_align not in (None, "torchvision")),
         ("fold_norms", fold_norms is True),
-        ("--compile", compile)) if clash]
+        ("--compile", compile is not None)) if clash]
     if clashes:
         raise ValueError(f"exact mode runs fp32, NCHW, unfolded and uncompiled: drop "
                          f"{', '.join(clashes)} or the exact mode")

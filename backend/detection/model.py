@@ -62,13 +62,15 @@ class GeneralizedRCNN(nn.Module):
         fpn_triton = self.cfg.fpn and roi_align == "triton"
         self.roi_heads.pooler.method = "torchvision" if fpn_triton else roi_align
 
-    def compile_fixed_parts(self) -> None:
+    def compile_fixed_parts(self, mode: str = "default") -> None:
         """torch.compile the parts whose shapes repeat batch after batch: the backbone (one
-        shape per tile size) and the box head (one per ROI chunk size, which varies, so it
-        is compiled for dynamic sizes). Their elementwise work (norms, ReLU, residual adds)
-        fuses into fewer passes; proposal selection and NMS stay eager."""
-        self.backbone.compile(dynamic=False)
-        self.roi_heads.box_network.compile(dynamic=True)
+        shape per tile size), in `mode` (reduce-overhead: replayed as a CUDA Graph on a GPU,
+        one recording per batch shape), and the box head (one per ROI chunk size, which
+        varies, so it is compiled for dynamic sizes, never graphed). Their elementwise work
+        (norms, ReLU, residual adds) fuses into fewer passes; proposal selection and NMS
+        stay eager."""
+        self.backbone.compile(dynamic=False, mode=mode)
+        self.roi_heads.box_network.compile(dynamic=True, mode="default")
 
     @property
     def device(self) -> torch.device:

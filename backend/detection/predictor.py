@@ -82,8 +82,8 @@ class Predictor:
             self.options.nms, self.options.roi_budget_mb * 2**20, self.options.roi_align
         )
         set_norms_folded(self.model, self.options.fold_norms)
-        if self.options.compile:
-            self.model.compile_fixed_parts()
+        if self.options.compile is not None:
+            self.model.compile_fixed_parts(self.options.compile)
         self.cfg: DetectorConfig = model.cfg
 
     @property
