@@ -21,7 +21,14 @@ GPU_REPORT ?= gpu-check.jsonl
 GPU_BEFORE ?=
 GPU_ARGS ?=
 
-.PHONY: setup setup-ls demo test lint bench gpu-check clean
+# What the GPU image lacks (fastapi/uvicorn for gpu-check's serve section, pycocotools for
+# its selection benchmark): `make gpu-wheels` fetches them here, at the versions we pin, for
+# the device call to carry (`.whl` in `carry`); `make gpu-check` installs them when present.
+GPU_WHEELS := fastapi starlette pydantic pydantic_core annotated-types typing-inspection \
+	uvicorn pycocotools
+GPU_SITE ?= /tmp/tridentloop-gpu-site
+
+.PHONY: setup setup-ls demo test lint bench gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -56,8 +63,20 @@ bench: $(STAMP)
 	$(BIN)/tridentloop bench
 
 # One JSON Lines report of the CUDA tests and GPU benchmarks; fails loudly without CUDA.
+gpu-wheels:
+	mkdir -p .whl
+	for name in $(GPU_WHEELS); do \
+		pin=$$(grep -i "^$$name==" constraints.txt) || { echo "$$name is not pinned"; exit 1; }; \
+		$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+			--implementation cp --platform manylinux_2_28_x86_64 \
+			--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$$pin" \
+			|| exit 1; \
+	done
+
 gpu-check:
-	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m backend.bench.gpu_check \
+	if [ -d .whl ]; then $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile \
+		--no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=.:$(GPU_SITE) PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m backend.bench.gpu_check \
 		--fixtures $(D2_FIXTURES) --report $(GPU_REPORT) $(if $(GPU_BEFORE),--before $(GPU_BEFORE)) $(GPU_ARGS)
 
 clean:

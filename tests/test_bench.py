@@ -115,6 +115,32 @@ def test_gpu_check_fails_loudly_without_cuda(tmp_path):
     assert "CUDA is not available" in record["error"]
 
 
+# What the GPU machine's image lacks (../.library/device/KINDS.md, 2026-11-17): gpu-check
+# runs there with no package index, carrying only the wheels `make gpu-wheels` fetches.
+NOT_ON_THE_GPU_IMAGE = ("fastapi", "uvicorn", "starlette", "pydantic", "pycocotools",
+                        "label_studio_sdk", "dvc", "ray", "rasterio", "geopandas")
+
+
+def test_gpu_check_and_its_cuda_tests_load_without_what_the_gpu_image_lacks():
+    """A missing package must fail only the section that needs it, never the whole check."""
+    blocker = (
+        "import sys, importlib.abc\n"
+        "class Missing(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name.split('.')[0] in {NOT_ON_THE_GPU_IMAGE!r}:\n"
+        "            raise ImportError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, Missing())\n"
+    )
+    check = subprocess.run(
+        [sys.executable, "-c", blocker + "import backend.bench.gpu_check, backend.cli.main"
+         "\nimport pytest\nsys.exit(pytest.main(['--collect-only', '-q', '-m', 'cuda', "
+         "'-p', 'no:cacheprovider', 'tests/test_cuda.py']))"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]
+    assert "test_jpegs_decoded_by_nvjpeg" in check.stdout
+
+
 @pytest.mark.slow
 def test_export_bench_fetches_only_the_new_images_the_second_time(label_studio):
     (record,) = run_export_benchmark(ExportBench(tasks=30, added_percent=10), label_studio)

@@ -45,6 +45,7 @@ import yaml
 
 from .. import effort, uncertainty
 from ..detection.checkpoint import load_weights, predictor_state
+from ..detection.device import resolve_device
 from ..detection.model import GeneralizedRCNN
 from ..detection.predictor import Predictor
 from ..detection.structures import Detections
@@ -165,7 +166,7 @@ class _Survey:
         """The model after labelling `batches` in turn: the one before it, fine-tuned on all
         of them."""
         if batches not in self.models:
-            net = GeneralizedRCNN(self.config)
+            net = GeneralizedRCNN(self.config).to(resolve_device(self.bench.device))
             net.load_state_dict(self.model(batches[:-1]).state)
             labelled = [i for batch in batches for i in batch]
             options = dataclasses.replace(self.options, seed=self.seed * 100 + len(batches))
