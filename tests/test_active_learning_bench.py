@@ -8,6 +8,7 @@ import pytest
 
 from backend.bench.active_learning import (
     ActiveLearningBench,
+    bars,
     fewer_tiles,
     labels_to_reach,
     run_active_learning_benchmark,
@@ -37,6 +38,26 @@ def test_fewer_tiles_compares_only_seeds_where_random_improved_on_the_start():
     assert found["pct_fewer_tiles"]["mean"] == 25.0  # (50 + 0) / 2
     effort = fewer_tiles({0: [(0, 1.0), (16, 0.6)]}, {0: [(0, 1.0), (16, 1.0)]}, higher=False)
     assert effort["seeds_compared"] == 0 and effort["pct_fewer_tiles"] is None
+
+
+def _head(compared: int, fewer: tuple[float, float], animals: float, aulc_high: float):
+    return {"to_random_final_ap50": {"seeds_compared": compared, "pct_fewer_tiles": {
+                "mean": fewer[0], "low": fewer[1]}},
+            "animals_per_tile_first_two_batches_vs_random": {"mean": animals},
+            "aulc_ap50_minus_random": {"high": aulc_high}}
+
+
+def test_the_bench_says_which_bars_a_run_meets_and_which_it_cannot_measure():
+    met = bars(_head(4, (41.0, 12.0), 2.8, 0.05), seeds=5)
+    assert met == {"fewer_tiles_to_random_final_ap50": "met",
+                   "animals_per_tile_2x_random": "met", "no_worse_than_random": "yes"}
+    short = bars(_head(2, (50.0, 20.0), 1.4, -0.01), seeds=5)
+    assert short["fewer_tiles_to_random_final_ap50"] == (
+        "not measurable: random improved on the start model's AP50 in 2 of 5 seeds (needs 3)")
+    assert short["animals_per_tile_2x_random"] == "not met"
+    assert short["no_worse_than_random"] == "no: worse"
+    assert bars(_head(5, (35.0, -4.0), 2.0, 0.0), seeds=5)[
+        "fewer_tiles_to_random_final_ap50"] == "not met"  # the interval reaches 0
 
 
 def test_the_default_strategy_is_the_loops_select_settings():
@@ -70,6 +91,6 @@ def test_the_bench_runs_every_strategy_over_seeds_and_reports_intervals():
     assert head["animals_per_tile_first_two_batches_vs_random"]["mean"] > 1
     assert set(head) == {"aulc_ap50_minus_random", "to_random_final_ap50",
                          "to_random_final_effort",
-                         "animals_per_tile_first_two_batches_vs_random"}
+                         "animals_per_tile_first_two_batches_vs_random", "bars"}
     line = summary["per_round"][0]["random"]["ap50"]
     assert line["seeds"] == 2 and line["low"] <= line["mean"] <= line["high"]
