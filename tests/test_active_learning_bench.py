@@ -8,6 +8,7 @@ import pytest
 
 from backend.bench.active_learning import (
     ActiveLearningBench,
+    _ratio_interval,
     bars,
     fewer_tiles,
     labels_to_reach,
@@ -58,6 +59,13 @@ def test_the_bench_says_which_bars_a_run_meets_and_which_it_cannot_measure():
     assert short["no_worse_than_random"] == "no: worse"
     assert bars(_head(5, (35.0, -4.0), 2.0, 0.0), seeds=5)[
         "fewer_tiles_to_random_final_ap50"] == "not met"  # the interval reaches 0
+
+
+def test_a_ratio_to_a_random_draw_that_found_nothing_has_no_upper_end():
+    assert _ratio_interval([2, 2, 2, 1, 3], [1, 1, 1, 0.5, 0.5]) == {
+        "mean": 2.5, "low": 2.0, "high": 4.0, "seeds": 5}
+    sparse = _ratio_interval([2, 2, 2, 1, 3], [0, 0, 1, 0, 0.5])  # random: 2 seeds of 5
+    assert sparse["mean"] == 6.67 and sparse["high"] is None
 
 
 def test_the_default_strategy_is_the_loops_select_settings():

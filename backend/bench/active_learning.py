@@ -295,16 +295,20 @@ def _curve(survey_start: dict[str, Any], rows: list[dict[str, Any]], key: str
 
 
 def _ratio_interval(num: list[float], den: list[float], draws: int = 2000
-                    ) -> dict[str, float] | None:
-    """mean(num) / mean(den) over seeds, with a 95% bootstrap interval resampling seeds."""
+                    ) -> dict[str, float | None] | None:
+    """mean(num) / mean(den) over seeds, with a 95% bootstrap interval resampling seeds. A
+    draw whose seeds' denominators are all 0 (random found nothing) has no finite ratio: if
+    more than 2.5% do, the interval has no upper end (`high` None), not a huge number."""
     a, b = np.asarray(num, float), np.asarray(den, float)
     if not len(a) or b.mean() == 0:
         return None
     picks = np.random.default_rng(0).integers(0, len(a), (draws, len(a)))
-    ratios = a[picks].mean(1) / np.maximum(b[picks].mean(1), 1e-9)
-    low, high = np.percentile(ratios, [2.5, 97.5])
+    dens = b[picks].mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(dens > 0, a[picks].mean(1) / dens, np.inf)
+        low, high = np.percentile(ratios, [2.5, 97.5])  # nan between two infinities
     return {"mean": round(float(a.mean() / b.mean()), 2), "low": round(float(low), 2),
-            "high": round(float(high), 2), "seeds": len(a)}
+            "high": round(float(high), 2) if np.isfinite(high) else None, "seeds": len(a)}
 
 
 def fewer_tiles(curves: dict[int, list[tuple[float, float]]],
