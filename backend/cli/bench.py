@@ -72,39 +72,13 @@ def _add_jobs(bench: argparse.ArgumentParser) -> None:
     jobs.add_argument("--active-learning", action="store_true",
                       help="each way of choosing the next tiles to label (the loop's default, "
                       "random, each component alone) on new generated surveys, over seeds")
-    bench.add_argument("--strategies", nargs="+", default=None,
-                       help="--active-learning: default random likely-animals error-rate "
-                       "rare-animals embeddings (default: all)")
-    bench.add_argument("--biome", default="steppe",
-                       help="--active-learning: the new survey's biome (steppe: other species "
-                       "than the start model's, so a new head; savanna: its own)")
-    bench.add_argument("--rare-share", type=float, default=0.05,
-                       help="--active-learning: the rare species' share of the animals")
-    bench.add_argument("--iterations", type=int, default=40,
-                       help="--active-learning: fine-tuning steps per round (the loop's own "
-                       "is params.yaml's 150: ~2 h on 2 CPU cores, for a GPU)")
     jobs.add_argument("--uncertainty-check", action="store_true",
                       help="each uncertainty score against the corrections annotators then "
                       "make, on new generated surveys (Spearman, spread), over seeds")
     jobs.add_argument("--counts", action="store_true",
                       help="count intervals, effort and triage on new generated surveys, "
                       "over seeds (coverage)")
-    bench.add_argument("--seeds", type=int, default=None,
-                       help="generated surveys (--counts: 20, --active-learning: 5, "
-                       "--uncertainty-check: 3)")
-    bench.add_argument("--first-seed", type=int, default=0,
-                       help="--active-learning: the first seed (another run's surveys: e.g. "
-                       "--first-seed 100)")
-    bench.add_argument("--val-frames", type=int, default=30,
-                       help="--counts: labelled frames per survey the figures are fitted on "
-                       "(triage needs 32 with animals)")
-    bench.add_argument("--survey-frames", type=int, default=30,
-                       help="--counts: new frames per survey the figures are tested on")
-    bench.add_argument("--empty-fraction", type=float, default=0.92,
-                       help="--counts, --active-learning: share of empty tiles in the generated "
-                       "surveys")
-    bench.add_argument("--model-dir", type=Path, help="--counts, --uncertainty-check: the "
-                       "model (default: the shipped savanna source model)")
+    _add_generated_survey_options(bench)
     jobs.add_argument("--pretrain-source", type=Path, metavar="DIR",
                       help="build last season's stand-in model (the shipped savanna-v1) into "
                       "DIR and say whether it reproduces the pinned SHA-256")
@@ -142,6 +116,38 @@ def _add_jobs(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--train-precision", default="auto",
                        choices=["auto", "fp32", "fp16", "bf16"],
                        help="--training: auto is fp16 AMP on CUDA, fp32 on CPU")
+
+
+def _add_generated_survey_options(bench: argparse.ArgumentParser) -> None:
+    """Options of the benchmarks run on generated surveys over seeds (--active-learning,
+    --uncertainty-check, --counts)."""
+    bench.add_argument("--strategies", nargs="+", default=None,
+                       help="--active-learning: default random likely-animals error-rate "
+                       "rare-animals embeddings (default: all)")
+    bench.add_argument("--biome", default="steppe",
+                       help="--active-learning: the new survey's biome (steppe: other species "
+                       "than the start model's, so a new head; savanna: its own)")
+    bench.add_argument("--rare-share", type=float, default=0.05,
+                       help="--active-learning: the rare species' share of the animals")
+    bench.add_argument("--iterations", type=int, default=40,
+                       help="--active-learning: fine-tuning steps per round (the loop's own "
+                       "is params.yaml's 150: ~2 h on 2 CPU cores, for a GPU)")
+    bench.add_argument("--seeds", type=int, default=None,
+                       help="generated surveys (--counts: 20, --active-learning: 5, "
+                       "--uncertainty-check: 3)")
+    bench.add_argument("--first-seed", type=int, default=0,
+                       help="--active-learning: the first seed (another run's surveys: e.g. "
+                       "--first-seed 100)")
+    bench.add_argument("--val-frames", type=int, default=30,
+                       help="--counts: labelled frames per survey the figures are fitted on "
+                       "(triage needs 32 with animals)")
+    bench.add_argument("--survey-frames", type=int, default=30,
+                       help="--counts: new frames per survey the figures are tested on")
+    bench.add_argument("--empty-fraction", type=float, default=0.92,
+                       help="--counts, --active-learning: share of empty tiles in the generated "
+                       "surveys")
+    bench.add_argument("--model-dir", type=Path, help="--counts, --uncertainty-check: the "
+                       "model (default: the shipped savanna source model)")
 
 
 def run(args: argparse.Namespace) -> int:
