@@ -16,17 +16,13 @@ nvJPEG's inverse DCT is not libjpeg's: pixels may differ by a level or two from 
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .images import load_image
+from .images import load_image, read_header
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-_ORIENTATION = 0x0112  # the EXIF tag
 
 
 def is_jpeg(data: bytes) -> bool:
@@ -38,9 +34,7 @@ def decode_on_device(data: bytes, device: torch.device, max_pixels: int, name: s
     """An (H, W, 3) uint8 RGB image, upright per its EXIF orientation: a tensor on `device`,
     or, for a JPEG only the CPU path reads, the array `load_image` gives."""
     try:
-        with Image.open(io.BytesIO(data)) as header:  # reads the header, decodes nothing
-            width, height = header.size
-            orientation = int(header.getexif().get(_ORIENTATION, 1))
+        (width, height), orientation = read_header(data)
     except (OSError, SyntaxError, ValueError):
         return load_image(data, max_pixels, name)  # raises ImageError, naming the problem
     if width * height > max_pixels:

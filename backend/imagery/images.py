@@ -114,12 +114,11 @@ def _follow_our_pixel_limit(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def image_size(source: ImageSource) -> tuple[int, int]:
-    """(width, height) as shown, read from the header only."""
+def read_header(source: ImageSource) -> tuple[tuple[int, int], int]:
+    """(width, height) as stored and the EXIF orientation (1: upright), from the header
+    only: nothing is decoded."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        width, height = image.size
-        orientation = image.getexif().get(0x0112, 1)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        return image.size, int(image.getexif().get(0x0112, 1))
 
 
 def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
