@@ -14,7 +14,7 @@ from PIL import Image
 from backend.cli import main
 from backend.detection.predictor import Predictor
 from backend.imagery.device_jpeg import decode_on_device
-from backend.imagery.images import ImageError, load_image
+from backend.imagery.images import ImageError, PixelScaling, load_image
 from backend.prelabel.sources import FileLoader, Item, image_files
 from backend.prelabel.stream import detect_stream
 from backend.synthetic import survey_scene
@@ -44,6 +44,17 @@ def test_every_exif_orientation_comes_out_upright_as_pil_shows_it(orientation):
     decoded = decode_on_device(data, CPU, 10**8, "camera.jpg")
     assert isinstance(decoded, torch.Tensor) and decoded.dtype == torch.uint8
     np.testing.assert_array_equal(decoded.numpy(), load_image(data))
+
+
+def test_a_jpeg_with_a_range_or_bands_to_apply_is_decoded_where_they_are_applied(tmp_path):
+    """`--value-range` and `--bands` rescale 8-bit JPEGs too (the CPU path): such a JPEG is
+    not handed to the device decoder, which would give its pixels as they are."""
+    path = tmp_path / "frame.jpg"
+    path.write_bytes(_jpeg(survey_scene(np.random.default_rng(1), 80, 120, 2).image))
+    for scaling in (PixelScaling(value_range=(20, 200)), PixelScaling(bands=(2,))):
+        got = FileLoader(scaling=scaling, jpeg_device=CPU)(Item(str(path)))
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_array_equal(got, load_image(path, scaling=scaling))
 
 
 def test_limits_and_broken_files_fail_as_the_cpu_path_does():

@@ -20,13 +20,24 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .images import load_image, read_header
+from .images import DEFAULT_SCALING, PixelScaling, load_image, read_header
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def is_jpeg(data: bytes) -> bool:
     return data[:3] == JPEG_MAGIC
+
+
+def load_pixels(data: bytes, max_pixels: int, name: str,
+                scaling: PixelScaling = DEFAULT_SCALING, jpeg_device: torch.device | None = None
+                ) -> torch.Tensor | np.ndarray:
+    """`load_image`, with a JPEG decoded on `jpeg_device` where the CPU path would give its
+    pixels as they are: a `--value-range` or `--bands` to apply keeps it on the CPU."""
+    as_is = scaling.value_range is None and scaling.bands is None
+    if jpeg_device is not None and as_is and is_jpeg(data):
+        return decode_on_device(data, jpeg_device, max_pixels, name)
+    return load_image(data, max_pixels=max_pixels, name=name, scaling=scaling)
 
 
 def decode_on_device(data: bytes, device: torch.device, max_pixels: int, name: str

@@ -12,8 +12,8 @@ import fsspec
 import torch
 
 from ..detection.tiling import Pixels
-from ..imagery.device_jpeg import decode_on_device, is_jpeg
-from ..imagery.images import DEFAULT_MAX_PIXELS, DEFAULT_SCALING, PixelScaling, load_image
+from ..imagery.device_jpeg import load_pixels
+from ..imagery.images import DEFAULT_MAX_PIXELS, DEFAULT_SCALING, PixelScaling
 from ..imagery.raster import WindowedRaster, open_image
 from ..labelstudio.tasks import is_labeled, list_tasks
 from ..media.fetch import MediaFetcher, MediaSettings
@@ -78,9 +78,7 @@ class FileLoader:
             return open_image(item.uri, self.max_pixels, self.scaling)  # tiled TIFFs by window
         with fsspec.open(item.uri, "rb") as f:
             data = f.read()
-        if self.jpeg_device is not None and is_jpeg(data):
-            return decode_on_device(data, self.jpeg_device, self.max_pixels, item.uri)
-        return load_image(data, max_pixels=self.max_pixels, name=item.uri, scaling=self.scaling)
+        return load_pixels(data, self.max_pixels, item.uri, self.scaling, self.jpeg_device)
 
 
 class TaskLoader:
@@ -99,9 +97,7 @@ class TaskLoader:
 
     def __call__(self, item: Item) -> Pixels:
         data = self.media.fetch(item.uri, item.task_id)
-        if self.jpeg_device is not None and is_jpeg(data):
-            return decode_on_device(data, self.jpeg_device, self.max_pixels, item.uri)
-        return load_image(data, max_pixels=self.max_pixels, name=item.uri)
+        return load_pixels(data, self.max_pixels, item.uri, jpeg_device=self.jpeg_device)
 
 
 def project_tasks(
