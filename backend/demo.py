@@ -1,25 +1,30 @@
 """`tridentloop demo` (`make demo`): the whole loop on an embedded default, on CPU.
 
-A local Label Studio gets a project of generated survey images (small animals on textured
-ground, larger than one tile). The loop starts from last season's model (the shipped
-savanna-v1, trained on another generated survey of the same species: `train.base_weights`).
-Each round adds new images; once a model is deployed, our backend pre-labels them through
-Label Studio's "Retrieve predictions"; a scripted annotator keeps the pre-labels that match
+A new survey as surveys are: a generated wetland (buffalo, hippo, a rare wattled crane),
+cut into the loop's 320 px tiles, about 92% of them empty, with termite mounds and bushes
+that look like animals (backend/synthetic.py). The loop starts from last season's model, the
+shipped savanna-v1 (trained on a generated savanna survey of other species:
+`train.base_weights`), with a new box predictor for this survey's species and its backbone
+frozen (`train.freeze_at: 4`: it already sees these animals; only proposals and box head
+learn, at over twice the steps per second). Each round a local Label Studio gets the next
+tiles of the survey, as many as hold at least `--animals-per-round` animals (the first round
+three times that), so that each round's effort figure rests on that many; once a model is
+deployed, our backend pre-labels them through Label Studio's "Retrieve predictions"; a
+scripted annotator keeps the pre-labels that match
 the generated ground truth, fixes the rest, and submits; then `dvc repro` exports the
 accepted labels, trains on all of them (going on from the loop's last model; the first
 round from the start model), evaluates, and redeploys if the model is not worse for
 annotators and for AP. The backend hot-reloads each new version and offers boxes by the
 score thresholds `evaluate` chose for it on val.
 
-Each round's batch also holds survey frames with nothing but look-alikes (rocks, termite
-mounds, bushes), as real surveys mostly do. What annotators feel is counted per round, by
-the same costs `evaluate` uses (backend/effort.py): pre-labels kept, adjusted (a loose box's
-edges moved) and deleted, animals drawn, and the effort ratio, corrections over drawing
-every animal (1.0: as costly as drawing every box from scratch, as in round 1). What a
-survey gets from the served model is reported too: the frames its triage threshold says
-need not be opened (and the animals in them), and its count with a 95% interval against the
-truth. Prints a table per round and ends with one JSON line `{"rounds": [...]}`; every
-server it started is stopped before it returns.
+What annotators feel is counted per round, by the same costs `evaluate` uses
+(backend/effort.py): pre-labels kept, adjusted (a loose box's edges moved) and deleted,
+animals drawn, and the effort ratio, corrections over drawing every animal (1.0: as costly
+as drawing every box from scratch, as in round 1). What a survey gets from the served model
+is reported too: the tiles its triage threshold says need not be opened (and the animals in
+them), and its count with a 95% interval against the truth. One tile in 4 is pinned to
+val, as a team holds out part of each flight. Prints a table per round and ends with one
+JSON line `{"rounds": [...]}`; every server it started is stopped before it returns.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from PIL import Image
 
 from .effort import EffortSettings, Tally, match
 from .imagery.counts import interval, survey_estimate
-from .labelstudio.local import LocalLabelStudio, import_image, local_label_studio
+from .labelstudio.local import LocalLabelStudio, import_images, local_label_studio
 from .labelstudio.results import rectangle_region
 from .media.fetch import MediaFetcher, MediaSettings
 from .models import SAVANNA_V1
@@ -50,21 +55,13 @@ from .serving.backend import Backend, ServerSettings
 from .serving.jobs import TrainingJobs
 from .serving.model_source import ModelSource
 from .serving.server import serve_in_thread
-from .synthetic import (
-    CLASSES,
-    LABEL_CONFIG,
-    PoolSettings,
-    Scene,
-    coco_of,
-    png_bytes,
-    survey_pool,
-    survey_scene,
-)
+from .synthetic import BIOMES, PoolSettings, Scene, coco_of, label_config, png_bytes, survey_pool
 
 MARKER = ".tridentloop-demo"
-IMAGE_SIZE = (480, 640)  # (h, w): six 320 px tiles
+SURVEY = PoolSettings(biome="wetland", height=320, width=320)  # tiles, 92% empty
+SPECIES = BIOMES[SURVEY.biome].species
+IMAGE_SIZE = (SURVEY.height, SURVEY.width)
 SETTINGS = EffortSettings()  # the costs evaluate scores the loop by
-VAL_EMPTY_FRAMES = 1  # of each round's, pinned to val with 3 of every 8 animal frames
 
 
 def review(predicted: list[dict[str, Any]], scene: Scene
@@ -76,7 +73,7 @@ def review(predicted: list[dict[str, Any]], scene: Scene
     kept: list[dict[str, Any]] = []
     found = np.zeros(len(scene.boxes), bool)
     as_is = np.zeros(len(scene.boxes), bool)
-    for c, name in enumerate(CLASSES):
+    for c, name in enumerate(SPECIES):
         regions = [r for r in predicted if r["value"]["rectanglelabels"][0] == name]
         truth = np.flatnonzero(scene.classes == c)
         boxes = np.array([_corners(r["value"]) for r in regions], float).reshape(-1, 4)
@@ -89,7 +86,7 @@ def review(predicted: list[dict[str, Any]], scene: Scene
                     as_is[truth[j]] = True
                     kept.append({k: val for k, val in region.items() if k != "score"})
     redrawn = [  # drawn from scratch, or a loose pre-label moved onto the animal
-        rectangle_region(box, CLASSES[c], width, height)
+        rectangle_region(box, SPECIES[c], width, height)
         for box, c, keep in zip(scene.boxes.tolist(), scene.classes.tolist(), as_is, strict=True)
         if not keep
     ]
@@ -123,7 +120,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print("starting a local Label Studio (about a minute the first time)...", flush=True)
         ls_server = stack.enter_context(local_label_studio(out / "label-studio"))
         ls = LabelStudio(base_url=ls_server.url, api_key=ls_server.token)
-        project = ls.projects.create(title="Survey demo", label_config=LABEL_CONFIG)
+        project = ls.projects.create(title="Wetland survey demo",
+                                     label_config=label_config(SPECIES))
         env = {
             **os.environ,
             "LABEL_STUDIO_URL": ls_server.url,
@@ -137,9 +135,10 @@ def run_demo(args: argparse.Namespace) -> int:
             out / "loop",
             {
                 "labelstudio": {"url": ls_server.url, "project": project.id},
-                # a new survey started from last season's model, as teams start
+                # a new survey started from last season's model, as teams start; it sees
+                # the wetland's animals already, so only the proposals and box head learn
                 "train": {"iterations": args.iterations, "device": args.device,
-                          "base_weights": str(SAVANNA_V1)},
+                          "base_weights": str(SAVANNA_V1), "freeze_at": 4},
                 "evaluate": {"device": args.device},
                 "split": {"val_percent": 0},  # val: the frames each round pins (below)
             },
@@ -150,14 +149,14 @@ def run_demo(args: argparse.Namespace) -> int:
         backend_url = None
         scenes: dict[str, Scene] = {}
         for round_no in range(1, args.rounds + 1):
-            # the first batch twice as large, as a team labels one before any training
-            frames = args.images_per_round * (2 if round_no == 1 else 1)
-            names, empty = _import_round(rng, round_no, frames, ls_server, project.id, scenes)
+            # the first batch larger, as a team labels one before any training: its val
+            # quarter must hold enough animals for the gate to deploy a model
+            animals = args.animals_per_round * (3 if round_no == 1 else 1)
+            names = _import_round(rng, round_no, animals, ls_server, project.id, scenes)
             tasks = {t.data["image"].rsplit("-", 1)[-1]: t for t in ls.tasks.list(
                 project=project.id)}
             new_ids = [tasks[n].id for n in names]
-            _pin_val(ls, [tasks[n] for i, n in enumerate(names[:frames]) if i % 8 < 3]
-                     + [tasks[n] for n in names[frames:][:VAL_EMPTY_FRAMES]])
+            _pin_val(ls, [tasks[n] for i, n in enumerate(names) if i % 4 == 0])
             if backend_url is None and registry.current_name() is not None:
                 backend_url = _start_backend(
                     stack, registry, loop_dir, out, args, ls, project.id, ls_server
@@ -171,10 +170,12 @@ def run_demo(args: argparse.Namespace) -> int:
                     project=project.id,
                     selected_items={"all": False, "included": new_ids},
                 )
-            tally = _label(ls, [(scenes[n], t) for n, t in zip(names, new_ids, strict=True)])
+            tally = _label(ls, [(scenes[n], t) for n, t in zip(names, new_ids, strict=True)],
+                           predicted=backend_url is not None)
+            herds = sum(bool(len(scenes[n].boxes)) for n in names)
             print(
-                f"round {round_no}: {len(names)} new images ({len(empty)} with look-alikes "
-                f"only), {tally.truth} animals; {tally.offered} pre-labels offered, "
+                f"round {round_no}: {len(names)} new tiles ({herds} with animals), "
+                f"{tally.truth} animals; {tally.offered} pre-labels offered, "
                 f"{tally.matched - tally.adjusted} kept, {tally.adjusted} adjusted; dvc repro...",
                 flush=True,
             )
@@ -191,37 +192,43 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def survey_tiles(rng: np.random.Generator, animals: int) -> list[Scene]:
+    """The survey's next tiles, as many as hold at least `animals` animals: mostly empty
+    ground and look-alikes, a herd here and there."""
+    tiles: list[Scene] = []
+    while sum(len(t.boxes) for t in tiles) < animals:
+        tiles += survey_pool(rng, 1, SURVEY)
+    return tiles
+
+
 def _import_round(rng: np.random.Generator, round_no: int, animals: int, ls_server: Any,
-                  project: int, scenes: dict[str, Scene]) -> tuple[list[str], list[Scene]]:
-    """A round's new images in Label Studio: `animals` survey frames and half as many
-    with look-alikes only (rocks, mounds, bushes); their names, and the empty ones."""
-    empty = survey_pool(rng, animals // 2, PoolSettings(empty_fraction=1.0, confusers=3.0))
-    names = []
-    for i in range(animals + len(empty)):
-        name = f"r{round_no}_survey{i:02d}.png"
-        scenes[name] = (survey_scene(rng, *IMAGE_SIZE, 10) if i < animals
-                        else empty[i - animals])
-        import_image(ls_server, project, name, png_bytes(scenes[name].image))
-        names.append(name)
-    return names, empty
+                  project: int, scenes: dict[str, Scene]) -> list[str]:
+    """A round's new tiles in Label Studio, in one upload (see `survey_tiles`); their
+    names."""
+    tiles = {f"r{round_no}_tile{i:03d}.png": t for i, t in enumerate(survey_tiles(rng, animals))}
+    scenes.update(tiles)
+    import_images(ls_server, project, [(n, png_bytes(t.image)) for n, t in tiles.items()])
+    return list(tiles)
 
 
 def _pin_val(ls: LabelStudio, tasks: list[Any]) -> None:
     """Pin these tasks to val (their data's `split` field), as a team holds out part of each
-    flight: the first round's val then holds 60 boxes, enough for the gate and for each
-    fold of the cross-fitted effort figure to see `min_boxes` of a class, so its model can
-    be deployed and pre-label the second round."""
+    flight: the first round's val then holds about 37 animals, enough for the gate
+    (`min_val_objects`) and for a common species' `min_boxes`, so its model can be deployed
+    and pre-label the second round; and the empty tiles in it teach the thresholds what
+    the look-alikes cost."""
     for task in tasks:
         ls.tasks.update(id=str(task.id), data={**task.data, "split": "val"})
 
 
-def _label(ls: LabelStudio, work: list[tuple[Scene, int]]) -> Tally:
+def _label(ls: LabelStudio, work: list[tuple[Scene, int]], predicted: bool) -> Tally:
     """The annotator's pass over the round's tasks (see `review`): what they kept,
-    adjusted, deleted and drew, summed."""
+    adjusted, deleted and drew, summed. Without a backend there are no pre-labels to read."""
     tally = Tally(0, 0, 0, 0)
     for scene, task_id in work:
-        predicted = [r for p in ls.predictions.list(task=task_id) for r in p.result]
-        result, one = review(predicted, scene)
+        shown = ([r for p in ls.predictions.list(task=task_id) for r in p.result]
+                 if predicted else [])
+        result, one = review(shown, scene)
         tally = tally + one
         ls.annotations.create(id=task_id, result=result, was_cancelled=False)
     return tally
@@ -268,15 +275,15 @@ def _start_backend(
     return url
 
 
-def _held_out_set(root: Path, rng: np.random.Generator, count: int = 6) -> dict[str, Any]:
-    """Survey images never shown to Label Studio: the same yardstick for every round."""
+def _held_out_set(root: Path, rng: np.random.Generator, animals: int = 40) -> dict[str, Any]:
+    """Survey tiles never shown to Label Studio, empty ones included: the same yardstick
+    for every round."""
     root.mkdir(parents=True)
     scenes = []
-    for i in range(count):
-        scene = survey_scene(rng, *IMAGE_SIZE, 10)
-        Image.fromarray(scene.image).save(root / f"held_out{i}.png")
-        scenes.append((f"held_out{i}.png", scene.boxes, scene.classes, IMAGE_SIZE))
-    return {"coco": coco_of(scenes), "dir": root}
+    for i, tile in enumerate(survey_tiles(rng, animals)):
+        Image.fromarray(tile.image).save(root / f"held_out{i}.png")
+        scenes.append((f"held_out{i}.png", tile.boxes, tile.classes, IMAGE_SIZE))
+    return {"coco": coco_of(scenes, SPECIES), "dir": root}
 
 
 def _held_out_ap50(registry: Registry, held_out: dict[str, Any], device: str) -> float:
@@ -304,7 +311,7 @@ def _survey_figures(registry: Registry, scenes: list[Scene], device: str) -> dic
     predictor = model.predictor(device=device)
     counting = model.counting
     triage = model.triage_threshold
-    counted = np.zeros(len(model.labels or CLASSES), int)
+    counted = np.zeros(len(model.labels or SPECIES), int)
     skipped = missed = 0
     for scene in scenes:
         det = predictor.detect(scene.image, model.recipe)

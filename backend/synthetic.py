@@ -5,12 +5,16 @@ tests, the demo and the benchmarks make their own.
 tests of mechanics. `survey_pool`: imagery as aerial surveys really are (Tanzania's are
 >= 95% empty tiles): most 320 px tiles empty, animals in herds, one species rare (a few
 percent of the animals), and look-alikes drawn as animals are but never labelled (rocks,
-termite mounds, bushes, with their shadows, in the animals' size and colour range), on two
-biomes with different grounds and species: `savanna` (elephant, zebra, rare bird) and
-`steppe` (saiga, horse, rare wolf). Each species has its own body shape and colour, so a
-tiny model learns it in a few hundred steps; a model of one biome transfers to the other as
-last season's model does to a new survey: it knows what an animal from the air looks like,
-not this survey's species.
+termite mounds, bushes, with their shadows, in the animals' size and colour range), on three
+biomes with different grounds and species: `savanna` (elephant, zebra, rare bird), `steppe`
+(saiga, horse, rare wolf) and `wetland` (buffalo, hippo, rare wattled crane). Each species
+has its own body shape and colour. The two new surveys stand for the two transfers a team
+meets. The wetland's animals are drawn in the savanna's tones (grey bulks, a pale small
+bird) at their own sizes and shades, so last season's savanna model sees them as animals and
+only has to learn their names: savanna-v1 finds most of them before any training. The
+steppe's are drawn in the look-alikes' tones (browns like termite mounds, a grey like rocks),
+which the savanna model learnt to ignore: it finds almost none of them, and a new head must
+learn them nearly from scratch.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ _LOOKS = {
     "saiga": ((172, 130, 82), (22, 30), 1.8),
     "horse": ((96, 62, 40), (32, 44), 2.1),
     "wolf": ((150, 146, 140), (20, 28), 2.6),
+    "buffalo": ((70, 68, 78), (36, 50), 1.6),
+    "hippo": ((118, 92, 108), (44, 60), 1.7),
+    "wattled crane": ((242, 242, 238), (16, 22), 1.2),
 }
 # Look-alikes, never labelled: (colour, (min, max) size in px, length / width ratio)
 _CONFUSERS = {
@@ -44,16 +51,21 @@ _CONFUSERS = {
 
 @dataclass(frozen=True)
 class Biome:
-    """A survey's ground (two colours mixed in patches) and its species, the last rare."""
+    """A survey's ground (two colours mixed in patches), its species (the last rare) and the
+    look-alikes found there."""
 
     soil: tuple[int, int, int]
     vegetation: tuple[int, int, int]
     species: tuple[str, ...]
+    look_alikes: tuple[str, ...] = tuple(_CONFUSERS)
 
 
 BIOMES = {
     "savanna": Biome((150, 120, 80), (110, 130, 60), ("elephant", "zebra", "bird")),
     "steppe": Biome((196, 186, 150), (160, 156, 112), ("saiga", "horse", "wolf")),
+    # a floodplain: termite mounds and bushes, no rocks
+    "wetland": Biome((118, 128, 84), (78, 108, 62), ("buffalo", "hippo", "wattled crane"),
+                     ("termite mound", "bush")),
 }
 
 
@@ -205,7 +217,7 @@ def _frame(rng: np.random.Generator, settings: PoolSettings, biome: Biome, with_
                 labels.append(cls)
     taken = list(boxes)
     for _ in range(int(rng.poisson(settings.confusers))):
-        kind = str(rng.choice(list(_CONFUSERS)))
+        kind = str(rng.choice(list(biome.look_alikes)))
         box = _place(draw, rng, taken, kind, _CONFUSERS[kind],
                      (0, 0, settings.width, settings.height))
         if box is not None:

@@ -71,7 +71,8 @@ def detections_for(
     category = {c["name"]: c["id"] for c in coco["categories"]}
     ids = dict(enumerate(category.get(name) for name in model.labels)) if model.labels else None
     records = []
-    for image in tqdm(coco["images"], desc=f"evaluate {model.version}", unit="img"):
+    for image in tqdm(coco["images"], desc=f"evaluate {model.version}", unit="img",
+                      disable=None):  # a bar on a terminal, not in logs
         det = predictor.detect(load_image(images / image["file_name"]), tiling)
         records += result_records(det, image["id"], ids)
     return records

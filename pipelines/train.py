@@ -66,6 +66,20 @@ def train_options(params: dict[str, Any], recipe: Recipe, cfg: DetectorConfig) -
     return TrainOptions(**chosen, crop_size=recipe.tile_size)
 
 
+def _frozen(params: dict[str, Any]) -> dict[str, int]:
+    """`train.freeze_at` as the config's MODEL.BACKBONE.FREEZE_AT (detectron2's name): the
+    backbone stages kept as the start model has them. From a model that already sees the
+    survey's animals, 4 (the whole backbone) trains only the proposals and the box head,
+    more than twice as many steps in the same time; from scratch, nothing may be frozen."""
+    if params.get("freeze_at") is None:
+        return {}
+    value = params["freeze_at"]
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 5:
+        fail(f"train.freeze_at is a backbone stage, 0 (train everything) to 5 (up to res5): "
+             f"got {value!r}")
+    return {"MODEL.BACKBONE.FREEZE_AT": value}
+
+
 def config_path(name: str) -> Path:
     path = Path(name)
     return path if path.suffix in (".yaml", ".yml") and path.exists() else bundled_config(name)
@@ -279,7 +293,7 @@ def main() -> None:
     labels = category_names(coco)
     recipe = parse_recipe(params.get("recipe"), f"{PARAMS_FILE} recipe")
     cfg_file = config_path(tp.get("config", "tiny_tridentnet"))
-    overrides = {"MODEL.ROI_HEADS.NUM_CLASSES": len(labels)}
+    overrides = {"MODEL.ROI_HEADS.NUM_CLASSES": len(labels), **_frozen(tp)}
     cfg = load_config(cfg_file, overrides)
     options = train_options(tp, recipe, cfg)
     torch.manual_seed(options.seed)
@@ -287,6 +301,10 @@ def main() -> None:
     deployed, snapshot = deployed_model(params)
     link = _start_weights(model, tp, labels, deployed, snapshot.get("weights_sha256"),
                           _previous_candidate(out), out)
+    if link.sha256 is None and tp.get("freeze_at"):
+        fail(f"train.freeze_at {tp['freeze_at']} would keep random weights frozen: there is "
+             "no model to start from (train.base_weights, a deployed model); set it to 0 "
+             "until one exists")
     settings = {k: v for k, v in tp.items() if k != "threads"}  # threads change no result
     lineage = {"dataset": dataset_hash(split_dir / "train.json"), "params": settings,
                "recipe": recipe_json(recipe), "code_sha256": code_sha256("train")}

@@ -301,3 +301,20 @@ def test_smart_tools_through_label_studio_are_answered_about_the_spot(stack):
     assert v["x"] <= cx <= v["x"] + v["width"] and v["y"] <= cy <= v["y"] + v["height"]
     print(f"through Label Studio on CPU: smart rectangle {seconds:.2f} s (first: decode and "
           f"the normal pass), click {click_seconds:.2f} s (cached image)")
+
+
+def test_a_survey_s_many_tiles_upload_in_one_call(label_studio):
+    """Label Studio refuses more than 100 files a request (Django's
+    DATA_UPLOAD_MAX_NUMBER_FILES); `import_images` sends any number, each one task."""
+    import io
+
+    from backend.labelstudio.local import import_images
+
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = ls.projects.create(title="many tiles", label_config=CONFIG)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    import_images(label_studio, project.id, [(f"t{i:03d}.png", buffer.getvalue())
+                                             for i in range(230)])
+    names = {t.data["image"].rsplit("-", 1)[-1] for t in ls.tasks.list(project=project.id)}
+    assert names == {f"t{i:03d}.png" for i in range(230)}

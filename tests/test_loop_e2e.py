@@ -357,6 +357,26 @@ def test_a_model_counts_every_iteration_its_weights_saw_and_names_its_ancestors(
     assert steps[-2:] == [seen, seen + 1] and steps == sorted(steps)
 
 
+def test_a_frozen_backbone_trains_only_the_heads_and_never_random_weights(loop, tmp_path):
+    """`train.freeze_at: 4` from a start model: its backbone comes out as it went in, the
+    proposals and box head learn; with nothing to start from it is refused, naming why."""
+    parent = Registry(loop["dir"] / "models/registry").current()
+    run([sys.executable, "-m", "pipelines.train"], loop["dir"], _train_params(
+        loop, tmp_path, "frozen", iterations=2, base_weights=str(parent.path), freeze_at=4))
+    start, got = _weights(parent.path), _weights(tmp_path / "frozen" / "model")
+    backbone = [k for k in start if k.startswith("backbone.") and "num_batches" not in k]
+    assert backbone and all(torch.equal(start[k], got[k]) for k in backbone)
+    assert not torch.equal(start["roi_heads.box_predictor.cls_score.weight"],
+                           got["roi_heads.box_predictor.cls_score.weight"])
+    assert "FREEZE_AT: 4" in (tmp_path / "frozen/model/config.yaml").read_text()
+    refused = subprocess.run(
+        [sys.executable, "-m", "pipelines.train"], cwd=loop["dir"], text=True,
+        capture_output=True, env=_train_params(loop, tmp_path, "scratch", iterations=2,
+                                               base_weights="", freeze_at=4))
+    assert refused.returncode != 0
+    assert "would keep random weights frozen" in refused.stderr
+
+
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass

@@ -126,7 +126,9 @@ def _add_generated_survey_options(bench: argparse.ArgumentParser) -> None:
                        "rare-animals embeddings (default: all)")
     bench.add_argument("--biome", default="steppe",
                        help="--active-learning: the new survey's biome (steppe: other species "
-                       "than the start model's, so a new head; savanna: its own)")
+                       "than the start model's, drawn like its look-alikes, so a new head "
+                       "learnt nearly from scratch; wetland: other species that it already "
+                       "boxes; savanna: its own)")
     bench.add_argument("--rare-share", type=float, default=0.05,
                        help="--active-learning: the rare species' share of the animals")
     bench.add_argument("--iterations", type=int, default=40,

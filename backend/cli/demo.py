@@ -11,10 +11,13 @@ from .args import add_device_args
 def add_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="the main job on generated survey images")
     demo.add_argument("--output", type=Path, default=Path("demo-output"))
-    demo.add_argument("--rounds", type=int, default=4, help="label -> retrain -> redeploy rounds")
-    demo.add_argument("--images-per-round", type=int, default=8)
-    demo.add_argument("--iterations", type=int, default=120,
-                      help="training iterations per round (120: the demo ends within 15 min on "
+    demo.add_argument("--rounds", type=int, default=3, help="label -> retrain -> redeploy rounds")
+    demo.add_argument("--animals-per-round", type=int, default=50,
+                      help="each round adds the survey's next tiles until they hold this many "
+                      "animals (the first round three times as many): the effort figure "
+                      "rests on them")
+    demo.add_argument("--iterations", type=int, default=300,
+                      help="training iterations per round (300: the demo ends within 15 min on "
                       "2 cores)")
     demo.add_argument("--seed", type=int, default=0)
     add_device_args(demo)

@@ -121,11 +121,13 @@ def import_image(server: LocalLabelStudio, project: int, name: str, data: bytes)
 
 def import_images(server: LocalLabelStudio, project: int, files: list[tuple[str, bytes]]
                   ) -> None:
-    """Upload image files into a project in one request: one task each (Label Studio reads
-    one file per form field name, so each gets its own)."""
-    response = httpx.post(f"{server.url}/api/projects/{project}/import",
-                          headers={"Authorization": f"Token {server.token}"},
-                          files=[(f"file{i}", (name, data, "image/png"))
-                                 for i, (name, data) in enumerate(files)],
-                          timeout=300)
-    response.raise_for_status()
+    """Upload image files into a project, 100 a request (Django's DATA_UPLOAD_MAX_NUMBER_FILES:
+    Label Studio answers 500 to more): one task each (Label Studio reads one file per form
+    field name, so each gets its own)."""
+    for start in range(0, len(files), 100):
+        response = httpx.post(f"{server.url}/api/projects/{project}/import",
+                              headers={"Authorization": f"Token {server.token}"},
+                              files=[(f"file{i}", (name, data, "image/png")) for i, (name, data)
+                                     in enumerate(files[start:start + 100])],
+                              timeout=300)
+        response.raise_for_status()
