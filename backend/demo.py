@@ -140,7 +140,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 "train": {"iterations": args.iterations, "device": args.device,
                           "base_weights": str(SAVANNA_V1), "freeze_at": 4},
                 "evaluate": {"device": args.device},
-                "split": {"val_percent": 0},  # val: the frames each round pins (below)
+                "split": {"val_percent": 0},  # val: the tiles each round pins (below)
             },
             env,
         )
@@ -304,7 +304,7 @@ def _served_thresholds(registry: Registry) -> str:
 
 
 def _survey_figures(registry: Registry, scenes: list[Scene], device: str) -> dict[str, Any]:
-    """What the served model tells a survey of these frames: how many need not be opened
+    """What the served model tells a survey of these tiles: how many need not be opened
     (below its triage threshold) and the animals in them, and its count with a 95% interval
     (every class, by its count calibration) against the truth."""
     model = registry.current()
@@ -375,7 +375,7 @@ def _dvc_repro(loop_dir: Path, env: dict[str, str], log: Path) -> int:
 def _print_table(rounds: list[dict[str, Any]]) -> None:
     """One row per round: data, model, AP, what the round's annotator went through with the
     pre-labels served then (thresholds: each class's first letter, '-' not offered), and
-    what the served model told the survey of that batch (frames not to open, the count)."""
+    what the served model told the survey of that batch (tiles not to open, the count)."""
     print(
         f"\n{'round':>5} {'images':>7} {'labels':>7} {'model':>7} {'AP50 held-out':>14} "
         f"{'AP50 val':>9} {'offered':>8} {'kept':>5} {'adj.':>5} {'corr./img':>10} "
