@@ -213,10 +213,11 @@ def _import_round(rng: np.random.Generator, round_no: int, animals: int, ls_serv
 
 def _pin_val(ls: LabelStudio, tasks: list[Any]) -> None:
     """Pin these tasks to val (their data's `split` field), as a team holds out part of each
-    flight: the first round's val then holds a quarter of its 150-odd animals (60 in the
-    default run), enough for the gate (`min_val_objects`) and for a common species'
-    `min_boxes`, so its model can be deployed and pre-label the second round; and the
-    empty tiles in it teach the thresholds what the look-alikes cost."""
+    flight: the first round's val then holds a quarter of its tiles and, herds falling
+    where they fall, 60 of its 153 animals in the default run, enough for the gate
+    (`min_val_objects`) and for a common species' `min_boxes`, so its model can be deployed
+    and pre-label the second round; and the empty tiles in it teach the thresholds what
+    the look-alikes cost."""
     for task in tasks:
         ls.tasks.update(id=str(task.id), data={**task.data, "split": "val"})
 
