@@ -10,8 +10,8 @@ learn, at over twice the steps per second). Each round a local Label Studio gets
 tiles of the survey, as many as hold at least `--animals-per-round` animals (the first round
 three times that), so that each round's effort figure rests on that many; once a model is
 deployed, our backend pre-labels them through Label Studio's "Retrieve predictions"; a
-scripted annotator keeps the pre-labels that match
-the generated ground truth, fixes the rest, and submits; then `dvc repro` exports the
+scripted annotator keeps the pre-labels that match the generated ground truth, fixes the
+rest, and submits; then `dvc repro` exports the
 accepted labels, trains on all of them (going on from the loop's last model; the first
 round from the start model), evaluates, and redeploys if the model is not worse for
 annotators and for AP. The backend hot-reloads each new version and offers boxes by the
@@ -196,8 +196,10 @@ def survey_tiles(rng: np.random.Generator, animals: int) -> list[Scene]:
     """The survey's next tiles, as many as hold at least `animals` animals: mostly empty
     ground and look-alikes, a herd here and there."""
     tiles: list[Scene] = []
-    while sum(len(t.boxes) for t in tiles) < animals:
+    held = 0
+    while held < animals:
         tiles += survey_pool(rng, 1, SURVEY)
+        held += len(tiles[-1].boxes)
     return tiles
 
 
