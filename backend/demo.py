@@ -205,7 +205,7 @@ def survey_tiles(rng: np.random.Generator, animals: int) -> list[Scene]:
 
 def _import_round(rng: np.random.Generator, round_no: int, animals: int, ls_server: Any,
                   project: int, scenes: dict[str, Scene]) -> list[str]:
-    """A round's new tiles in Label Studio, in one upload (see `survey_tiles`); their
+    """A round's new tiles in Label Studio, uploaded together (see `survey_tiles`); their
     names."""
     tiles = {f"r{round_no}_tile{i:03d}.png": t for i, t in enumerate(survey_tiles(rng, animals))}
     scenes.update(tiles)

@@ -119,15 +119,19 @@ def import_image(server: LocalLabelStudio, project: int, name: str, data: bytes)
     import_images(server, project, [(name, data)])
 
 
+# Django's DATA_UPLOAD_MAX_NUMBER_FILES: Label Studio answers 500 to more files a request
+FILES_PER_REQUEST = 100
+
+
 def import_images(server: LocalLabelStudio, project: int, files: list[tuple[str, bytes]]
                   ) -> None:
-    """Upload image files into a project, 100 a request (Django's DATA_UPLOAD_MAX_NUMBER_FILES:
-    Label Studio answers 500 to more): one task each (Label Studio reads one file per form
-    field name, so each gets its own)."""
-    for start in range(0, len(files), 100):
+    """Upload image files into a project, `FILES_PER_REQUEST` a request: one task each
+    (Label Studio reads one file per form field name, so each gets its own)."""
+    for start in range(0, len(files), FILES_PER_REQUEST):
+        chunk = files[start:start + FILES_PER_REQUEST]
         response = httpx.post(f"{server.url}/api/projects/{project}/import",
                               headers={"Authorization": f"Token {server.token}"},
-                              files=[(f"file{i}", (name, data, "image/png")) for i, (name, data)
-                                     in enumerate(files[start:start + 100])],
+                              files=[(f"file{i}", (name, data, "image/png"))
+                                     for i, (name, data) in enumerate(chunk)],
                               timeout=300)
         response.raise_for_status()
