@@ -137,8 +137,14 @@ def run_demo(args: argparse.Namespace) -> int:
                 "labelstudio": {"url": ls_server.url, "project": project.id},
                 # a new survey started from last season's model, as teams start; it sees
                 # the wetland's animals already, so only the proposals and box head learn
+                # the heads alone learn at twice the default rate, most crops around an
+                # animal (the frames are mostly empty ground)
                 "train": {"iterations": args.iterations, "device": args.device,
-                          "base_weights": str(SAVANNA_V1), "freeze_at": 4},
+                          "base_weights": str(SAVANNA_V1), "freeze_at": 4, "lr": 0.02,
+                          "object_crops": 0.8},
+                # each tile also run mirrored, the two boxes of an animal fused: tighter
+                # boxes (detection/views.py)
+                "recipe": {"views": 2},
                 "evaluate": {"device": args.device},
                 "split": {"val_percent": 0},  # val: the tiles each round pins (below)
             },

@@ -106,10 +106,13 @@ class ModelDir:
         return str(self.metadata.get("version") or self.path.resolve().name)
 
     def predictor(self, overrides: dict[str, Any] | None = None, **kwargs: Any) -> Predictor:
-        """The model ready to run; `"exact": true` in model.json asks for the exact mode
-        (DeviceOptions.create) whatever the command says."""
+        """The model ready to run, with the mirrored views its recipe asks for; `"exact":
+        true` in model.json asks for the exact mode (DeviceOptions.create) whatever the
+        command says."""
         if self.metadata.get("exact"):
             kwargs["exact"] = True
+        if self.recipe is not None:
+            kwargs.setdefault("views", self.recipe.views)
         predictor = Predictor.from_files(
             self.path / CONFIG_FILE, self.weights, overrides, **kwargs
         )

@@ -34,6 +34,7 @@ _TILED_KEYS = {
     "merge_metric": "metric",
     "merge_threshold": "threshold",
     "full_image_pass": "full_image_pass",
+    "views": "views",
 }
 
 
@@ -76,7 +77,8 @@ def describe(recipe: Recipe) -> str:
         return "whole image (DefaultPredictor: resized to INPUT.MIN_SIZE_TEST/MAX_SIZE_TEST)"
     text = (f"tiled {recipe.tile_size} px, overlap {recipe.overlap}, merge {recipe.merge} "
             f"by {recipe.metric} >= {recipe.threshold}")
-    return text + (", plus a whole-image pass" if recipe.full_image_pass else "")
+    text += ", plus a whole-image pass" if recipe.full_image_pass else ""
+    return text + (f", {recipe.views} mirrored views fused" if recipe.views > 1 else "")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from .servers import LABELS
 
 FIXTURE = "faster_rcnn_R_50_FPN_1x"
 TILED = {"mode": "tiled", "tile_size": 512, "overlap": 0.25, "merge": "greedy",
-         "merge_metric": "ios", "merge_threshold": 0.4, "full_image_pass": True}
+         "merge_metric": "ios", "merge_threshold": 0.4, "full_image_pass": True,
+         "views": 1}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def wide_image(tmp_path_factory, fixture_image):
 
 def test_a_recipe_round_trips_with_every_value_explicit():
     tiled = parse_recipe(TILED, "model.json")
-    assert tiled == TilingOptions(512, 0.25, None, "greedy", "ios", 0.4, True)
+    assert tiled == TilingOptions(512, 0.25, None, "greedy", "ios", 0.4, True, 1)
     assert recipe_json(tiled) == TILED
     assert parse_recipe(None, "model.json") is None
     assert recipe_json(None) == {"mode": "whole"}

@@ -29,6 +29,7 @@ from .layers import set_norms_folded, share_folded_norms
 from .model import GeneralizedRCNN
 from .structures import BatchDetections, Detections
 from .tiling import TilingOptions, predict_tiled
+from .views import FLIPS, VIEWS, fuse, mirrored, unmirrored
 
 
 def resized_shape(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
@@ -69,10 +70,16 @@ class Predictor:
         channels_last: bool | None = None,
         pin_memory: bool | None = None,
         batch_size: int | None = None,
+        views: int = 1,
         **engine: Any,
     ) -> None:
-        """`engine`: DeviceOptions' `roi_budget_mb`, `nms`, `roi_align`, `fold_norms`,
-        `compile`."""
+        """`views`: 1, or 2 or 4 mirrored views of each image with their boxes fused
+        (detection/views.py; a model's recipe says which). `engine`: DeviceOptions'
+        `roi_budget_mb`, `nms`, `roi_align`, `fold_norms`, `compile`."""
+        if views not in VIEWS:
+            raise ValueError(f"views must be one of {VIEWS} (the image, mirrored left-right, "
+                             f"and up-down too); got {views!r}")
+        self.views = views
         self.options = DeviceOptions.create(
             device, precision, channels_last, pin_memory, batch_size, **engine
         )
@@ -113,7 +120,7 @@ class Predictor:
         model = GeneralizedRCNN(cfg)
         model.load_state_dict(self.model.state_dict(), assign=True)
         share_folded_norms(self.model, model)
-        return Predictor(model, **self.options.settings())
+        return Predictor(model, views=self.views, **self.options.settings())
 
     def prepare(self, image: np.ndarray | torch.Tensor) -> PreparedImage:
         """RGB uint8 (H, W, 3) -> resized uint8 tensor ready to cross to the device (CPU
@@ -161,6 +168,23 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_prepared(self, prepared: Sequence[PreparedImage]) -> list[Detections]:
+        """Detections in original pixels, on the CPU. With several `views`, the mirrored
+        views run only for the images where the first found something: most tiles of a
+        survey are empty ground, and there the other views cost nothing."""
+        found = self._forward(prepared)
+        busy = [i for i, d in enumerate(found) if len(d)]
+        if self.views == 1 or not busy:
+            return found
+        seen = {i: [found[i]] for i in busy}
+        for left_right, up_down in FLIPS[1 : self.views]:
+            flipped = [PreparedImage(mirrored(prepared[i].tensor, left_right, up_down),
+                                     prepared[i].original_size) for i in busy]
+            for i, det in zip(busy, self._forward(flipped), strict=True):
+                seen[i].append(unmirrored(det, prepared[i].original_size, left_right, up_down))
+        limit = self.cfg.roi_heads.detections_per_image
+        return [fuse(seen[i], limit) if i in seen else d for i, d in enumerate(found)]
+
+    def _forward(self, prepared: Sequence[PreparedImage]) -> list[Detections]:
         """One batched forward pass (images of different shapes are zero-padded to a common
         one, as detectron2 batches them); detections come back on the CPU in original
         pixels, in one device-to-host copy."""

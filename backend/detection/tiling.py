@@ -21,6 +21,7 @@ import torch
 
 from .boxes import box_area
 from .structures import Detections
+from .views import VIEWS
 
 Pixels = np.ndarray | torch.Tensor  # (H, W, 3): decoded on the CPU, or on the device
 MergeMode = Literal["nms", "greedy"]
@@ -36,6 +37,7 @@ class TilingOptions:
     metric: Metric = "iou"  # ios (intersection over the smaller box) joins edge fragments
     threshold: float = 0.5
     full_image_pass: bool = False
+    views: int = 1  # 2 or 4: each tile also run mirrored, boxes fused (views.py)
 
     def __post_init__(self) -> None:
         if self.tile_size < 32:
@@ -48,6 +50,9 @@ class TilingOptions:
             raise ValueError(f"unknown merge {self.merge!r} / metric {self.metric!r}")
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"merge threshold {self.threshold} must be in (0, 1]")
+        if self.views not in VIEWS:
+            raise ValueError(f"views {self.views!r} must be one of {VIEWS}: the tile as it is, "
+                             "also mirrored left-right, and up-down too")
 
 
 @dataclass(frozen=True)
