@@ -58,6 +58,15 @@ def _counts(args: argparse.Namespace) -> Records:
         empty_fraction=args.empty_fraction, device=_cpu_unless_told(args)))
 
 
+def _views(args: argparse.Namespace) -> Records:
+    from .views import ViewsBench, run_views_benchmark
+
+    return run_views_benchmark(ViewsBench(
+        **({"model": args.model_dir} if args.model_dir else {}), seeds=args.seeds or 5,
+        val_frames=args.val_frames, survey_frames=args.survey_frames,
+        empty_fraction=args.empty_fraction, device=_cpu_unless_told(args)))
+
+
 def _uncertainty_check(args: argparse.Namespace) -> Records:
     from .uncertainty_check import UncertaintyCheck, run_uncertainty_check
 
@@ -120,7 +129,7 @@ def _engine(args: argparse.Namespace) -> Records:
 # option name -> the benchmark it selects (the CLI makes them mutually exclusive)
 JOBS: dict[str, Callable[[argparse.Namespace], Records]] = {
     "prelabel": _prelabel, "serve": _serve, "active_learning": _active_learning,
-    "counts": _counts, "uncertainty_check": _uncertainty_check,
+    "counts": _counts, "views": _views, "uncertainty_check": _uncertainty_check,
     "pretrain_source": _pretrain_source,
     "training_memory": _training_memory, "export": _export, "raster": _raster,
     "training": _training,

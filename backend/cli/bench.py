@@ -78,6 +78,9 @@ def _add_jobs(bench: argparse.ArgumentParser) -> None:
     jobs.add_argument("--counts", action="store_true",
                       help="count intervals, effort and triage on new generated surveys, "
                       "over seeds (coverage)")
+    jobs.add_argument("--views", action="store_true",
+                      help="annotator effort and time with 1, 2 and 4 mirrored test-time "
+                      "views (recipe.views) on new generated surveys, over seeds")
     _add_generated_survey_options(bench)
     jobs.add_argument("--pretrain-source", type=Path, metavar="DIR",
                       help="build last season's stand-in model (the shipped savanna-v1) into "
@@ -120,7 +123,7 @@ def _add_jobs(bench: argparse.ArgumentParser) -> None:
 
 def _add_generated_survey_options(bench: argparse.ArgumentParser) -> None:
     """Options of the benchmarks run on generated surveys over seeds (--active-learning,
-    --uncertainty-check, --counts)."""
+    --uncertainty-check, --counts, --views)."""
     bench.add_argument("--strategies", nargs="+", default=None,
                        help="--active-learning: default random likely-animals error-rate "
                        "rare-animals embeddings (default: all)")
@@ -135,20 +138,20 @@ def _add_generated_survey_options(bench: argparse.ArgumentParser) -> None:
                        help="--active-learning: fine-tuning steps per round (the loop's own "
                        "is params.yaml's 150: ~2 h on 2 CPU cores, for a GPU)")
     bench.add_argument("--seeds", type=int, default=None,
-                       help="generated surveys (--counts: 20, --active-learning: 5, "
+                       help="generated surveys (--counts: 20, --active-learning: 5, --views: 5, "
                        "--uncertainty-check: 3)")
     bench.add_argument("--first-seed", type=int, default=0,
                        help="--active-learning: the first seed (another run's surveys: e.g. "
                        "--first-seed 100)")
     bench.add_argument("--val-frames", type=int, default=30,
-                       help="--counts: labelled frames per survey the figures are fitted on "
+                       help="--counts, --views: labelled frames per survey the figures are fitted on "
                        "(triage needs 32 with animals)")
     bench.add_argument("--survey-frames", type=int, default=30,
-                       help="--counts: new frames per survey the figures are tested on")
+                       help="--counts, --views: new frames per survey the figures are tested on")
     bench.add_argument("--empty-fraction", type=float, default=0.92,
-                       help="--counts, --active-learning: share of empty tiles in the generated "
+                       help="--counts, --views, --active-learning: share of empty tiles in the generated "
                        "surveys")
-    bench.add_argument("--model-dir", type=Path, help="--counts, --uncertainty-check: the "
+    bench.add_argument("--model-dir", type=Path, help="--counts, --views, --uncertainty-check: the "
                        "model (default: the shipped savanna source model)")
 
 
