@@ -90,3 +90,23 @@ def test_a_recipe_asks_for_one_two_or_four_views():
     assert parse_recipe({"mode": "tiled", "views": 4}, "model.json").views == 4
     with pytest.raises(RecipeError, match="views 3 must be one of"):
         parse_recipe({"mode": "tiled", "views": 3}, "model.json")
+
+
+def test_the_views_bench_compares_each_way_with_one_view_on_the_same_frames(capsys):
+    """`bench --views`: per seed each way's effort on new frames at thresholds it chose on
+    val; over the seeds each one's mean, its difference from one view and its time ratio."""
+    from backend.cli import main as cli
+
+    assert cli(["bench", "--views", "--seeds", "2", "--val-frames", "6", "--survey-frames",
+                "4", "--empty-fraction", "0.5"]) == 0
+    *seeds, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+                       if line.startswith("{")]
+    assert [s["seed"] for s in seeds] == [0, 1]
+    for seed in seeds:
+        assert {k for k in seed if k.startswith("views_")} == {"views_1", "views_2", "views_4"}
+        assert seed["views_1"]["ground_truth"] == seed["views_4"]["ground_truth"] > 0
+    one = [s["views_1"]["effort_ratio"] for s in seeds]
+    four = [s["views_4"]["effort_ratio"] for s in seeds]
+    assert summary["views_4"]["minus_one_view"]["mean"] == pytest.approx(
+        np.mean(np.subtract(four, one)), abs=1e-3)
+    assert summary["views_2"]["time_ratio"] > 0 and "minus_one_view" not in summary["views_1"]

@@ -144,15 +144,15 @@ def _add_generated_survey_options(bench: argparse.ArgumentParser) -> None:
                        help="--active-learning: the first seed (another run's surveys: e.g. "
                        "--first-seed 100)")
     bench.add_argument("--val-frames", type=int, default=30,
-                       help="--counts, --views: labelled frames per survey the figures are fitted on "
-                       "(triage needs 32 with animals)")
+                       help="--counts, --views: labelled frames per survey the figures are "
+                       "fitted on (triage needs 32 with animals)")
     bench.add_argument("--survey-frames", type=int, default=30,
                        help="--counts, --views: new frames per survey the figures are tested on")
     bench.add_argument("--empty-fraction", type=float, default=0.92,
-                       help="--counts, --views, --active-learning: share of empty tiles in the generated "
-                       "surveys")
-    bench.add_argument("--model-dir", type=Path, help="--counts, --views, --uncertainty-check: the "
-                       "model (default: the shipped savanna source model)")
+                       help="--counts, --views, --active-learning: share of empty tiles in the "
+                       "generated surveys")
+    bench.add_argument("--model-dir", type=Path, help="--counts, --views, --uncertainty-check: "
+                       "the model (default: the shipped savanna source model)")
 
 
 def run(args: argparse.Namespace) -> int:

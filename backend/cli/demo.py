@@ -16,8 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="each round adds the survey's next tiles until they hold this many "
                       "animals (the first round three times as many): the effort figure "
                       "rests on them")
-    demo.add_argument("--iterations", type=int, default=270,
-                      help="training iterations per round (270: the demo ends within 15 min on "
+    demo.add_argument("--iterations", type=int, default=250,
+                      help="training iterations per round (250: the demo ends within 15 min on "
                       "2 cores)")
     demo.add_argument("--seed", type=int, default=0)
     add_device_args(demo)
