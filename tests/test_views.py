@@ -97,8 +97,8 @@ def test_the_views_bench_compares_each_way_with_one_view_on_the_same_frames(caps
     val; over the seeds each one's mean, its difference from one view and its time ratio."""
     from backend.cli import main as cli
 
-    assert cli(["bench", "--views", "--seeds", "2", "--val-frames", "6", "--survey-frames",
-                "4", "--empty-fraction", "0.5"]) == 0
+    assert cli(["bench", "--views", "--seeds", "2", "--val-frames", "3", "--survey-frames",
+                "3", "--empty-fraction", "0.3"]) == 0
     *seeds, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()
                        if line.startswith("{")]
     assert [s["seed"] for s in seeds] == [0, 1]

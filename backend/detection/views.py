@@ -3,9 +3,8 @@
 A box regressor's error is partly particular to the view it sees; averaging the boxes that
 several mirrored views give one object cancels part of it, and a score averaged over the
 views drops what only one view believes. Aerial tiles have no up or down, so all four
-mirrorings are fair views of them. Measured on the generated wetland survey (a model of the
-demo's second round, 203 animals, thresholds chosen on val for each way): the annotator's
-effort ratio 0.636 with one view, 0.554 with two, 0.537 with four; AP75 0.29 -> 0.40.
+mirrorings are fair views of them. What it gives annotators, as measured so far:
+docs/surveys.md ("Mirrored views").
 
 Boxes of one class whose IoU with a group's fused box reaches FUSE_IOU join it: the fused
 box is their score-weighted mean and its score their summed scores over the number of views
