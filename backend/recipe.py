@@ -56,6 +56,9 @@ def parse_recipe(data: Mapping[str, Any] | None, where: str) -> Recipe:
             f"{sorted(_TILED_KEYS)}" + (f"; unknown: {sorted(extra)}" if extra else "")
         )
     if mode == "whole":
+        if data.get("views", 1) != 1:
+            raise RecipeError(f"{where}: recipe views {data['views']!r} needs mode tiled (a "
+                              "whole-image recipe runs each image once, as DefaultPredictor)")
         return None
     fields = {field: data[key] for key, field in _TILED_KEYS.items() if key in data}
     try:

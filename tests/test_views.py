@@ -90,6 +90,9 @@ def test_a_recipe_asks_for_one_two_or_four_views():
     assert parse_recipe({"mode": "tiled", "views": 4}, "model.json").views == 4
     with pytest.raises(RecipeError, match="views 3 must be one of"):
         parse_recipe({"mode": "tiled", "views": 3}, "model.json")
+    with pytest.raises(RecipeError, match="views 2 needs mode tiled"):
+        parse_recipe({"mode": "whole", "views": 2}, "params.yaml")
+    assert parse_recipe({"mode": "whole", "views": 1}, "params.yaml") is None
 
 
 def test_the_views_bench_compares_each_way_with_one_view_on_the_same_frames(capsys):
