@@ -17,8 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       "animals (the first round three times as many): the effort figure "
                       "rests on them")
     demo.add_argument("--iterations", type=int, default=250,
-                      help="training iterations per round (250: the demo ends within 15 min on "
-                      "2 cores)")
+                      help="training iterations per round (250: the demo took 932 s on 2 "
+                      "CPU cores)")
     demo.add_argument("--seed", type=int, default=0)
     add_device_args(demo)
     demo.set_defaults(run=run)
