@@ -15,7 +15,8 @@ rest, and submits; then `dvc repro` exports the
 accepted labels, trains on all of them (going on from the loop's last model; the first
 round from the start model), evaluates, and redeploys if the model is not worse for
 annotators and for AP. The backend hot-reloads each new version and offers boxes by the
-score thresholds `evaluate` chose for it on val.
+score thresholds `evaluate` chose for it on val. Every model runs each tile in four
+mirrored views and fuses an animal's boxes (`recipe.views: 4`, detection/views.py).
 
 What annotators feel is counted per round, by the same costs `evaluate` uses
 (backend/effort.py): pre-labels kept, adjusted (a loose box's edges moved) and deleted,
@@ -139,9 +140,9 @@ def run_demo(args: argparse.Namespace) -> int:
             {
                 "labelstudio": {"url": ls_server.url, "project": project.id},
                 # a new survey started from last season's model, as teams start; it sees
-                # the wetland's animals already, so only the proposals and box head learn
-                # the heads alone learn at twice the default rate, most crops around an
-                # animal (the frames are mostly empty ground)
+                # the wetland's animals already, so only the proposals and box head learn,
+                # at twice the default rate, most crops around an animal (the tiles are
+                # mostly empty ground)
                 "train": {"iterations": args.iterations, "device": args.device,
                           "base_weights": str(SAVANNA_V1), "freeze_at": 4, "lr": 0.02,
                           "object_crops": 0.8},
