@@ -136,24 +136,7 @@ def run_demo(args: argparse.Namespace) -> int:
         from pipelines.workspace import create_loop_project
 
         loop_dir = create_loop_project(
-            out / "loop",
-            {
-                "labelstudio": {"url": ls_server.url, "project": project.id},
-                # a new survey started from last season's model, as teams start; it sees
-                # the wetland's animals already, so only the proposals and box head learn,
-                # at twice the default rate, most crops around an animal (the tiles are
-                # mostly empty ground)
-                "train": {"iterations": args.iterations, "device": args.device,
-                          "base_weights": str(SAVANNA_V1), "freeze_at": 4, "lr": 0.02,
-                          "object_crops": 0.8},
-                # each tile also run mirrored three ways, an animal's boxes fused: tighter
-                # boxes (detection/views.py)
-                "recipe": {"views": 4},
-                "evaluate": {"device": args.device},
-                "split": {"val_percent": 0},  # val: the tiles each round pins (below)
-            },
-            env,
-        )
+            out / "loop", _loop_settings(args, ls_server.url, project.id), env)
         registry = Registry(loop_dir / "models/registry")
         held_out = _held_out_set(out / "held-out", np.random.default_rng(args.seed + 1))
         backend_url = None
@@ -201,6 +184,25 @@ def run_demo(args: argparse.Namespace) -> int:
             _print_table(rounds)
     _write_summary(out, rounds, time.perf_counter() - started)
     return 0
+
+
+def _loop_settings(args: argparse.Namespace, url: str, project: int) -> dict[str, Any]:
+    """params.yaml as the demo's survey team sets it."""
+    return {
+        "labelstudio": {"url": url, "project": project},
+        # a new survey started from last season's model, as teams start; it sees
+        # the wetland's animals already, so only the proposals and box head learn,
+        # at twice the default rate, most crops around an animal (the tiles are
+        # mostly empty ground)
+        "train": {"iterations": args.iterations, "device": args.device,
+                  "base_weights": str(SAVANNA_V1), "freeze_at": 4, "lr": 0.02,
+                  "object_crops": 0.8},
+        # each tile also run mirrored three ways, an animal's boxes fused: tighter
+        # boxes (detection/views.py)
+        "recipe": {"views": 4},
+        "evaluate": {"device": args.device},
+        "split": {"val_percent": 0},  # val: the tiles each round pins (below)
+    }
 
 
 def survey_tiles(rng: np.random.Generator, animals: int) -> list[Scene]:
