@@ -46,9 +46,8 @@ def biome_of(model: ModelDir) -> str:
                      f"biome ({', '.join(f'{n}: {list(b.species)}' for n, b in BIOMES.items())})")
 
 
-def _seed(bench: ViewsBench, seed: int, model: ModelDir, predictors: dict[int, Any]
-          ) -> dict[str, Any]:
-    biome = biome_of(model)
+def _seed(bench: ViewsBench, seed: int, biome: str, model: ModelDir,
+          predictors: dict[int, Any]) -> dict[str, Any]:
     names = BIOMES[biome].species
     rng = np.random.default_rng(2000 + seed)
     pool = PoolSettings(biome=biome, empty_fraction=bench.empty_fraction)
@@ -70,10 +69,11 @@ def _seed(bench: ViewsBench, seed: int, model: ModelDir, predictors: dict[int, A
 def run_views_benchmark(bench: ViewsBench) -> Iterator[dict[str, Any]]:
     started = time.perf_counter()
     model = ModelDir.open(bench.model)
+    biome = biome_of(model)
     predictors = {views: model.predictor(device=bench.device, views=views) for views in VIEWS}
     rows = []
     for seed in range(bench.seeds):
-        rows.append(_seed(bench, seed, model, predictors))
+        rows.append(_seed(bench, seed, biome, model, predictors))
         yield rows[-1]
 
     def over_seeds(views: int, key: str) -> np.ndarray:
@@ -88,7 +88,7 @@ def run_views_benchmark(bench: ViewsBench) -> Iterator[dict[str, Any]]:
                 "minus_one_view": seed_interval((ratio - over_seeds(1, "effort_ratio")).tolist()),
                 "time_ratio": round(float(over_seeds(views, "seconds_per_frame").sum()
                                           / over_seeds(1, "seconds_per_frame").sum()), 3)})}
-    yield {"seeds": bench.seeds, "model": str(bench.model), "biome": biome_of(model), **summary,
+    yield {"seeds": bench.seeds, "model": str(bench.model), "biome": biome, **summary,
            "val_frames": bench.val_frames, "survey_frames": bench.survey_frames,
            "empty_fraction": bench.empty_fraction, "device": bench.device,
            "seconds": round(time.perf_counter() - started, 1)}

@@ -29,7 +29,7 @@ from .layers import set_norms_folded, share_folded_norms
 from .model import GeneralizedRCNN
 from .structures import BatchDetections, Detections
 from .tiling import TilingOptions, predict_tiled
-from .views import FLIPS, VIEWS, fuse, mirrored, unmirrored
+from .views import FLIPS, checked_views, fuse, mirrored, unmirrored
 
 
 def resized_shape(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
@@ -76,10 +76,7 @@ class Predictor:
         """`views`: 1, or 2 or 4 mirrored views of each image with their boxes fused
         (detection/views.py; a model's recipe says which). `engine`: DeviceOptions'
         `roi_budget_mb`, `nms`, `roi_align`, `fold_norms`, `compile`."""
-        if views not in VIEWS:
-            raise ValueError(f"views must be one of {VIEWS} (the image, mirrored left-right, "
-                             f"and up-down too); got {views!r}")
-        self.views = views
+        self.views = checked_views(views)
         self.options = DeviceOptions.create(
             device, precision, channels_last, pin_memory, batch_size, **engine
         )
@@ -172,8 +169,10 @@ class Predictor:
         views run only for the images where the first found something: most tiles of a
         survey are empty ground, and there the other views cost nothing."""
         found = self._forward(prepared)
+        if self.views == 1:
+            return found
         busy = [i for i, d in enumerate(found) if len(d)]
-        if self.views == 1 or not busy:
+        if not busy:
             return found
         seen = {i: [found[i]] for i in busy}
         for left_right, up_down in FLIPS[1 : self.views]:

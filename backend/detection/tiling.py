@@ -21,7 +21,7 @@ import torch
 
 from .boxes import box_area
 from .structures import Detections
-from .views import VIEWS
+from .views import checked_views
 
 Pixels = np.ndarray | torch.Tensor  # (H, W, 3): decoded on the CPU, or on the device
 MergeMode = Literal["nms", "greedy"]
@@ -50,9 +50,7 @@ class TilingOptions:
             raise ValueError(f"unknown merge {self.merge!r} / metric {self.metric!r}")
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"merge threshold {self.threshold} must be in (0, 1]")
-        if self.views not in VIEWS:
-            raise ValueError(f"views {self.views!r} must be one of {VIEWS}: the tile as it is, "
-                             "also mirrored left-right, and up-down too")
+        checked_views(self.views)
 
 
 @dataclass(frozen=True)

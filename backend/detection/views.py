@@ -25,6 +25,14 @@ FLIPS = ((False, False), (True, False), (False, True), (True, True))  # (left-ri
 FUSE_IOU = 0.55
 
 
+def checked_views(views: int) -> int:
+    """`views` if it is one the engine runs, else a ValueError naming the choices."""
+    if views not in VIEWS:
+        raise ValueError(f"views {views!r} must be one of {VIEWS}: the image as it is, also "
+                         "mirrored left-right, and up-down too")
+    return views
+
+
 def mirrored(image: torch.Tensor, left_right: bool, up_down: bool) -> torch.Tensor:
     """An (H, W, C) image mirrored."""
     dims = [d for d, flip in ((1, left_right), (0, up_down)) if flip]
